@@ -1,0 +1,44 @@
+"""sae-vision entry point: `python run.py stage=<cache|train|evaluate|report> layer=<name> ...`.
+
+It only composes the config, validates it, opens the tracker and calls the stage's `run(cfg)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sae_vision.config import Config, check_config, register_configs, to_plain
+
+register_configs()
+
+# Errors a user can fix from the command line: print the message, not a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(dcfg: DictConfig):
+    """Compose, validate, open the tracker, run one stage."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from sae_vision.shards import CacheError
+    from sae_vision.tracker import open_tracker
+
+    cfg: Config = OmegaConf.to_object(dcfg)
+    try:
+        check_config(cfg)
+        stage = importlib.import_module(f"sae_vision.{cfg.stage.name}")
+        out_dir = HydraConfig.get().runtime.output_dir
+        with open_tracker(cfg.logger, out_dir, to_plain(cfg), job_type=cfg.stage.name) as tracker:
+            result = stage.run(cfg, tracker)
+    except (*USER_ERRORS, CacheError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""Stage `cache`: images -> InceptionV1 activation vectors -> sharded webdataset tars.
+
+One forward pass serves every requested layer; each layer gets its own content-named cache.
+A shard (cache.images_per_shard consecutive images) is the unit of resume and of parallelism:
+it is claimed with an exclusive lock file, written to a temporary name and renamed when
+complete, so a killed or concurrent run never leaves or reads half a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sae_vision import paths
+from sae_vision.config import Config, check_layer, to_plain
+from sae_vision.data import Item, collate_items, iter_webdataset, make_images
+from sae_vision.shards import (
+    METADATA, CacheError, ShardWriter, finalize_cache, load_cache_meta, shard_complete, shard_name,
+)
+from sae_vision.tracker import Tracker, disabled
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """Cache folders per layer, and what this run did."""
+
+    cache_dirs: dict[str, str]
+    n_images: int
+    n_vectors: dict[str, int]
+    images_per_s: float
+    reused: bool
+
+
+# --------------------------------------------------------------------------------------------
+# Position sampling (pure)
+
+
+def valid_mask(size: int, geometry, image_size: int, exclude_border: bool) -> torch.Tensor:
+    """[size, size] bool: positions whose receptive field stays inside the image (or all)."""
+    if not exclude_border or geometry is None:
+        return torch.ones(size, size, dtype=torch.bool)
+    c = geometry.offset + geometry.stride * torch.arange(size, dtype=torch.float64)
+    half = geometry.rf_size / 2
+    ok = (c - half >= 0) & (c + half <= image_size)
+    return ok[:, None] & ok[None, :]
+
+
+def sample_positions(acts_CHW: torch.Tensor, sampling: str, k: int, mask_HW: torch.Tensor,
+                     gen: torch.Generator) -> torch.Tensor:
+    """Flat indices of the sampled positions of one image ([n] long), deterministic under gen."""
+    flat_mask = mask_HW.flatten()
+    idx = flat_mask.nonzero().squeeze(1)
+    if sampling == "all" or k >= len(idx):
+        return idx
+    if sampling == "uniform":
+        w = torch.ones(len(idx), dtype=torch.float64)
+    elif sampling == "norm_weighted":
+        # Norm-weighted sampling favours positions where the layer is active (as in recent
+        # InceptionV1 SAE work); a tiny floor keeps all-zero maps sampleable.
+        w = acts_CHW.flatten(1)[:, idx].double().norm(dim=0) + 1e-12
+    else:
+        raise ValueError(f"cache.sampling={sampling!r}; choose all, uniform or norm_weighted")
+    pick = torch.multinomial(w, k, replacement=False, generator=gen)
+    return idx[pick.sort().values]
+
+
+# --------------------------------------------------------------------------------------------
+# Locks: a shard is claimed by exactly one live process
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(lock_path: Path) -> bool:
+    """Atomically create lock_path (O_EXCL); steal it only if its owner process is dead."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {os.uname().nodename}")
+            return True
+        except FileExistsError:
+            try:
+                pid_s, host = lock_path.read_text().split()
+                stale = host == os.uname().nodename and not _pid_alive(int(pid_s))
+            except (OSError, ValueError):
+                stale = True  # half-written lock: its writer died between create and write
+            if not stale:
+                return False
+            lock_path.unlink(missing_ok=True)
+    return False
+
+
+def lock_alive(lock_path: Path) -> bool:
+    """True when lock_path exists and its owner process is still running."""
+    try:
+        pid_s, host = lock_path.read_text().split()
+    except (OSError, ValueError):
+        return False
+    return host != os.uname().nodename or _pid_alive(int(pid_s))
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def _layers(cfg: Config) -> list[str]:
+    layers = list(cfg.cache.layers) if cfg.cache.layers else [cfg.layer.name]
+    for layer in layers:
+        check_layer(layer, cfg.model.family)
+    return layers
+
+
+def _meta_extra(cfg: Config, layer: str, model, n_shards: int, n_images_total: int) -> dict:
+    return {
+        "key": paths.cache_key(cfg, layer),
+        "settings": paths.cache_settings(cfg, layer),
+        "layer": layer,
+        "dim": model.layer_dim(layer),
+        "dtype": cfg.cache.dtype,
+        "model": cfg.model.family,
+        "model_name": cfg.model.name,
+        "weights_sha256": getattr(model, "weights_sha256", None),
+        "sampling": cfg.cache.sampling,
+        "n_per_image": cfg.cache.n_per_image,
+        "exclude_border": cfg.cache.exclude_border,
+        "image_size": cfg.data.image_size,
+        "data": to_plain(cfg.data),
+        "n_shards": n_shards,
+        "n_images_requested": n_images_total,
+        "images_per_shard": cfg.cache.images_per_shard,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _shard_items(cfg: Config, dataset, shard: int, n_total: int) -> Iterator[list[Item]]:
+    """Batches of Items of one shard, decoded by DataLoader workers when configured."""
+    lo = shard * cfg.cache.images_per_shard
+    hi = min(lo + cfg.cache.images_per_shard, n_total)
+    subset = torch.utils.data.Subset(dataset, range(lo, hi))
+    loader = torch.utils.data.DataLoader(
+        subset, batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers,
+        collate_fn=collate_items, persistent_workers=False,
+    )
+    yield from loader
+
+
+def _stream_shards(cfg: Config, skip: set[int]) -> Iterator[tuple[int, list[list[Item]]]]:
+    """Group a webdataset image stream into shards (it cannot be indexed, so read in order)."""
+    per, bs = cfg.cache.images_per_shard, cfg.cache.batch_size
+    current, items = None, []
+    for item in iter_webdataset(cfg.data):
+        s = item.idx // per
+        if s != current:
+            if current is not None and current not in skip:
+                yield current, [items[i:i + bs] for i in range(0, len(items), bs)]
+            current, items = s, []
+        if s not in skip:
+            items.append(item)
+    if current is not None and current not in skip and items:
+        yield current, [items[i:i + bs] for i in range(0, len(items), bs)]
+
+
+def run(cfg: Config, tracker: Optional[Tracker] = None) -> CacheResult:
+    """Cache activations of cfg.cache.layers (or cfg.layer.name); reuse or resume as needed."""
+    from sae_vision.models import load_model
+
+    tracker = tracker or disabled()
+    layers = _layers(cfg)
+    dirs = {layer: paths.cache_dir(cfg, layer) if len(layers) == 1 or not cfg.cache.dir
+            else Path(cfg.cache.dir) / layer for layer in layers}
+    if all((d / METADATA).exists() for d in dirs.values()):
+        metas = {la: load_cache_meta(d) for la, d in dirs.items()}
+        print(f"[cache] reusing complete cache(s): {', '.join(map(str, dirs.values()))}")
+        return CacheResult({la: str(d) for la, d in dirs.items()},
+                           next(iter(metas.values()))["n_images"],
+                           {la: m["n_vectors"] for la, m in metas.items()}, 0.0, True)
+
+    model = load_model(cfg.model)
+    device = next(model.parameters()).device
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    dataset = make_images(cfg.data)
+    n_total = len(dataset) if dataset is not None else cfg.data.n_images
+    if dataset is None and n_total <= 0:
+        raise ValueError("data=webdataset needs data.n_images > 0 so shards can be planned")
+    n_shards = math.ceil(n_total / cfg.cache.images_per_shard)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    mine = [s for s in range(n_shards) if s % world == rank]
+    done = {s for s in mine if all(shard_complete(d, s) for d in dirs.values())}
+    todo = [s for s in mine if s not in done]
+    print(f"[cache] {len(layers)} layer(s), {n_total} images in {n_shards} shards; "
+          f"rank {rank}/{world}: {len(done)} done, {len(todo)} to write")
+
+    dims = {la: model.layer_dim(la) for la in layers}
+    for la, dim in dims.items():
+        if cfg.model.family != "timm" and la == cfg.layer.name and dim != cfg.layer.dim:
+            raise ValueError(f"layer.dim={cfg.layer.dim} but {la} has {dim} channels")
+    geoms = {la: _geometry(model, la) for la in layers}
+
+    t0, n_img_done = time.perf_counter(), 0
+    n_vec = dict.fromkeys(layers, 0)
+    bar = tqdm(total=len(todo) * cfg.cache.images_per_shard, unit="img", desc="cache",
+               dynamic_ncols=True, disable=None)
+    shard_iter = (((s, _shard_items(cfg, dataset, s, n_total)) for s in todo)
+                  if dataset is not None else _stream_shards(cfg, done | set(
+                      s for s in range(n_shards) if s % world != rank)))
+    for shard, batches in shard_iter:
+        locks = [dirs[la] / f"{shard_name(shard)}.lock" for la in layers]
+        with ExitStack() as stack:
+            if not claim(locks[0]):
+                print(f"[cache] shard {shard} is being written by another process; skipping it")
+                continue
+            stack.callback(lambda p=locks[0]: p.unlink(missing_ok=True))
+            writers = {la: ShardWriter(dirs[la], shard, dims[la], cfg.cache.dtype) for la in layers}
+            try:
+                skipped, seen = [], []
+                for items in batches:
+                    good = [it for it in items if it.image is not None]
+                    skipped += [{"idx": it.idx, "source": it.source, "error": it.error}
+                                for it in items if it.image is None]
+                    for it in items:
+                        if it.image is None:
+                            print(f"[cache] skipped unreadable image {it.source}: {it.error}")
+                    seen += [it.idx for it in items]
+                    if not good:
+                        continue
+                    x = torch.stack([it.image for it in good]).to(device, non_blocking=True)
+                    with torch.inference_mode():
+                        acts = model.activations(x, layers)
+                    for la in layers:
+                        n_vec[la] += _write_chunk(writers[la], acts[la], good, cfg, geoms[la])
+                    n_img_done += len(items)
+                    bar.update(len(items))
+                    rate = n_img_done / (time.perf_counter() - t0)
+                    bar.set_postfix(vectors=sum(n_vec.values()), img_s=f"{rate:.1f}")
+                rng = (shard * cfg.cache.images_per_shard,
+                       min((shard + 1) * cfg.cache.images_per_shard, n_total))
+                for la in layers:
+                    writers[la].finish(rng, len(seen) - len(skipped), skipped)
+            except BaseException:
+                for w in writers.values():
+                    w.abort()
+                raise
+        tracker.log({"cache/images": n_img_done, "cache/vectors": sum(n_vec.values()),
+                     "cache/images_per_s": n_img_done / (time.perf_counter() - t0),
+                     "cache/shard": shard})
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    rate = n_img_done / elapsed if elapsed > 0 and n_img_done else 0.0
+
+    metas = _finalize_when_complete(cfg, model, dirs, n_shards, n_total, rank)
+    for la, d in dirs.items():
+        print(f"[cache] wrote {d} ({metas[la]['n_vectors'] if la in metas else '?'} vectors)")
+    result = CacheResult({la: str(d) for la, d in dirs.items()}, n_total,
+                         {la: m["n_vectors"] for la, m in metas.items()}, rate, False)
+    tracker.summary({"cache/images_per_s": rate, **{f"cache/{la}/n_vectors": v
+                                                    for la, v in result.n_vectors.items()}})
+    return result
+
+
+def _geometry(model, layer):
+    try:
+        return model.geometry(layer)
+    except (NotImplementedError, ValueError, KeyError):
+        return None
+
+
+def _write_chunk(writer: ShardWriter, acts_BCHW: torch.Tensor, items: list[Item], cfg: Config,
+                 geom) -> int:
+    """Sample positions per image and append them to the shard as one record."""
+    _, _, h, w = acts_BCHW.shape
+    mask = valid_mask(h, geom, cfg.data.image_size, cfg.cache.exclude_border)
+    acts_BCHW = acts_BCHW.float().cpu()
+    vecs, pos = [], []
+    for a_CHW, it in zip(acts_BCHW, items):
+        # One generator per (seed, image): sampling is independent of batching and of ranks.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it.idx)
+        flat = sample_positions(a_CHW, cfg.cache.sampling, cfg.cache.n_per_image, mask, gen)
+        vecs.append(a_CHW.flatten(1)[:, flat].T)
+        ys, xs = (flat // w).numpy(), (flat % w).numpy()
+        pos.append(np.stack([np.full(len(flat), it.idx), ys, xs], 1))
+    acts_ND = torch.cat(vecs)
+    writer.add(acts_ND, np.concatenate(pos).astype(np.int32), {it.idx: it.source for it in items})
+    return len(acts_ND)
+
+
+def _finalize_when_complete(cfg: Config, model, dirs: dict[str, Path], n_shards: int,
+                            n_total: int, rank: int, timeout_s: float = 24 * 3600) -> dict:
+    """Rank 0 (or a lone process) waits for every shard, then writes each metadata.json last."""
+    metas = {}
+    if rank != 0:
+        return metas
+    t0 = time.time()
+    while not all(shard_complete(d, s) for d in dirs.values() for s in range(n_shards)):
+        # Another process (a second rank or a concurrent run) holds the missing shards.
+        missing = [s for s in range(n_shards) if not all(shard_complete(d, s)
+                                                        for d in dirs.values())]
+        live = [s for s in missing if any(lock_alive(d / f"{shard_name(s)}.lock")
+                                          for d in dirs.values())]
+        if not live:
+            raise CacheError(
+                f"shards {missing[:10]} of {list(dirs.values())[0]} are missing and nobody is "
+                "writing them; rerun the same command to resume")
+        if time.time() - t0 > timeout_s:
+            raise CacheError(f"timed out waiting for shards {missing[:10]}")
+        time.sleep(0.5)
+    for la, d in dirs.items():
+        if (d / METADATA).exists():
+            metas[la] = json.loads((d / METADATA).read_text())
+        else:
+            metas[la] = finalize_cache(d, n_shards, _meta_extra(cfg, la, model, n_shards, n_total))
+    return metas

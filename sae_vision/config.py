@@ -1,0 +1,325 @@
+"""Typed config schemas, registered with Hydra's ConfigStore.
+
+This module must stay light: no torch, no numpy. Library code receives these dataclasses (or
+OmegaConf objects structured by them), so tests can build them directly without Hydra.
+Every `check_*` raises ValueError naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any, Optional
+
+# Lucid/Lucent layer names and their channel counts, shared by both InceptionV1 variants.
+# Branch outputs are mixedXX_{1x1,3x3,5x5,pool_reduce}; bottlenecks are inputs to 3x3/5x5.
+LAYER_DIMS: dict[str, int] = {
+    "conv2d0": 64,
+    "conv2d1": 64,
+    "conv2d2": 192,
+    "mixed3a": 256,
+    "mixed3a_1x1": 64,
+    "mixed3a_3x3_bottleneck": 96,
+    "mixed3a_3x3": 128,
+    "mixed3a_5x5_bottleneck": 16,
+    "mixed3a_5x5": 32,
+    "mixed3a_pool_reduce": 32,
+    "mixed3b": 480,
+    "mixed3b_1x1": 128,
+    "mixed3b_3x3_bottleneck": 128,
+    "mixed3b_3x3": 192,
+    "mixed3b_5x5_bottleneck": 32,
+    "mixed3b_5x5": 96,
+    "mixed3b_pool_reduce": 64,
+}
+# Every conv output also exists before its ReLU (mixed3a/mixed3b are concats, so they have none).
+PRE_RELU_LAYERS: dict[str, int] = {
+    f"{k}_pre_relu": v for k, v in LAYER_DIMS.items() if k not in ("mixed3a", "mixed3b")
+}
+ALL_LAYER_DIMS: dict[str, int] = {**LAYER_DIMS, **PRE_RELU_LAYERS}
+PAPER_LAYERS = ["conv2d0", "conv2d1", "conv2d2", "mixed3a", "mixed3b"]
+
+MODELS = ("googlenet_bvlc", "inceptionv1", "timm")
+DATASETS = ("demo", "imagefolder", "webdataset")
+SAMPLINGS = ("all", "uniform", "norm_weighted")
+DTYPES = ("float16", "bfloat16", "float32")
+ARCHS = ("relu_l1", "topk", "batchtopk", "jumprelu")
+STAGES = ("cache", "train", "evaluate", "report")
+LOGGER_MODES = ("offline", "online", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+LOADER_MODES = ("auto", "memory", "stream")
+
+
+@dataclass
+class PathsConfig:
+    root: str = "artifacts"  # every artifact lives under this folder
+
+
+@dataclass
+class StageConfig:
+    name: str = "???"  # which stage run.py dispatches to: cache | train | evaluate | report
+
+
+@dataclass
+class ModelConfig:
+    family: str = "googlenet_bvlc"  # googlenet_bvlc | inceptionv1 (Lucent, inception5h) | timm
+    name: str = "googlenet_bvlc"  # timm model name when family=timm; informational otherwise
+    pretrained: bool = True  # False gives random init (plumbing tests only)
+    weights_path: Optional[str] = None  # explicit weights file; overrides every other source
+    weights_dir: Optional[str] = None  # folder to search; falls back to $SAE_VISION_WEIGHTS_DIR
+    allow_download: bool = True  # try the network when no local weights are found
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class LayerConfig:
+    name: str = "mixed3b"  # Lucid layer name, or a module path for model.family=timm
+    dim: int = 480  # channels; checked against the model at run time
+
+
+@dataclass
+class DataConfig:
+    name: str = "demo"  # demo | imagefolder | webdataset
+    root: Optional[str] = None  # ImageFolder root (data=imagefolder)
+    urls: Optional[str] = None  # webdataset shard spec, local path, brace pattern, pipe: or URL
+    image_size: int = 224  # side of the square crop fed to the model
+    n_images: int = 256  # images to cache (demo: number of random crops); <=0 means all
+    min_scale: float = 0.08  # demo random-resized-crop scale range
+    max_scale: float = 1.0
+    seed: int = 0  # fixes the demo crops and flips
+    num_workers: int = 0  # DataLoader workers for decoding
+
+
+@dataclass
+class CacheConfig:
+    sampling: str = "norm_weighted"  # all | uniform | norm_weighted
+    n_per_image: int = 16  # positions sampled per image (uniform / norm_weighted)
+    exclude_border: bool = False  # drop positions whose receptive field reaches into padding
+    dtype: str = "float16"  # float16 | bfloat16 | float32 storage
+    images_per_shard: int = 64  # images per tar shard: the unit of resume and of parallelism
+    batch_size: int = 32  # images per forward pass
+    layers: Optional[list[str]] = None  # several layers in one pass; default [layer.name]
+    dir: Optional[str] = None  # explicit cache folder (overrides the content-hash name)
+
+
+@dataclass
+class SAEConfig:
+    arch: str = "topk"  # relu_l1 | topk | batchtopk | jumprelu
+    expansion: int = 8  # n_features = expansion * d_in, unless n_features is set
+    n_features: Optional[int] = None  # explicit dictionary size
+    k: int = 32  # active features per vector (topk, batchtopk)
+    l1_coeff: float = 5.0  # sparsity coefficient (relu_l1: lambda; jumprelu: L0 coefficient)
+    l1_warmup_frac: float = 0.05  # fraction of training over which lambda ramps up linearly
+    aux_k: int = 256  # dead features used by the AuxK loss (topk family); 0 disables
+    aux_coeff: float = 1 / 32  # weight of the AuxK loss
+    jumprelu_threshold: float = 0.001  # initial JumpReLU threshold
+    jumprelu_bandwidth: float = 0.001  # straight-through bandwidth for the JumpReLU threshold
+    resample_dead: bool = False  # relu_l1: re-initialise dead features from high-loss inputs
+    normalize_inputs: bool = True  # scale inputs so E||x|| = sqrt(d) using cache metadata
+    run: Optional[str] = None  # evaluate/report: a run name, a glob, or a sweep folder
+
+
+@dataclass
+class TrainConfig:
+    n_steps: int = 2000  # optimiser steps
+    batch_size: int = 4096  # vectors per step
+    lr: float = 4e-4  # peak Adam learning rate
+    warmup_steps: int = 100  # linear learning-rate warm-up
+    decay_frac: float = 0.2  # final fraction of steps with linear decay to zero
+    grad_clip: float = 1.0  # max gradient norm; <=0 disables
+    seed: int = 0  # fixes init and data order
+    device: str = "auto"  # auto | cpu | cuda
+    autocast: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the SAE
+    ckpt_every: int = 500  # steps between checkpoints (and at the end)
+    log_every: int = 50  # steps between tracker logs
+    dead_window: int = 1_000_000  # a feature is dead if unused over this many vectors
+    holdout_frac: float = 0.1  # fraction of shards held out for evaluation
+    loader: str = "auto"  # auto | memory | stream
+    memory_limit_gb: float = 4.0  # auto loads the cache into memory below this size
+    shuffle_buffer: int = 262_144  # vectors in the streaming shuffle buffer
+    run_name: Optional[str] = None  # default: derived from the settings (never shared in a sweep)
+
+
+@dataclass
+class CurvesConfig:
+    orientation_step: float = 5.0  # degrees between stimulus orientations (0-360)
+    radii: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0, 32.0, 1000.0])
+    arc_length_deg: float = 120.0  # angular extent of each arc, degrees
+    line_width: float = 2.5  # stroke width in pixels
+    fg: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # stroke colour RGB 0..1
+    bg: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # background RGB 0..1
+    min_peak_sigma: float = 5.0  # peak response in units of the unit's dataset std
+    min_curve_line_ratio: float = 1.5  # best curve / best straight line
+    max_circular_variance: float = 0.6  # orientation tuning width bound
+    n_null_seeds: int = 3  # seeds per null model
+    max_fdr: float = 0.1  # thresholds are tightened until null/real <= this
+    orientation_tolerance: float = 30.0  # degrees; invariance checks
+    jitter_px: int = 2  # position jitter for invariance
+
+
+@dataclass
+class EvalConfig:
+    n_vectors: int = 200_000  # held-out vectors for reconstruction metrics
+    dense_threshold: float = 0.1  # a feature active on more than this fraction is dense
+    splice: bool = True  # run the model with the layer replaced by the reconstruction
+    n_splice_images: int = 64  # held-out images for the splice
+    curves: bool = False  # curve-detector census
+    polysemantic: bool = False  # neuron decomposition and selectivity
+    compare_run: Optional[str] = None  # second run for cross-seed stability
+    batch_size: int = 8192  # vectors per evaluation batch
+
+
+@dataclass
+class ReportConfig:
+    n_examples: int = 8  # top dataset examples per feature card
+    n_random_examples: int = 4  # random activating examples per card
+    max_cards: int = 512  # feature cards per run in the browser
+    featurevis: bool = False  # render Lucent feature visualisations
+    featurevis_steps: int = 128  # optimisation steps
+    featurevis_max: int = 32  # features visualised per run
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "offline"  # offline | online | disabled (W&B)
+    project: str = "sae-vision"  # W&B project
+    entity: Optional[str] = None  # W&B entity
+    tags: list[str] = field(default_factory=list)  # W&B tags
+    group: Optional[str] = None  # W&B group (sweeps)
+
+
+@dataclass
+class Config:
+    stage: StageConfig = field(default_factory=StageConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layer: LayerConfig = field(default_factory=LayerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    curves: CurvesConfig = field(default_factory=CurvesConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0  # global seed
+    experiment: Optional[str] = None  # name of the experiment preset, for the manifest
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (imported lazily: hydra is optional here)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _one_of(field_name: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field_name}={value!r} is not valid; choose one of {sorted(allowed)}")
+
+
+def _positive(field_name: str, value, allow_zero: bool = False) -> None:
+    bad = value < 0 if allow_zero else value <= 0
+    if bad:
+        raise ValueError(f"{field_name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def check_layer(name: str, family: str = "googlenet_bvlc") -> int:
+    """Return the channel count of a Lucid layer name, or raise naming the valid ones."""
+    if family == "timm":
+        return -1
+    if name not in ALL_LAYER_DIMS:
+        raise ValueError(
+            f"layer={name!r} is not a known InceptionV1 layer; valid layers are: "
+            + ", ".join(ALL_LAYER_DIMS)
+        )
+    return ALL_LAYER_DIMS[name]
+
+
+def n_features_of(sae: SAEConfig, d_in: int) -> int:
+    """Dictionary size from sae.n_features or sae.expansion * d_in."""
+    return int(sae.n_features) if sae.n_features else int(sae.expansion) * int(d_in)
+
+
+def check_config(cfg: Config) -> None:
+    """Validate every field that a typo or a bad value could break; raise ValueError."""
+    _one_of("stage.name", cfg.stage.name, STAGES)
+    _one_of("model.family", cfg.model.family, MODELS)
+    _one_of("model.device", cfg.model.device, DEVICES)
+    _one_of("train.device", cfg.train.device, DEVICES)
+    _one_of("data.name", cfg.data.name, DATASETS)
+    _one_of("cache.sampling", cfg.cache.sampling, SAMPLINGS)
+    _one_of("cache.dtype", cfg.cache.dtype, DTYPES)
+    _one_of("sae.arch", cfg.sae.arch, ARCHS)
+    _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    _one_of("train.loader", cfg.train.loader, LOADER_MODES)
+    layers = list(cfg.cache.layers) if cfg.cache.layers else [cfg.layer.name]
+    for name in layers:
+        dim = check_layer(name, cfg.model.family)
+        if name == cfg.layer.name and dim > 0 and cfg.layer.dim != dim:
+            raise ValueError(
+                f"layer.dim={cfg.layer.dim} does not match layer {name!r}, which has {dim} "
+                f"channels; drop the override or set layer.dim={dim}"
+            )
+    _positive("data.image_size", cfg.data.image_size)
+    _positive("cache.n_per_image", cfg.cache.n_per_image)
+    _positive("cache.images_per_shard", cfg.cache.images_per_shard)
+    _positive("cache.batch_size", cfg.cache.batch_size)
+    _positive("sae.expansion", cfg.sae.expansion)
+    if cfg.sae.n_features is not None:
+        _positive("sae.n_features", cfg.sae.n_features)
+    _positive("sae.k", cfg.sae.k)
+    _positive("sae.l1_coeff", cfg.sae.l1_coeff, allow_zero=True)
+    _positive("sae.aux_k", cfg.sae.aux_k, allow_zero=True)
+    _positive("train.n_steps", cfg.train.n_steps)
+    _positive("train.batch_size", cfg.train.batch_size)
+    _positive("train.lr", cfg.train.lr)
+    _positive("train.warmup_steps", cfg.train.warmup_steps, allow_zero=True)
+    _positive("train.ckpt_every", cfg.train.ckpt_every)
+    _positive("train.log_every", cfg.train.log_every)
+    _positive("train.dead_window", cfg.train.dead_window)
+    _positive("eval.n_vectors", cfg.eval.n_vectors)
+    _positive("eval.batch_size", cfg.eval.batch_size)
+    _positive("curves.orientation_step", cfg.curves.orientation_step)
+    if not 0.0 <= cfg.train.decay_frac <= 1.0:
+        raise ValueError(f"train.decay_frac={cfg.train.decay_frac} must lie in [0, 1]")
+    if not 0.0 <= cfg.train.holdout_frac < 1.0:
+        raise ValueError(f"train.holdout_frac={cfg.train.holdout_frac} must lie in [0, 1)")
+    if not 0.0 < cfg.eval.dense_threshold <= 1.0:
+        raise ValueError(f"eval.dense_threshold={cfg.eval.dense_threshold} must lie in (0, 1]")
+    if not 0.0 < cfg.data.min_scale <= cfg.data.max_scale <= 1.0:
+        raise ValueError("data.min_scale and data.max_scale must satisfy 0 < min <= max <= 1")
+    d_in = check_layer(cfg.layer.name, cfg.model.family)
+    if d_in > 0 and cfg.sae.arch in ("topk", "batchtopk"):
+        n_feat = n_features_of(cfg.sae, d_in)
+        if cfg.sae.k > n_feat:
+            raise ValueError(
+                f"sae.k={cfg.sae.k} exceeds the dictionary size {n_feat}; lower sae.k or raise "
+                "sae.expansion / sae.n_features"
+            )
+    if cfg.data.name == "imagefolder" and not cfg.data.root:
+        raise ValueError("data=imagefolder needs data.root=/path/to/imagenet/train")
+    if cfg.data.name == "webdataset" and not cfg.data.urls:
+        raise ValueError("data=webdataset needs data.urls='/path/shard-{000000..000099}.tar'")
+
+
+def to_plain(cfg: Any) -> dict:
+    """Config (dataclass or OmegaConf) as a plain dict."""
+    if is_dataclass(cfg):
+        return asdict(cfg)
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def content_hash(obj: Any, n: int = 12) -> str:
+    """Short stable hash of a JSON-able object (sorted keys)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]

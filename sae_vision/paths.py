@@ -1,0 +1,59 @@
+"""Where every artifact lives, derived from the config alone (no I/O here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from sae_vision.config import Config, content_hash, n_features_of, to_plain
+
+
+def cache_settings(cfg: Config, layer: str) -> dict:
+    """The settings that change a layer cache's bytes; their hash names the cache folder."""
+    model = to_plain(cfg.model)
+    data = to_plain(cfg.data)
+    cache = to_plain(cfg.cache)
+    return {
+        "model": {k: model[k] for k in ("family", "name", "pretrained", "weights_path")},
+        "layer": layer,
+        "data": {k: data[k] for k in ("name", "root", "urls", "image_size", "n_images",
+                                      "min_scale", "max_scale", "seed")},
+        "sampling": {k: cache[k] for k in ("sampling", "n_per_image", "exclude_border")},
+        "dtype": cache["dtype"],
+        "images_per_shard": cache["images_per_shard"],
+        "seed": cfg.seed,
+    }
+
+
+def cache_key(cfg: Config, layer: str) -> str:
+    """`<layer>-<hash>`: readable, and unique per content-changing setting."""
+    return f"{layer}-{content_hash(cache_settings(cfg, layer))}"
+
+
+def cache_dir(cfg: Config, layer: Optional[str] = None) -> Path:
+    """Folder of the activation cache for `layer` (default: cfg.layer.name)."""
+    layer = layer or cfg.layer.name
+    if cfg.cache.dir:
+        return Path(cfg.cache.dir)
+    return Path(cfg.paths.root) / "cache" / cache_key(cfg, layer)
+
+
+def run_name(cfg: Config, d_in: int) -> str:
+    """A readable, settings-derived SAE run name, so sweep points never share a folder."""
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    n_feat = n_features_of(cfg.sae, d_in)
+    sparsity = f"l1{cfg.sae.l1_coeff:g}" if cfg.sae.arch in ("relu_l1", "jumprelu") else f"k{cfg.sae.k}"
+    h = content_hash({"sae": to_plain(cfg.sae) | {"run": None}, "train": to_plain(cfg.train),
+                      "cache": cache_key(cfg, cfg.layer.name)}, n=8)
+    return f"{cfg.layer.name}-{cfg.sae.arch}-f{n_feat}-{sparsity}-s{cfg.train.seed}-{h}"
+
+
+def sae_root(cfg: Config) -> Path:
+    """Folder holding every SAE run."""
+    return Path(cfg.paths.root) / "sae"
+
+
+def report_dir(cfg: Config) -> Path:
+    """Folder of the static HTML report."""
+    return Path(cfg.paths.root) / "report"

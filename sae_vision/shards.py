@@ -1,0 +1,365 @@
+"""Activation caches on disk: sharded webdataset tars of vector chunks, plus metadata.json.
+
+Layout of a cache folder:
+    shard-000000.tar   records of chunks: acts.npy [N, D], pos.npy [N, 3] int32 (image, y, x),
+                       src.json {image_idx: source}
+    shard-000000.json  per-shard sidecar (counts, sums for mean/std, sha256), written after the tar
+    metadata.json      merged description, written last: its presence means "complete"
+
+Records hold whole chunks because webdataset reads large records at hundreds of MB/s but tiny
+ones at a few MB/s; individual vectors are shuffled in memory instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tarfile
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+
+METADATA = "metadata.json"
+FORMAT_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """A cache that is missing, incomplete, corrupt, or not the one the caller asked for."""
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding
+
+
+def to_storage(acts_ND: torch.Tensor, dtype: str) -> np.ndarray:
+    """Tensor to the numpy array stored on disk (bfloat16 kept as its uint16 bit pattern)."""
+    if dtype == "bfloat16":
+        return acts_ND.to(torch.bfloat16).view(torch.uint16).cpu().numpy()
+    return acts_ND.to(getattr(torch, dtype)).cpu().numpy()
+
+
+def from_storage(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored numpy array back to a float32 tensor."""
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    if dtype == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return t.float()
+
+
+def shard_name(i: int) -> str:
+    """File name of shard i."""
+    return f"shard-{i:06d}.tar"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON to a temporary name, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+class ShardWriter:
+    """Writes one shard atomically and accumulates the statistics its sidecar records."""
+
+    def __init__(self, cache_dir: str | os.PathLike, index: int, dim: int, dtype: str):
+        self.dir = Path(cache_dir)
+        self.index, self.dim, self.dtype = index, dim, dtype
+        self.path = self.dir / shard_name(index)
+        self.tmp = self.dir / f".{self.path.name}.{os.getpid()}.tmp"
+        self._stream = open(self.tmp, "wb")
+        self._tar = wds.TarWriter(self._stream)
+        self.n_records = self.n_vectors = 0
+        self.images: set[int] = set()
+        self.sum_D = np.zeros(dim, np.float64)
+        self.sumsq_D = np.zeros(dim, np.float64)
+        self.norm_sum = 0.0
+
+    def add(self, acts_ND: torch.Tensor, pos_N3: np.ndarray, sources: dict[int, str]) -> None:
+        """Append a chunk of vectors with their (image_idx, y, x) provenance."""
+        if acts_ND.shape[1] != self.dim:
+            raise ValueError(f"chunk has dim {acts_ND.shape[1]}, cache expects {self.dim}")
+        stored = to_storage(acts_ND, self.dtype)
+        # Statistics from the stored values, so normalisation matches what readers will see.
+        x = from_storage(stored, self.dtype).double()
+        self.sum_D += x.sum(0).numpy()
+        self.sumsq_D += (x * x).sum(0).numpy()
+        self.norm_sum += float(x.norm(dim=1).sum())
+        self._tar.write({
+            "__key__": f"{self.index:06d}-{self.n_records:05d}",
+            "acts.npy": stored,
+            "pos.npy": np.asarray(pos_N3, dtype=np.int32),
+            "src.json": {str(k): v for k, v in sources.items()},
+        })
+        self.n_records += 1
+        self.n_vectors += len(stored)
+        self.images.update(int(i) for i in np.unique(pos_N3[:, 0])) if len(pos_N3) else None
+
+    def finish(self, image_range: tuple[int, int], n_images: int, skipped: list[dict]) -> dict:
+        """Close, fsync and publish the tar, then its sidecar; returns the sidecar dict."""
+        self._tar.close()  # also closes the underlying stream
+        with open(self.tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        info = {
+            "name": self.path.name,
+            "index": self.index,
+            "n_vectors": self.n_vectors,
+            "n_images": n_images,
+            "image_range": list(image_range),
+            "bytes": self.tmp.stat().st_size,
+            "sha256": sha256_file(self.tmp),
+            "sum": self.sum_D.tolist(),
+            "sumsq": self.sumsq_D.tolist(),
+            "norm_sum": self.norm_sum,
+            "skipped": skipped,
+        }
+        os.replace(self.tmp, self.path)
+        write_json_atomic(self.path.with_suffix(".json"), info)
+        return info
+
+    def abort(self) -> None:
+        """Drop the temporary file (used when the writer fails half way)."""
+        try:
+            self._tar.close()
+        except Exception:  # noqa: BLE001 - best effort on an already-failing path
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def shard_complete(cache_dir: str | os.PathLike, index: int) -> bool:
+    """A shard counts only when its sidecar exists and the tar has the recorded size."""
+    d = Path(cache_dir)
+    side = d / shard_name(index).replace(".tar", ".json")
+    tar = d / shard_name(index)
+    if not side.exists() or not tar.exists():
+        return False
+    try:
+        info = json.loads(side.read_text())
+    except (json.JSONDecodeError, OSError):
+        return False
+    return tar.stat().st_size == info.get("bytes")
+
+
+def finalize_cache(cache_dir: str | os.PathLike, n_shards: int, meta_extra: dict) -> dict:
+    """Merge the shard sidecars into metadata.json (written last). All shards must be complete."""
+    d = Path(cache_dir)
+    missing = [i for i in range(n_shards) if not shard_complete(d, i)]
+    if missing:
+        raise CacheError(f"cannot finalise {d}: shards {missing[:10]} are not complete yet")
+    infos = [json.loads((d / shard_name(i).replace(".tar", ".json")).read_text())
+             for i in range(n_shards)]
+    dim = int(meta_extra["dim"])
+    total = sum(i["n_vectors"] for i in infos)
+    sum_D = np.sum([i["sum"] for i in infos], axis=0) if infos else np.zeros(dim)
+    sumsq_D = np.sum([i["sumsq"] for i in infos], axis=0) if infos else np.zeros(dim)
+    mean = sum_D / max(total, 1)
+    var = np.maximum(sumsq_D / max(total, 1) - mean**2, 0.0)
+    skipped = [s for i in infos for s in i["skipped"]]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        **meta_extra,
+        "n_vectors": total,
+        "n_images": sum(i["n_images"] for i in infos),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
+        "mean": mean.tolist(),
+        "std": np.sqrt(var).tolist(),
+        "mean_norm": sum(i["norm_sum"] for i in infos) / max(total, 1),
+        "mean_sq_norm": float(sumsq_D.sum() / max(total, 1)),
+        "shards": [{k: i[k] for k in ("name", "n_vectors", "n_images", "image_range", "bytes",
+                                      "sha256")} for i in infos],
+    }
+    write_json_atomic(d / METADATA, meta)
+    return meta
+
+
+def write_cache(cache_dir: str | os.PathLike, chunks: Iterable[tuple], meta_extra: dict,
+                chunks_per_shard: int = 1) -> dict:
+    """Write (acts_ND, pos_N3, sources) chunks as a complete cache (tests, synthetic data)."""
+    d = Path(cache_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    dim, dtype = int(meta_extra["dim"]), meta_extra.get("dtype", "float32")
+    meta_extra = {"dtype": dtype, **meta_extra}
+    writer, n_shards, in_shard = None, 0, 0
+    for acts, pos, src in chunks:
+        if writer is None:
+            writer, in_shard = ShardWriter(d, n_shards, dim, dtype), 0
+        writer.add(torch.as_tensor(acts), np.asarray(pos), src)
+        in_shard += 1
+        if in_shard == chunks_per_shard:
+            _finish_simple(writer)
+            writer, n_shards = None, n_shards + 1
+    if writer is not None:
+        _finish_simple(writer)
+        n_shards += 1
+    return finalize_cache(d, n_shards, meta_extra)
+
+
+def _finish_simple(writer: ShardWriter) -> None:
+    lo, hi = (min(writer.images), max(writer.images) + 1) if writer.images else (0, 0)
+    writer.finish((lo, hi), len(writer.images), [])
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+
+
+def load_cache_meta(cache_dir: str | os.PathLike, expect: Optional[dict] = None) -> dict:
+    """Read metadata.json, refusing a missing/incomplete cache or one for another layer/model/dim."""
+    d = Path(cache_dir)
+    path = d / METADATA
+    if not path.exists():
+        partial = sorted(p.name for p in d.glob("shard-*.tar")) if d.exists() else []
+        hint = (f"it holds {len(partial)} shard(s) but no metadata.json: the caching run did not "
+                "finish; rerun the same `python run.py stage=cache ...` command to resume it"
+                if partial else "run `python run.py stage=cache` with the same model/layer/data "
+                "settings first")
+        raise CacheError(f"no complete activation cache at {d}: {hint}")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path} is not valid JSON ({e}); delete it and rerun stage=cache") from e
+    for key, want in (expect or {}).items():
+        have = meta.get(key)
+        if want is not None and have != want:
+            raise CacheError(
+                f"cache {d} was built for {key}={have!r} but this run needs {key}={want!r}; "
+                f"point cache.dir at a cache built for {want!r} or rerun stage=cache"
+            )
+    return meta
+
+
+def split_shards(meta: dict, holdout_frac: float) -> tuple[list[str], list[str]]:
+    """Deterministic train/held-out split by shard (the last shards are held out)."""
+    names = [s["name"] for s in meta["shards"]]
+    n_hold = int(round(len(names) * holdout_frac))
+    if holdout_frac > 0 and n_hold == 0 and len(names) > 1:
+        n_hold = 1
+    if n_hold >= len(names) and names:
+        raise CacheError(
+            f"cache has {len(names)} shard(s): too few to hold out {holdout_frac:.0%} for "
+            "evaluation; cache more images or lower cache.images_per_shard"
+        )
+    return names[: len(names) - n_hold], names[len(names) - n_hold:]
+
+
+def _check_shards(d: Path, meta: dict, names: Sequence[str], skip_bad: bool) -> list[str]:
+    by_name = {s["name"]: s for s in meta["shards"]}
+    good = []
+    for name in names:
+        p = d / name
+        want = by_name.get(name, {}).get("bytes")
+        have = p.stat().st_size if p.exists() else None
+        if have is None or (want is not None and have != want):
+            msg = (f"shard {p} is {'missing' if have is None else f'truncated ({have} of {want} bytes)'}"
+                   "; rerun stage=cache to rebuild it, or pass skip_bad_shards=True to skip it")
+            if not skip_bad:
+                raise CacheError(msg)
+            continue
+        good.append(name)
+    return good
+
+
+def iter_chunks(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] = None,
+                with_pos: bool = False, shuffle_shards: bool = False, seed: int = 0,
+                skip_bad_shards: bool = False) -> Iterator[tuple]:
+    """Yield (acts_ND float32, pos_N3 or None, sources or None) chunk by chunk with webdataset."""
+    d = Path(cache_dir)
+    meta = load_cache_meta(d)
+    names = _check_shards(d, meta, list(shards) if shards is not None else
+                          [s["name"] for s in meta["shards"]], skip_bad_shards)
+    if shuffle_shards:
+        random.Random(seed).shuffle(names)
+    dtype = meta["dtype"]
+    for name in names:
+        ds = wds.WebDataset(str(d / name), shardshuffle=False, empty_check=False).decode()
+        try:
+            for rec in ds:
+                acts = from_storage(rec["acts.npy"], dtype)
+                if with_pos:
+                    yield acts, rec["pos.npy"], rec.get("src.json")
+                else:
+                    yield acts, None, None
+        except (tarfile.TarError, OSError, ValueError, KeyError) as e:
+            if skip_bad_shards:
+                continue
+            raise CacheError(f"shard {d / name} is corrupt ({type(e).__name__}: {e}); rerun "
+                             "stage=cache to rebuild it, or skip it with skip_bad_shards") from e
+
+
+def load_vectors(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] = None,
+                 max_vectors: Optional[int] = None, with_pos: bool = False,
+                 skip_bad_shards: bool = False):
+    """Load (up to max_vectors of) the chosen shards into one float32 [N, D] tensor."""
+    acts, pos, n = [], [], 0
+    for a, p, _ in iter_chunks(cache_dir, shards, with_pos=with_pos,
+                               skip_bad_shards=skip_bad_shards):
+        if max_vectors is not None and n + len(a) > max_vectors:
+            a = a[: max_vectors - n]
+            p = p[: len(a)] if p is not None else None
+        acts.append(a)
+        pos.append(p)
+        n += len(a)
+        if max_vectors is not None and n >= max_vectors:
+            break
+    if not acts:
+        raise CacheError(f"no vectors found in {cache_dir} (shards={shards})")
+    acts_ND = torch.cat(acts)
+    if with_pos:
+        return acts_ND, np.concatenate(pos).astype(np.int64)
+    return acts_ND
+
+
+def load_sources(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] = None) -> dict:
+    """image_idx -> source string, over the chosen shards."""
+    out: dict[int, str] = {}
+    for _, _, src in iter_chunks(cache_dir, shards, with_pos=True):
+        out.update({int(k): v for k, v in (src or {}).items()})
+    return out
+
+
+def stream_vectors(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]], batch_size: int,
+                   shuffle_buffer: int = 262_144, seed: int = 0, epochs: Optional[int] = None,
+                   skip_bad_shards: bool = False) -> Iterator[torch.Tensor]:
+    """Endless (or `epochs`) stream of shuffled [batch, D] float32 batches in bounded memory.
+
+    Shards are shuffled per epoch; vectors are shuffled in a buffer of `shuffle_buffer` rows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    buf: list[torch.Tensor] = []
+    n_buf, epoch = 0, 0
+    while epochs is None or epoch < epochs:
+        for acts, _, _ in iter_chunks(cache_dir, shards, shuffle_shards=True, seed=seed + epoch,
+                                      skip_bad_shards=skip_bad_shards):
+            buf.append(acts)
+            n_buf += len(acts)
+            if n_buf >= shuffle_buffer + batch_size:
+                pool = torch.cat(buf)[torch.randperm(n_buf, generator=gen)]
+                n_out = (n_buf - shuffle_buffer) // batch_size * batch_size
+                yield from pool[:n_out].split(batch_size)
+                buf, n_buf = [pool[n_out:]], n_buf - n_out
+        epoch += 1
+    if n_buf:
+        pool = torch.cat(buf)[torch.randperm(n_buf, generator=gen)]
+        yield from (b for b in pool.split(batch_size) if len(b) == batch_size)

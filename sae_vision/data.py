@@ -55,7 +55,7 @@ def load_demo_photos() -> dict[str, np.ndarray]:
             im = getattr(skimage.data, name)()
             if isinstance(im, tuple):  # stereo_motorcycle -> (left, right, disparity)
                 im = im[0]
-        photos[name] = np.ascontiguousarray(im[..., :3])
+        photos[name] = np.array(im[..., :3])  # writable copy
     return photos
 
 

@@ -254,7 +254,7 @@ def split_shards(meta: dict, holdout_frac: float) -> tuple[list[str], list[str]]
     """Deterministic train/held-out split by shard (the last shards are held out)."""
     names = [s["name"] for s in meta["shards"]]
     n_hold = int(round(len(names) * holdout_frac))
-    if holdout_frac > 0 and n_hold == 0 and len(names) > 1:
+    if holdout_frac > 0 and n_hold == 0:
         n_hold = 1
     if n_hold >= len(names) and names:
         raise CacheError(

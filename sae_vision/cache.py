@@ -229,6 +229,9 @@ def run(cfg: Config, tracker: Optional[Tracker] = None) -> CacheResult:
                 print(f"[cache] shard {shard} is being written by another process; skipping it")
                 continue
             stack.callback(lambda p=locks[0]: p.unlink(missing_ok=True))
+            for d in dirs.values():  # we own the shard now: temps left by a killed run are stale
+                for stale in d.glob(f".{shard_name(shard).replace('.tar', '')}.*tmp"):
+                    stale.unlink(missing_ok=True)
             writers = {la: ShardWriter(dirs[la], shard, dims[la], cfg.cache.dtype) for la in layers}
             try:
                 skipped, seen = [], []

@@ -1,0 +1,31 @@
+"""Shared fixtures: the real BVLC GoogLeNet weights from ../shared/weights, loaded once."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Point the weights search at the workplace copy unless the user already chose a folder.
+_SHARED_WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "weights"
+if not os.environ.get("SAE_VISION_WEIGHTS_DIR") and _SHARED_WEIGHTS.is_dir():
+    os.environ["SAE_VISION_WEIGHTS_DIR"] = str(_SHARED_WEIGHTS)
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    """Folder holding bvlc_googlenet.npz and its reference outputs; skips when absent."""
+    path = Path(os.environ.get("SAE_VISION_WEIGHTS_DIR") or _SHARED_WEIGHTS)
+    if not (path / "bvlc_googlenet.npz").is_file():
+        pytest.skip(f"no bvlc_googlenet.npz in {path}; set SAE_VISION_WEIGHTS_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def bvlc_model(weights_dir):
+    """The pretrained BVLC GoogLeNet on CPU, shared by all tests: leave it as you found it."""
+    from sae_vision.config import ModelConfig
+    from sae_vision.models import load_model
+
+    return load_model(
+        ModelConfig(family="googlenet_bvlc", weights_dir=str(weights_dir), device="cpu")
+    )

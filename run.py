@@ -41,4 +41,8 @@ def main(dcfg: DictConfig):
 
 
 if __name__ == "__main__":
+    # `stage` has no default, which stops Hydra from composing its --help page: show the help
+    # as composed for one stage (the page lists every stage anyway).
+    if {"--help", "-h"} & set(sys.argv) and not any(a.startswith("stage=") for a in sys.argv):
+        sys.argv.append("stage=cache")
     main()

@@ -1,0 +1,85 @@
+"""run.py and conf/: the real Hydra composition, the CLI's messages, every experiment composes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sae_vision.config import Config, check_config, register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+
+
+def compose_cfg(overrides) -> Config:
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        dcfg = compose("config", overrides=overrides)
+    return OmegaConf.to_object(dcfg)
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("stage", ["cache", "train", "evaluate", "report"])
+def test_every_experiment_composes_and_validates(experiment, stage):
+    overrides = [f"experiment={experiment}", f"stage={stage}"]
+    if experiment == "paper":
+        overrides.append("data.root=/data/imagenet/train")
+    cfg = compose_cfg(overrides)
+    check_config(cfg)
+    assert cfg.experiment == experiment and cfg.stage.name == stage
+
+
+@pytest.mark.parametrize("group,option,field,value", [
+    ("sae", "relu_l1", "arch", "relu_l1"), ("sae", "jumprelu", "arch", "jumprelu"),
+    ("sae", "batchtopk", "arch", "batchtopk"), ("model", "inceptionv1", "family", "inceptionv1"),
+    ("logger", "disabled", "mode", "disabled"), ("layer", "mixed3a_5x5", "name", "mixed3a_5x5"),
+])
+def test_config_groups_swap_their_section(group, option, field, value):
+    cfg = compose_cfg(["stage=train", f"{group}={option}"])
+    assert getattr(getattr(cfg, group), field) == value
+    check_config(cfg)
+
+
+def test_every_paper_layer_and_branch_has_a_layer_config():
+    names = {p.stem for p in (REPO / "conf" / "layer").glob("*.yaml")}
+    for base in ("mixed3a", "mixed3b"):
+        for branch in ("", "_1x1", "_3x3", "_5x5", "_pool_reduce"):
+            assert base + branch in names
+    assert {"conv2d0", "conv2d1", "conv2d2"} <= names
+
+
+def test_help_lists_stages_and_examples():
+    out = cli("--help")
+    assert out.returncode == 0
+    for word in ("stage: cache, evaluate, report, train", "layer:", "python run.py stage=train"):
+        assert word in out.stdout, word
+
+
+def test_missing_stage_and_unknown_layer_and_typo_fail_with_useful_messages():
+    out = cli()
+    assert out.returncode != 0 and "You must specify 'stage'" in out.stderr + out.stdout
+    out = cli("stage=cache", "layer=nope")
+    assert out.returncode != 0 and "mixed3b" in out.stderr and "layer/nope" in out.stderr
+    out = cli("stage=cache", "train.n_stepz=3")
+    assert out.returncode != 0 and "n_stepz" in out.stderr
+    out = cli("stage=cache", "cache.sampling=foo", "logger=disabled")
+    assert out.returncode == 2 and "choose one of" in out.stderr
+    out = cli("stage=cache", "cache.layers=[mixed3b,mixed9z]", "logger=disabled")
+    assert out.returncode == 2 and "mixed9z" in out.stderr and "valid layers" in out.stderr
+
+
+def test_tiny_cache_through_hydra_writes_a_wandb_offline_run(tmp_path):
+    out = cli("stage=cache", "debug=tiny", f"paths.root={tmp_path}", "data.n_images=8",
+              timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[cache] wrote" in out.stdout
+    assert list((tmp_path / "cache").glob("mixed3b-*/metadata.json"))
+    assert list((tmp_path / "runs" / "cache").glob("*/wandb/offline-run-*/run-*.wandb"))

@@ -8,6 +8,7 @@ complete, so a killed or concurrent run never leaves or reads half a shard.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -258,9 +259,15 @@ def run(cfg: Config, tracker: Optional[Tracker] = None) -> CacheResult:
                        min((shard + 1) * cfg.cache.images_per_shard, n_total))
                 for la in layers:
                     writers[la].finish(rng, len(seen) - len(skipped), skipped)
-            except BaseException:
+            except BaseException as e:
                 for w in writers.values():
                     w.abort()
+                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    raise CacheError(
+                        f"no space left while writing shard {shard} of {dirs[layers[0]]} ({e}); "
+                        f"{len(done) + todo.index(shard)} complete shard(s) are kept: free space "
+                        "(or point paths.root elsewhere) and rerun the same command to resume"
+                    ) from e
                 raise
         tracker.log({"cache/images": n_img_done, "cache/vectors": sum(n_vec.values()),
                      "cache/images_per_s": n_img_done / (time.perf_counter() - t0),

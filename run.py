@@ -25,6 +25,7 @@ def main(dcfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
     from sae_vision.shards import CacheError
+    from sae_vision.train import RunLocked, TrainingDiverged
     from sae_vision.tracker import open_tracker
 
     cfg: Config = OmegaConf.to_object(dcfg)
@@ -34,7 +35,7 @@ def main(dcfg: DictConfig):
         out_dir = HydraConfig.get().runtime.output_dir
         with open_tracker(cfg.logger, out_dir, to_plain(cfg), job_type=cfg.stage.name) as tracker:
             result = stage.run(cfg, tracker)
-    except (*USER_ERRORS, CacheError) as e:
+    except (*USER_ERRORS, CacheError, RunLocked, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return result

@@ -297,7 +297,9 @@ def iter_chunks(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] = 
         random.Random(seed).shuffle(names)
     dtype = meta["dtype"]
     for name in names:
-        ds = wds.WebDataset(str(d / name), shardshuffle=False, empty_check=False).decode()
+        # Ranks already read disjoint slices upstream; webdataset must not split shards again.
+        ds = wds.WebDataset(str(d / name), shardshuffle=False, empty_check=False,
+                            nodesplitter=None, workersplitter=None).decode()
         try:
             for rec in ds:
                 acts = from_storage(rec["acts.npy"], dtype)

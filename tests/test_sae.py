@@ -1,0 +1,450 @@
+"""Tests for sae_vision/sae.py: sparse kernels, the four architectures, scaling, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sae_vision.config import SAEConfig
+from sae_vision.sae import (
+    _batch_topk_flat,
+    _JumpReLU,
+    _Step,
+    forward_reference,
+    load_sae,
+    make_sae,
+    resample_dead,
+    save_sae,
+)
+
+ARCHS = ("relu_l1", "topk", "batchtopk", "jumprelu")
+
+
+def _randomised(sae, seed=0):
+    """Perturb biases so that every gradient path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=g))
+        sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=g))
+    return sae
+
+
+def _grads(sae, fn):
+    sae.zero_grad(set_to_none=True)
+    out = fn()
+    out.losses["loss"].backward()
+    return out, {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse kernels against dense autograd
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_backward_matches_dense_autograd_float64(arch, with_dead):
+    torch.manual_seed(0)
+    cfg = SAEConfig(arch=arch, n_features=96, k=5, aux_k=8)
+    sae = _randomised(make_sae(cfg, 16, input_scale=1.7, mean=torch.randn(16)).double())
+    x = torch.randn(64, 16, dtype=torch.float64)
+    dead = torch.arange(96) % 3 == 0 if with_dead else None
+    out, g_sparse = _grads(sae, lambda: sae(x, dead_mask=dead))
+    ref, g_dense = _grads(sae, lambda: forward_reference(sae, x, dead_mask=dead))
+    assert set(out.losses) == {"loss", "mse", "auxk"}
+    for key in ref.losses:
+        torch.testing.assert_close(out.losses[key], ref.losses[key], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.x_hat, ref.x_hat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.codes, ref.codes, rtol=0, atol=0)
+    for name in g_dense:
+        torch.testing.assert_close(g_sparse[name], g_dense[name], rtol=1e-5, atol=1e-10)
+    if with_dead:
+        assert out.losses["auxk"] > 0
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_backward_gives_input_gradient_like_autograd(arch):
+    torch.manual_seed(1)
+    sae = _randomised(make_sae(SAEConfig(arch=arch, n_features=48, k=4), 8).double())
+    x0 = torch.randn(32, 8, dtype=torch.float64)
+    grads = []
+    for fn in (sae, forward_reference):
+        x = x0.clone().requires_grad_(True)
+        fn(sae, x).losses["loss"].backward() if fn is forward_reference else fn(x).losses[
+            "loss"
+        ].backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "shape,n", [((64, 96), 320), ((3, 10), 25), ((300, 400), 1200), ((7, 5), 35)]
+)
+def test_batch_topk_selection_is_exact(shape, n):
+    torch.manual_seed(0)
+    pre = torch.randn(shape)
+    idx, vals = _batch_topk_flat(pre, n)
+    want = pre.reshape(-1).topk(n).values
+    assert torch.equal(vals.sort(descending=True).values, want)
+    assert torch.equal(pre.reshape(-1)[idx], vals)
+    assert bool((idx[1:] > idx[:-1]).all())  # ascending, hence CSR row-major order
+
+
+def test_batch_topk_selection_handles_ties():
+    pre = torch.zeros(40, 30)
+    pre[:5] = 1.0
+    idx, vals = _batch_topk_flat(pre, 100)
+    assert idx.numel() == 100 and idx.unique().numel() == 100
+    assert torch.equal(vals.sort(descending=True).values, pre.reshape(-1).topk(100).values)
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+
+
+def test_topk_codes_have_exactly_k_active_and_right_shapes():
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="topk", expansion=4, k=7), 12)
+    x = torch.randn(50, 12)
+    out = sae(x)
+    assert out.x_hat.shape == (50, 12) and out.codes.shape == (50, 48)
+    assert torch.equal((out.codes > 0).sum(1), torch.full((50,), 7))
+    assert float(out.l0) == 7.0
+    assert torch.equal(out.feature_counts(), (out.codes > 0).sum(0).float())
+    assert torch.equal(sae.encode(x), out.codes)
+    x_hat, codes, losses = out  # unpacks like the (x_hat, codes, losses) NamedTuple
+    assert codes is out.codes and losses["loss"].requires_grad
+
+
+def test_batchtopk_trains_with_k_per_sample_on_average_and_uses_threshold_in_eval():
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="batchtopk", n_features=64, k=4), 16).train()
+    assert float(sae.threshold) < 0  # not learned yet
+    x = torch.randn(128, 16)
+    out = sae(x)
+    assert out.sparse[1].numel() == 4 * 128
+    n_per_row = (out.codes > 0).sum(1)
+    assert n_per_row.float().mean() <= 4 and n_per_row.max() > n_per_row.min()  # batch-level
+    first = float(sae.threshold)
+    vals = out.sparse[2].detach()
+    assert first == pytest.approx(float(vals[vals > 0].min()))
+    sae(torch.randn(128, 16))
+    assert float(sae.threshold) != first  # EMA moves with each training batch
+
+    sae.eval()
+    with torch.no_grad():
+        sae.threshold.fill_(0.5)
+        x2 = torch.randn(33, 16)
+        pre = sae.pre_acts(x2)
+        want = pre * (pre > 0.5)
+        out2 = sae(x2)
+        torch.testing.assert_close(out2.codes, want)
+        torch.testing.assert_close(sae.encode(x2), want)
+        assert float(sae.threshold) == 0.5  # eval never updates it
+        torch.testing.assert_close(out2.x_hat, sae.decode(want), rtol=1e-5, atol=1e-5)
+
+
+def test_jumprelu_threshold_gets_gradient_from_l0_and_reconstruction():
+    torch.manual_seed(0)
+    cfg = SAEConfig(
+        arch="jumprelu", n_features=32, l1_coeff=0.5, jumprelu_threshold=0.3, jumprelu_bandwidth=0.5
+    )
+    sae = make_sae(cfg, 8)
+    x = torch.randn(64, 8)
+    out = sae(x)
+    assert set(out.losses) == {"loss", "mse", "l0"}
+    assert float(out.losses["l0"]) == pytest.approx(float(out.l0))
+    out.losses["loss"].backward()
+    assert sae.log_threshold.grad is not None and sae.log_threshold.grad.abs().sum() > 0
+
+    # Hand case for the straight-through estimators: z - θ inside the window (|u| < ε/2) or not.
+    z = torch.tensor([[0.30, 0.55, 1.00, 0.0]], requires_grad=True)
+    theta = torch.tensor([0.25, 0.50, 0.50, 0.5], requires_grad=True)
+    eps = 0.2
+    _JumpReLU.apply(z, theta, eps).sum().backward()
+    assert torch.equal(z.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(theta.grad, torch.tensor([-0.25 / eps, -0.5 / eps, 0.0, 0.0]))
+    theta.grad = None
+    _Step.apply(z.detach(), theta, eps).sum().backward()
+    torch.testing.assert_close(theta.grad, torch.tensor([-1 / eps, -1 / eps, 0.0, 0.0]))
+
+
+def test_relu_l1_loss_matches_formula_on_hand_case():
+    sae = make_sae(SAEConfig(arch="relu_l1", n_features=3, l1_coeff=0.1), 2)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, 1.0]]))
+        sae.b_enc.copy_(torch.tensor([0.0, -0.5, -2.0]))
+        sae.W_dec.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 4.0]]))  # norms 2, 1, 5
+        sae.b_dec.copy_(torch.tensor([0.5, 0.0]))
+    x = torch.tensor([[1.0, 2.0]])
+    # pre = [1, 1.5, -1] -> f = [1, 1.5, 0]; x̂ = [2.5, 1.5]; ||x - x̂||² = 2.5; Σ f·||d|| = 3.5
+    out = sae(x)
+    torch.testing.assert_close(out.codes, torch.tensor([[1.0, 1.5, 0.0]]))
+    torch.testing.assert_close(out.x_hat, torch.tensor([[2.5, 1.5]]))
+    assert float(out.losses["mse"]) == pytest.approx(2.5)
+    assert float(out.losses["l1"]) == pytest.approx(3.5)
+    assert float(out.losses["loss"].detach()) == pytest.approx(2.85)
+    assert float(sae(x, l1_scale=0.5).losses["loss"].detach()) == pytest.approx(2.675)
+    sae.set_l1_scale(0.0)
+    assert float(sae(x).losses["loss"].detach()) == pytest.approx(2.5)
+
+
+def test_relu_l1_init_follows_anthropic_april_update():
+    sae = make_sae(SAEConfig(arch="relu_l1", n_features=40), 10)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((40,), 0.1))
+    assert torch.equal(sae.W_enc, sae.W_dec.t()) and not sae.b_enc.any()
+    sae.normalize_decoder_()  # unconstrained: a no-op
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((40,), 0.1))
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])
+def test_decoder_gradient_is_orthogonal_to_rows_and_rows_stay_unit(arch):
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch=arch, n_features=40, k=4, aux_k=6), 10)
+    out = sae(torch.randn(32, 10), dead_mask=torch.arange(40) < 20)
+    out.losses["loss"].backward()
+    along = (sae.W_dec.grad * sae.W_dec).sum(1)
+    assert along.abs().max() < 1e-5 * sae.W_dec.grad.abs().max()
+    before = sae.W_dec.grad.clone()
+    sae.remove_parallel_grads_()  # idempotent
+    torch.testing.assert_close(sae.W_dec.grad, before, rtol=1e-5, atol=1e-7)
+    torch.optim.SGD(sae.parameters(), lr=1.0).step()
+    sae.normalize_decoder_()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(40))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_public_maps_work_in_raw_units(arch):
+    torch.manual_seed(0)
+    cfg = SAEConfig(arch=arch, n_features=64, k=6)
+    mean = torch.randn(16) * 3
+    scale = 0.37
+    sae = make_sae(cfg, 16, input_scale=scale, mean=mean).eval()
+    torch.testing.assert_close(sae.b_dec.detach(), mean * scale)
+    unit = make_sae(cfg, 16).eval()
+    unit.load_state_dict(
+        {**sae.state_dict(), "input_scale": torch.tensor(1.0), "mean": sae.mean * scale}
+    )
+    x = mean + 3 * torch.randn(40, 16)
+    with torch.no_grad():
+        out = sae(x)
+        torch.testing.assert_close(out.x_hat, sae.decode(sae.encode(x)), rtol=1e-5, atol=1e-4)
+        # Scaling is internal: the same parameters on pre-scaled input give the scaled output.
+        torch.testing.assert_close(sae.pre_acts(x), unit.pre_acts(x * scale))
+        torch.testing.assert_close(out.x_hat * scale, unit(x * scale).x_hat, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.losses["loss"], unit(x * scale).losses["loss"])
+
+
+def test_bf16_autocast_selects_in_bf16_but_keeps_float32_values_and_grads():
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="topk", n_features=64, k=4), 16)
+    x = torch.randn(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x, dead_mask=torch.arange(64) < 10)
+    assert out.x_hat.dtype == torch.float32 and torch.isfinite(out.losses["loss"])
+    crow, cols, vals = out.sparse
+    rows = torch.repeat_interleave(torch.arange(32), crow[1:] - crow[:-1])
+    with torch.no_grad():
+        exact = sae.pre_acts(x)[rows, cols].clamp_min(0)  # float32 values at the chosen pairs
+    torch.testing.assert_close(vals.detach(), exact, rtol=1e-6, atol=1e-6)
+    out.losses["loss"].backward()
+    assert sae.W_enc.grad.dtype == torch.float32 and torch.isfinite(sae.W_enc.grad).all()
+
+
+def test_resample_dead_reinitialises_only_dead_features_and_their_adam_state():
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="relu_l1", n_features=32), 8)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    x = torch.randn(64, 8)
+    sae(x).losses["loss"].backward()
+    opt.step()
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[3, 7, 30]] = True
+    before = {n: p.detach().clone() for n, p in sae.named_parameters()}
+    idx = resample_dead(sae, dead, x, optimizer=opt, generator=torch.Generator().manual_seed(0))
+    assert idx.tolist() == [3, 7, 30]
+    assert torch.equal(sae.W_dec[~dead], before["W_dec"][~dead])
+    assert torch.equal(sae.W_enc[:, ~dead], before["W_enc"][:, ~dead])
+    assert not torch.equal(sae.W_dec[dead], before["W_dec"][dead])
+    assert not sae.b_enc[dead].any()
+    assert not opt.state[sae.W_dec]["exp_avg"][dead].any()
+    assert opt.state[sae.W_dec]["exp_avg"][~dead].any()
+    assert not opt.state[sae.W_enc]["exp_avg_sq"][:, dead].any()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_round_trip_is_exact(arch, tmp_path):
+    torch.manual_seed(0)
+    sae = _randomised(
+        make_sae(
+            SAEConfig(arch=arch, n_features=48, k=4), 12, input_scale=2.5, mean=torch.randn(12)
+        )
+    )
+    x = torch.randn(20, 12)
+    sae.train()(x)  # batchtopk learns its threshold here
+    save_sae(sae, tmp_path, {"step": 7, "layer": "mixed3b"})
+    loaded, meta = load_sae(tmp_path)
+    assert meta == {"step": 7, "layer": "mixed3b"}
+    assert loaded.arch == arch and not loaded.training
+    for name, tensor in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    assert loaded.W_enc.stride() == sae.W_enc.stride()
+    sae.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["d_in"] == 12 and config["n_features"] == 48 and config["sae"]["arch"] == arch
+
+
+def test_checkpoint_is_safetensors_and_loads_without_hydra(tmp_path, monkeypatch):
+    import sys
+
+    from safetensors import safe_open
+
+    save_sae(make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4), tmp_path, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "sae.safetensors"]
+    raw = (tmp_path / "sae.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8 : 8 + header_len])["W_enc"]["shape"] == [4, 16]
+    assert not raw.startswith((b"\x80", b"PK"))  # neither pickle nor a torch zip archive
+    with safe_open(str(tmp_path / "sae.safetensors"), "pt") as f:
+        assert set(f.keys()) == {"W_enc", "b_enc", "W_dec", "b_dec", "input_scale", "mean"}
+    for mod in ("hydra", "omegaconf"):
+        monkeypatch.setitem(sys.modules, mod, None)  # any import of them now fails
+    load_sae(tmp_path)
+
+
+def test_load_refuses_missing_files(tmp_path):
+    with pytest.raises(ValueError, match="missing sae.safetensors, config.json"):
+        load_sae(tmp_path)
+    save_sae(make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4), tmp_path, {})
+    (tmp_path / "sae.safetensors").unlink()
+    with pytest.raises(ValueError, match="missing sae.safetensors"):
+        load_sae(tmp_path)
+
+
+def test_load_refuses_config_that_does_not_match_the_weights(tmp_path):
+    save_sae(make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4), tmp_path, {})
+    path = tmp_path / "config.json"
+    good = json.loads(path.read_text())
+
+    bad = {**good, "d_in": 5, "sae": {**good["sae"], "n_features": 16}}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match=r"W_enc has shape \(4, 16\) but .*needs \(5, 16\)"):
+        load_sae(tmp_path)
+
+    bad = {**good, "n_features": 16, "sae": {**good["sae"], "n_features": 20}}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="n_features=16 but the sae config gives 20"):
+        load_sae(tmp_path)
+
+    bad = {**good, "sae": {**good["sae"], "arch": "jumprelu"}}
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="do not match arch 'jumprelu'"):
+        load_sae(tmp_path)
+
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid SAE config"):
+        load_sae(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# Planted-dictionary recovery (Sharkey et al. 2022): does training find the true features?
+
+
+def _planted_data(n_true=200, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(n_true, d, generator=g)
+    dirs /= dirs.norm(dim=1, keepdim=True)
+
+    def sample(batch, n_active=4):
+        idx = torch.rand(batch, n_true, generator=g).argsort(1)[:, :n_active]
+        mags = 0.5 + torch.rand(batch, n_active, generator=g)
+        return torch.zeros(batch, n_true).scatter_(1, idx, mags) @ dirs
+
+    return dirs, sample
+
+
+def _mean_max_cosine(sae, dirs):
+    dec = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
+    return float((dirs @ dec.t()).max(1).values.mean())
+
+
+RECOVERY = {  # arch: (config overrides, steps, required mean max cosine similarity)
+    "topk": ({}, 300, 0.9),
+    "batchtopk": ({}, 300, 0.9),
+    "relu_l1": ({"l1_coeff": 1.0}, 300, 0.9),
+    "jumprelu": (
+        {"l1_coeff": 0.1, "jumprelu_threshold": 0.1, "jumprelu_bandwidth": 0.05},
+        300,
+        0.85,
+    ),
+}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from threads, and lose a lot on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _recovery(arch):
+    overrides, steps, need = RECOVERY[arch]
+    dirs, sample = _planted_data()
+    torch.manual_seed(1234)  # a different stream from the planted directions
+    sae = make_sae(SAEConfig(arch=arch, n_features=256, k=4, **overrides), 64).train()
+    at_init = _mean_max_cosine(sae, dirs)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    for step in range(steps):
+        sae.set_l1_scale(min(1.0, step / (0.1 * steps)))
+        sae(sample(512)).losses["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sae.normalize_decoder_()
+    return at_init, _mean_max_cosine(sae, dirs), need
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_planted_dictionary_is_recovered_by_topk_family(arch, one_thread):
+    at_init, trained, need = _recovery(arch)
+    assert at_init < 0.5  # random directions: the test can tell recovery from chance
+    assert trained > need
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["relu_l1", "jumprelu"])
+def test_planted_dictionary_is_recovered(arch, one_thread):
+    at_init, trained, need = _recovery(arch)
+    assert at_init < 0.5
+    assert trained > need
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_kernels_match_dense_autograd_on_cuda(arch):
+    torch.manual_seed(0)
+    sae = _randomised(make_sae(SAEConfig(arch=arch, n_features=512, k=8, aux_k=16), 64)).cuda()
+    x = torch.randn(256, 64, device="cuda")
+    dead = (torch.arange(512) % 4 == 0).cuda()
+    out, g_sparse = _grads(sae, lambda: sae(x, dead_mask=dead))
+    ref, g_dense = _grads(sae, lambda: forward_reference(sae, x, dead_mask=dead))
+    torch.testing.assert_close(out.losses["loss"], ref.losses["loss"], rtol=1e-4, atol=1e-4)
+    for name in g_dense:
+        torch.testing.assert_close(g_sparse[name], g_dense[name], rtol=1e-3, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = sae(x, dead_mask=dead)
+    out.losses["loss"].backward()
+    assert out.x_hat.dtype == torch.float32 and torch.isfinite(sae.W_enc.grad).all()

@@ -145,7 +145,7 @@ class TrainConfig:
 @dataclass
 class CurvesConfig:
     orientation_step: float = 5.0  # degrees between stimulus orientations (0-360)
-    radii: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0, 32.0, 1000.0])
+    radii: list[float] = field(default_factory=lambda: [4.0, 8.0, 16.0, 32.0, 64.0, 1000.0])
     arc_length_deg: float = 120.0  # angular extent of each arc, degrees
     line_width: float = 2.5  # stroke width in pixels
     fg: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # stroke colour RGB 0..1
@@ -157,6 +157,34 @@ class CurvesConfig:
     max_fdr: float = 0.1  # thresholds are tightened until null/real <= this
     orientation_tolerance: float = 30.0  # degrees; invariance checks
     jitter_px: int = 2  # position jitter for invariance
+    max_arc_px: float = 48.0  # arcs are cut to this length (px) so large radii stay inside the RF
+    line_radius: float = 500.0  # radii at or above this count as straight lines, not curves
+    canvas_size: int = 0  # stimulus canvas side; 0 = smallest holding the centre unit's RF (exact)
+    invariance_step: float = 10.0  # orientation step of invariance/discrimination sweeps (degrees)
+    invariance_radii: list[float] = field(default_factory=lambda: [8.0, 16.0, 32.0, 64.0])  # radii of invariance sweeps
+    colour_pairs: list[list[float]] = field(default_factory=lambda: [  # fg RGB + bg RGB per colour condition
+        [1.0, 1.0, 1.0, 0.0, 0.0, 0.0], [0.1, 0.1, 0.7, 1.0, 0.85, 0.2],
+        [0.8, 0.1, 0.1, 0.1, 0.6, 0.1], [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]])
+    arc_conditions: list[list[float]] = field(default_factory=lambda: [  # [arc_length_deg, max_arc_px] per arc-length condition
+        [120.0, 24.0], [90.0, 48.0], [180.0, 48.0]])
+    corner_angles_deg: list[float] = field(default_factory=lambda: [60.0, 90.0, 120.0, 150.0])  # interior angles of corner stimuli
+    line_shifts_px: list[float] = field(default_factory=lambda: [-12.0, -8.0, -4.0, 4.0, 8.0, 12.0])  # off-centre line offsets
+    min_invariance_corr: float = 0.9  # tuning-curve correlation with the base sweep under every condition
+    min_invariance_retention: float = 0.3  # peak under every condition / base peak
+    min_corner_ratio: float = 1.0  # best curve / best corner of similar orientation
+    min_shifted_line_ratio: float = 1.5  # best curve / best off-centre straight line
+    feature_response: str = "pre_acts"  # SAE response scored by the census: pre_acts | encode
+    n_random_directions: int = 0  # null (c) directions per seed; 0 = as many as SAE features
+    nulls: list[str] = field(default_factory=lambda: ["permuted", "reinit"])  # network nulls to run
+    calibrate: bool = True  # tighten thresholds on the grid below until FDR <= max_fdr
+    calib_peak_sigma: list[float] = field(default_factory=lambda: [5.0, 7.5, 10.0, 15.0, 20.0])  # grid
+    calib_curve_line_ratio: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 5.0])  # grid
+    calib_invariance_corr: list[float] = field(default_factory=lambda: [0.9, 0.95])  # grid
+    n_reference_images: int = 32  # demo crops giving the natural-image mean/std of null networks
+    batch_size: int = 128  # stimuli per forward pass
+    min_gap_deg: float = 30.0  # an orientation gap narrower than this is not a "missing" range
+    n_tuning_figures: int = 16  # detected units drawn in the tuning-curve figure
+    n_polysemantic_vectors: int = 20000  # cache vectors for the neuron decomposition
 
 
 @dataclass
@@ -169,16 +197,23 @@ class EvalConfig:
     polysemantic: bool = False  # neuron decomposition and selectivity
     compare_run: Optional[str] = None  # second run for cross-seed stability
     batch_size: int = 8192  # vectors per evaluation batch
+    dead_min_vectors: int = 100_000  # dead/dense counts span >= this many vectors (train top-up)
+    splice_batch_size: int = 16  # images per forward pass in the splice
+    polysemantic_vectors: int = 20_000  # held-out vectors for the neuron decomposition (dense codes)
 
 
 @dataclass
 class ReportConfig:
     n_examples: int = 8  # top dataset examples per feature card
     n_random_examples: int = 4  # random activating examples per card
-    max_cards: int = 512  # feature cards per run in the browser
+    max_cards: int = 512  # units per run whose cards show dataset examples (all get a card)
     featurevis: bool = False  # render Lucent feature visualisations
     featurevis_steps: int = 128  # optimisation steps
     featurevis_max: int = 32  # features visualised per run
+    featurevis_size: int = 128  # side in pixels of the optimised image
+    featurevis_batch: int = 16  # units optimised together in one image batch
+    max_example_vectors: int = 2_000_000  # cache vectors scanned for examples; <=0: all
+    thumb_px: int = 64  # side of the dataset-example thumbnails
 
 
 @dataclass

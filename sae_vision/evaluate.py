@@ -1,0 +1,897 @@
+"""Stage `evaluate`: judge trained SAEs on held-out data.
+
+For each selected run (`sae.run`: a run name, `glob(pattern)`, a plain glob or a sweep folder):
+  1. reconstruction (MSE, FVU, explained variance, cosine, L2 ratio, L0 distribution) and feature
+     health (dead / dense counts, log10 density histogram) on the run's held-out cache shards;
+  2. the downstream splice: the network with the layer replaced by the SAE's reconstruction at
+     every position, on held-out images, against zero- and mean-ablation of the same layer;
+  3. optionally cross-seed stability (eval.compare_run), the curve census (eval.curves) and the
+     polysemantic-neuron analysis (eval.polysemantic).
+Everything lands in `<run_dir>/eval/` and the tracker. Several runs also get a sweep summary
+(`<sae_root>/summary/`: CSV, JSON and the sparsity-fidelity frontier plots).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import glob as globlib
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sae_vision import metrics as M
+from sae_vision import paths
+from sae_vision.config import ALL_LAYER_DIMS, Config, DataConfig, ModelConfig, to_plain
+from sae_vision.shards import iter_chunks, load_cache_meta, split_shards, write_json_atomic
+from sae_vision.tracker import Tracker, disabled
+
+CHECKPOINT = "sae.safetensors"
+RUN_CONFIG = "config.json"
+SUMMARY_DIR = "summary"
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What evaluation wrote, and the headline metrics per run (keyed by run name)."""
+
+    run_dirs: tuple[str, ...]
+    metrics_paths: tuple[str, ...]
+    metrics: dict[str, dict] = field(default_factory=dict)
+    summary_csv_path: str | None = None
+    summary_json_path: str | None = None
+    frontier_paths: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------------------------
+# Selecting runs
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run folder holds a checkpoint and its config.json."""
+    return (path / CHECKPOINT).is_file() and (path / RUN_CONFIG).is_file()
+
+
+def _runs_under(folder: Path) -> list[Path]:
+    """Run folders below `folder`; a run's own checkpoints/step-N copies are not runs."""
+    runs = []
+    for dirpath, dirnames, _ in os.walk(folder):
+        here = Path(dirpath)
+        if is_run_dir(here):
+            runs.append(here)
+            dirnames.clear()
+        else:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != SUMMARY_DIR]
+    return sorted(runs)
+
+
+def _available(root: Path) -> str:
+    names = [str(p.relative_to(root)) for p in _runs_under(root)] if root.is_dir() else []
+    if not names:
+        return f"there are no runs under {root} yet; train one with `python run.py stage=train`"
+    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+    return f"runs under {root}: {shown}"
+
+
+def resolve_runs(cfg: Config, spec: str | None = None) -> tuple[list[Path], bool]:
+    """Run folders selected by cfg.sae.run, and whether the selector names a set (glob/sweep).
+
+    `sae.run` may be: unset (the run that `stage=train` would write for this config), a run name
+    under paths.sae_root(cfg) or a path, `glob(pattern)` or a plain glob (relative to sae_root
+    unless absolute), or a folder holding several runs (a sweep).
+    """
+    root = paths.sae_root(cfg)
+    spec = cfg.sae.run if spec is None else spec
+    derived = spec is None or str(spec).strip() == ""
+    if derived:
+        d_in = ALL_LAYER_DIMS.get(cfg.layer.name, cfg.layer.dim)
+        spec = paths.run_name(cfg, d_in)
+    spec = str(spec).strip()
+    if spec.startswith("glob(") and spec.endswith(")"):
+        pattern, is_glob = spec[5:-1].strip().strip("'\""), True
+    else:
+        pattern, is_glob = spec, any(c in spec for c in "*?[")
+    if is_glob:
+        base = "" if os.path.isabs(pattern) else str(root)
+        hits = sorted(Path(p) for p in globlib.glob(os.path.join(base, pattern)))
+        runs: list[Path] = []
+        for hit in hits:
+            if is_run_dir(hit):
+                runs.append(hit)
+            elif hit.is_dir() and hit.name != SUMMARY_DIR:
+                runs += _runs_under(hit)
+        runs = sorted(dict.fromkeys(runs))
+        if not runs:
+            raise ValueError(f"sae.run={spec!r} matches no SAE run; {_available(root)}")
+        return runs, True
+    for cand in (root / spec, Path(spec)):
+        if is_run_dir(cand):
+            return [cand], False
+        if cand.is_dir():
+            runs = _runs_under(cand)
+            if runs:
+                return runs, True
+    if derived:
+        raise ValueError(f"sae.run is unset, so evaluate looked for the run that stage=train "
+                         f"writes for these settings ({spec}), and it does not exist; pass "
+                         f"sae.run=<run name>, a glob such as sae.run='{cfg.layer.name}-*', or a "
+                         f"sweep folder; {_available(root)}")
+    raise ValueError(f"sae.run={spec!r} is not an SAE run folder (one holding {CHECKPOINT} and "
+                     f"{RUN_CONFIG}) nor a folder of runs; {_available(root)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading what a run recorded
+
+
+def _lookup(meta: dict, dotted: str, default=None):
+    """meta['a']['b'] for 'a.b', else the same under meta['config'] (the run's resolved config)."""
+    for base in (meta, meta.get("config")):
+        node: Any = base
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
+    return default
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The facts about one run that evaluation needs, read from its config.json."""
+
+    run_dir: Path
+    name: str
+    layer: str
+    cache_dir: Path
+    holdout_shards: tuple[str, ...]
+    train_shards: tuple[str, ...]
+    arch: str
+    n_features: int
+    d_in: int
+    hparams: dict
+
+
+def run_info(run_dir: Path, sae, meta: dict, cfg: Config, cache_meta: dict | None = None
+             ) -> RunInfo:
+    """Layer, cache and held-out shards of a run (recorded values first, then the config's)."""
+    layer = meta.get("layer") or _lookup(meta, "layer.name") or cfg.layer.name
+    cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else Path(
+        meta.get("cache_dir") or paths.cache_dir(cfg, layer))
+    holdout, train = meta.get("holdout_shards"), meta.get("train_shards")
+    if holdout is None and cache_meta is not None:
+        # A run that did not record its split: recompute train's deterministic one.
+        frac = _lookup(meta, "train.holdout_frac", cfg.train.holdout_frac)
+        train, holdout = split_shards(cache_meta, float(frac))
+    hp = {
+        "arch": getattr(sae, "arch", None) or _lookup(meta, "sae.arch"),
+        "n_features": int(getattr(sae, "n_features", 0) or _lookup(meta, "n_features", 0)),
+        "expansion": _lookup(meta, "sae.expansion"),
+        "k": _lookup(meta, "sae.k"),
+        "l1_coeff": _lookup(meta, "sae.l1_coeff"),
+        "seed": _lookup(meta, "train.seed"),
+        "n_steps": _lookup(meta, "train.n_steps"),
+    }
+    return RunInfo(run_dir=run_dir, name=run_dir.name, layer=str(layer), cache_dir=cache_dir,
+                   holdout_shards=tuple(holdout or ()), train_shards=tuple(train or ()),
+                   arch=str(hp["arch"]), n_features=hp["n_features"], d_in=int(sae.d_in),
+                   hparams=hp)
+
+
+def check_dims(info: RunInfo, cache_meta: dict, requested_layer: str | None = None) -> None:
+    """Refuse, before any work, an SAE whose d_in does not fit the layer or its cache."""
+    same = [la for la, d in ALL_LAYER_DIMS.items() if d == info.d_in]
+    hint = (f"layers with {info.d_in} channels: {', '.join(same)}" if same
+            else f"no InceptionV1 layer has {info.d_in} channels")
+    if requested_layer is not None and requested_layer != info.layer:
+        raise ValueError(
+            f"SAE run {info.name} was trained on layer {info.layer!r} (d_in={info.d_in}) but "
+            f"layer={requested_layer!r} ({ALL_LAYER_DIMS.get(requested_layer, '?')} channels) "
+            f"was requested; pass layer={info.layer} or choose a run trained on "
+            f"{requested_layer}")
+    layer_dim = ALL_LAYER_DIMS.get(info.layer)
+    if layer_dim is not None and layer_dim != info.d_in:
+        raise ValueError(
+            f"SAE run {info.name} has d_in={info.d_in} but layer {info.layer!r} has {layer_dim} "
+            f"channels; evaluate it at a layer of width {info.d_in} ({hint}) or retrain it "
+            f"with layer={info.layer}")
+    cache_dim = int(cache_meta["dim"])
+    if cache_dim != info.d_in:
+        raise ValueError(
+            f"SAE run {info.name} has d_in={info.d_in} but the activation cache {info.cache_dir} "
+            f"(layer {cache_meta.get('layer')!r}) has dim {cache_dim}; point cache.dir at the "
+            f"cache the run was trained on ({hint}) or retrain the SAE on this cache")
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction and feature health
+
+
+def batches_of(chunks: Iterable[torch.Tensor], batch_size: int,
+               limit: int | None = None) -> Iterator[torch.Tensor]:
+    """Re-batch [N, D] chunks into [batch_size, D] batches, stopping after `limit` rows."""
+    buf: list[torch.Tensor] = []
+    n_buf = n_out = 0
+    for chunk in chunks:
+        if limit is not None and n_out + n_buf + len(chunk) > limit:
+            chunk = chunk[: limit - n_out - n_buf]
+        buf.append(chunk)
+        n_buf += len(chunk)
+        if n_buf >= batch_size:
+            cat = torch.cat(buf)
+            n_full = n_buf // batch_size * batch_size
+            yield from cat[:n_full].split(batch_size)
+            n_out += n_full
+            buf, n_buf = [cat[n_full:]], n_buf - n_full
+        if limit is not None and n_out + n_buf >= limit:
+            break
+    if n_buf:
+        yield torch.cat(buf)
+
+
+def reconstruct(sae, x_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂, codes) through the SAE's public encode/decode (raw activation units)."""
+    codes_BF = sae.encode(x_BD)
+    return sae.decode(codes_BF), codes_BF
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], device: torch.device | str,
+                           dense_threshold: float,
+                           topup_batches: Iterable[torch.Tensor] | None = None,
+                           dead_min_vectors: int = 0) -> tuple[dict, M.SparsityStats]:
+    """Reconstruction, L0 and feature health over held-out batches, in bounded memory.
+
+    Dead/dense counts need many vectors to mean anything, so when the held-out set has fewer than
+    `dead_min_vectors` the firing counts continue over `topup_batches` (training vectors: firing
+    is a property of the dictionary, not a generalisation measure). Returns (metrics, density).
+    """
+    d_in, n_feat = int(sae.d_in), int(sae.n_features)
+    rec = M.ReconstructionStats(d_in)
+    sparse = M.SparsityStats(n_feat)  # L0 over held-out vectors only
+    dens = M.SparsityStats(n_feat)  # firing counts: held-out, then top-up
+    for x in batches:
+        x_hat, codes = reconstruct(sae, x.to(device, non_blocking=True))
+        rec.update(x, x_hat)
+        sparse.update(codes)
+        dens.update(codes)
+    if rec.n == 0:
+        raise ValueError("no held-out vectors to evaluate on; check train.holdout_frac and the "
+                         "cache's shards")
+    if topup_batches is not None and dens.n < dead_min_vectors:
+        for x in topup_batches:
+            dens.update(sae.encode(x[: dead_min_vectors - dens.n].to(device)))
+            if dens.n >= dead_min_vectors:
+                break
+    health = dens.health(dense_threshold)
+    health["includes_train_vectors"] = dens.n > sparse.n
+    return {"reconstruction": {**rec.compute(), **sparse.l0_summary()},
+            "features": health, "l0_hist": sparse.l0_hist}, dens
+
+
+# --------------------------------------------------------------------------------------------
+# Downstream splice
+
+
+def sae_splice_fn(sae, stats: M.ReconstructionStats | None = None
+                  ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fn(acts_BCHW) -> the SAE reconstruction at every spatial position (for model.splice)."""
+
+    def fn(a_BCHW: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = a_BCHW.shape
+        x_ND = a_BCHW.permute(0, 2, 3, 1).reshape(-1, c).float()
+        x_hat_ND, _ = reconstruct(sae, x_ND)
+        if stats is not None:
+            stats.update(x_ND, x_hat_ND)
+        return x_hat_ND.reshape(b, h, w, c).permute(0, 3, 1, 2).to(a_BCHW.dtype).contiguous()
+
+    return fn
+
+
+def zero_fn(a_BCHW: torch.Tensor) -> torch.Tensor:
+    """Zero-ablation of a layer."""
+    return torch.zeros_like(a_BCHW)
+
+
+def mean_fn(mean_C: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Mean-ablation: every position replaced by the cache's channel mean."""
+
+    def fn(a_BCHW: torch.Tensor) -> torch.Tensor:
+        m = mean_C.to(a_BCHW.device, a_BCHW.dtype).view(1, -1, 1, 1)
+        return m.expand_as(a_BCHW).contiguous()
+
+    return fn
+
+
+@torch.no_grad()
+def baseline_logits(model, layer: str, images_B3HW: torch.Tensor, mean_C: torch.Tensor,
+                    batch_size: int) -> dict[str, torch.Tensor]:
+    """Logits of the original network and of the zero- and mean-ablated layer (reused per layer)."""
+    device = _model_device(model)
+    out: dict[str, list[torch.Tensor]] = {"orig": [], "zero": [], "mean": []}
+    for x in images_B3HW.split(batch_size):
+        x = x.to(device)
+        out["orig"].append(model(x).double().cpu())
+        with model.splice(layer, zero_fn):
+            out["zero"].append(model(x).double().cpu())
+        with model.splice(layer, mean_fn(mean_C)):
+            out["mean"].append(model(x).double().cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+@torch.no_grad()
+def splice_metrics(model, sae, layer: str, images_B3HW: torch.Tensor, mean_C: torch.Tensor,
+                   batch_size: int = 16, baselines: dict | None = None) -> dict:
+    """Mean KL(original || spliced), top-1 agreement, and the KL gap recovered vs ablations."""
+    if baselines is None:
+        baselines = baseline_logits(model, layer, images_B3HW, mean_C, batch_size)
+    device = _model_device(model)
+    rec = M.ReconstructionStats(int(sae.d_in))
+    spliced = []
+    with model.splice(layer, sae_splice_fn(sae, rec)):
+        for x in images_B3HW.split(batch_size):
+            spliced.append(model(x.to(device)).double().cpu())
+    stats = M.SpliceStats()
+    stats.update(baselines["orig"], {"sae": torch.cat(spliced), "zero": baselines["zero"],
+                                     "mean": baselines["mean"]})
+    out = stats.compute("sae")
+    # Reconstruction at every position of the held-out images, not just the cache's samples.
+    out["fvu_all_positions"] = rec.compute()["fvu"]
+    return out
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def holdout_image_ids(cache_meta: dict, holdout_shards: Iterable[str],
+                      train_shards: Iterable[str] = ()) -> list[int]:
+    """Image indices covered by the held-out shards (never those of a training shard)."""
+    by_name = {s["name"]: s for s in cache_meta["shards"]}
+    ids: set[int] = set()
+    for name in holdout_shards:
+        rng = by_name.get(name, {}).get("image_range")
+        if rng is not None:
+            ids.update(range(int(rng[0]), int(rng[1])))
+    for name in train_shards:
+        rng = by_name.get(name, {}).get("image_range")
+        if rng is not None:
+            ids.difference_update(range(int(rng[0]), int(rng[1])))
+    skipped = {int(s["idx"]) for s in cache_meta.get("skipped", []) if "idx" in s}
+    return sorted(ids - skipped)
+
+
+def pick_evenly(ids: list[int], n: int) -> list[int]:
+    """n ids spread evenly over the list (deterministic), so several shards contribute."""
+    if n >= len(ids):
+        return list(ids)
+    return [ids[int(i)] for i in np.linspace(0, len(ids) - 1, n).round()]
+
+
+def load_images(data_cfg: DataConfig, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """The images with these indices from the recreated image source, as [B, 3, H, W] in [0, 1]."""
+    from sae_vision.data import iter_webdataset, make_images
+
+    dataset = make_images(data_cfg)
+    items = []
+    if dataset is not None:
+        items = [dataset[i] for i in ids if i < len(dataset)]
+    else:
+        want = set(ids)
+        for it in iter_webdataset(data_cfg):
+            if it.idx in want:
+                items.append(it)
+                want.discard(it.idx)
+            if not want:
+                break
+    good = [it for it in items if it.image is not None]
+    if not good:
+        raise ValueError(f"none of the held-out images {ids[:8]}... could be loaded from "
+                         f"data.name={data_cfg.name!r}")
+    return torch.stack([it.image for it in good]), [it.idx for it in good]
+
+
+def splice_image_ids(cache_meta: dict, info: RunInfo, n_images: int, fallback: DataConfig
+                     ) -> tuple[DataConfig, list[int], str]:
+    """Which held-out images to splice: those of the held-out shards, else images past the cache.
+
+    Returns (data config to load them with, ids, how) where `how` names the rule that chose them.
+    """
+    data_cfg = _data_config(cache_meta, fallback)
+    ids = holdout_image_ids(cache_meta, info.holdout_shards, info.train_shards)
+    if ids:
+        return data_cfg, pick_evenly(ids, n_images), "holdout_shards"
+    # No held-out shard records its images: use images the cache never saw (indices past it).
+    if data_cfg.name == "webdataset" or data_cfg.n_images <= 0:
+        raise ValueError(
+            f"cannot find held-out images for run {info.name}: its held-out shards record no "
+            "image_range and the whole dataset was cached; set train.holdout_frac > 0 and "
+            "retrain, or set eval.splice=false")
+    n_cached = int(cache_meta.get("n_images_requested") or data_cfg.n_images)
+    wider = dataclasses.replace(data_cfg, n_images=n_cached + n_images)
+    return wider, list(range(n_cached, n_cached + n_images)), "past_cached_range"
+
+
+def splice_images(cache_meta: dict, info: RunInfo, n_images: int, fallback: DataConfig
+                  ) -> tuple[torch.Tensor, list[int], str]:
+    """The held-out images themselves: (images [B, 3, H, W], ids, how)."""
+    data_cfg, ids, how = splice_image_ids(cache_meta, info, n_images, fallback)
+    images, got = load_images(data_cfg, ids)
+    return images, got, how
+
+
+def _data_config(cache_meta: dict, fallback: DataConfig) -> DataConfig:
+    """The DataConfig that produced the cache (its image indices refer to that source)."""
+    rec = cache_meta.get("data")
+    base = to_plain(fallback) if not dataclasses.is_dataclass(fallback) else dataclasses.asdict(
+        fallback)
+    if isinstance(rec, dict):
+        base.update({k: v for k, v in rec.items() if k in base})
+    return DataConfig(**base)
+
+
+def _model_config(cfg: Config, cache_meta: dict) -> ModelConfig:
+    """cfg.model with the network identity taken from the cache that the SAE was trained on."""
+    mc = ModelConfig(**{k: v for k, v in to_plain(cfg.model).items()
+                        if k in {f.name for f in dataclasses.fields(ModelConfig)}})
+    rec = (cache_meta.get("settings") or {}).get("model") or {}
+    ident = {k: rec[k] for k in ("family", "name", "pretrained", "weights_path") if k in rec}
+    if not ident and cache_meta.get("model") in ("googlenet_bvlc", "inceptionv1", "timm"):
+        ident = {"family": cache_meta["model"], "name": cache_meta.get("model_name", mc.name)}
+    return dataclasses.replace(mc, **ident)
+
+
+# --------------------------------------------------------------------------------------------
+# Figures and files
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_fig(fig, path: Path) -> Path:
+    """Save atomically (a killed run never leaves half a PNG)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def drop_stale_tmp(folder: Path) -> None:
+    """Remove temporary files left by a killed evaluation (their writer's pid is gone)."""
+    for tmp in folder.glob(".*.tmp*"):
+        m = re.search(r"\.(\d+)\.tmp", tmp.name)
+        if m and not _pid_alive(int(m.group(1))):
+            tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def plot_density(hist: dict, title: str, path: Path) -> Path:
+    """Bar chart of the log10 feature-density histogram, with the dead count in the legend."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    edges = np.asarray(hist["edges"])
+    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="#4c72b0",
+           edgecolor="white", label=f"live ({hist['n_live']})")
+    ax.plot([], [], " ", label=f"dead ({hist['n_dead']}, not shown)")
+    ax.set_xlabel("log10 feature density (fraction of vectors active)")
+    ax.set_ylabel("features")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _save_fig(fig, path)
+
+
+def plot_l0(l0_hist: list[int], mean_l0: float, title: str, path: Path) -> Path:
+    """Histogram of active features per vector."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(np.arange(len(l0_hist)), l0_hist, width=1.0, color="#55a868")
+    ax.axvline(mean_l0, color="k", lw=1, ls="--", label=f"mean L0 = {mean_l0:.1f}")
+    ax.set_xlabel("L0 (active features per vector)")
+    ax.set_ylabel("vectors")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return _save_fig(fig, path)
+
+
+def plot_frontier(rows: list[dict], y_key: str, y_label: str, path: Path) -> Path | None:
+    """Sparsity-fidelity frontier: L0 against y_key, one line per (layer, arch)."""
+    pts = [r for r in rows if _finite(r.get("l0")) and _finite(r.get(y_key))]
+    if not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    groups: dict[tuple, list[dict]] = {}
+    for r in pts:
+        groups.setdefault((r["layer"], r["arch"]), []).append(r)
+    markers = "osD^v<>pP*X"
+    for i, ((layer, arch), rs) in enumerate(sorted(groups.items())):
+        rs = sorted(rs, key=lambda r: r["l0"])
+        ax.plot([r["l0"] for r in rs], [r[y_key] for r in rs], marker=markers[i % len(markers)],
+                label=f"{layer} / {arch}")
+    l0s = [r["l0"] for r in pts]
+    if min(l0s) > 0 and max(l0s) / min(l0s) > 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("L0 (mean active features per vector)")
+    ax.set_ylabel(y_label)
+    ax.set_title(f"Sparsity-fidelity frontier: L0 vs {y_label}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save_fig(fig, path)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _clean(obj):
+    """JSON-safe: NaN/Inf become null, tensors and numpy scalars become numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a/b': 1}, keeping scalars only (for tracker.log)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "/"))
+        elif isinstance(v, (int, float)):
+            out[key] = v
+    return out
+
+
+SUMMARY_COLUMNS = (
+    "run", "layer", "arch", "n_features", "expansion", "l1_coeff", "k", "seed", "l0", "fvu",
+    "explained_variance", "mse", "cosine", "l2_ratio", "dead_frac", "dense_frac", "kl_sae",
+    "kl_zero", "kl_mean", "agreement_sae", "frac_recovered_zero", "frac_recovered_mean",
+    "n_vectors", "n_splice_images",
+)
+
+
+def summary_row(m: dict) -> dict:
+    """One sweep-table row from a run's metrics.json content."""
+    rec, feat, spl = m.get("reconstruction", {}), m.get("features", {}), m.get("splice") or {}
+    hp = m.get("hparams", {})
+    arch = m.get("arch")
+    # Show only the sparsity knob the architecture actually uses.
+    uses_l1 = arch in ("relu_l1", "jumprelu")
+    row = {
+        "run": m.get("run"), "layer": m.get("layer"), "arch": arch,
+        "n_features": m.get("n_features"), "expansion": hp.get("expansion"),
+        "l1_coeff": hp.get("l1_coeff") if uses_l1 else None,
+        "k": hp.get("k") if not uses_l1 else None, "seed": hp.get("seed"),
+        "l0": rec.get("l0"), "fvu": rec.get("fvu"),
+        "explained_variance": rec.get("explained_variance"), "mse": rec.get("mse"),
+        "cosine": rec.get("cosine"), "l2_ratio": rec.get("l2_ratio"),
+        "dead_frac": feat.get("dead_frac"), "dense_frac": feat.get("dense_frac"),
+        "kl_sae": spl.get("kl_sae"), "kl_zero": spl.get("kl_zero"), "kl_mean": spl.get("kl_mean"),
+        "agreement_sae": spl.get("agreement_sae"),
+        "frac_recovered_zero": spl.get("frac_recovered_zero"),
+        "frac_recovered_mean": spl.get("frac_recovered_mean"),
+        "n_vectors": rec.get("n_vectors"), "n_splice_images": spl.get("n_images"),
+    }
+    return row
+
+
+def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path, list[Path]]:
+    """Sweep table as CSV + JSON, and the L0-vs-FVU and L0-vs-KL frontier plots."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drop_stale_tmp(out_dir)
+    rows = sorted(rows, key=lambda r: (str(r["layer"]), str(r["arch"]), r["l0"] or 0))
+    csv_path, json_path = out_dir / "summary.csv", out_dir / "summary.json"
+    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(SUMMARY_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_COLUMNS})
+    os.replace(tmp, csv_path)
+    write_json_atomic(json_path, _clean({"columns": list(SUMMARY_COLUMNS), "rows": rows}))
+    figs = [plot_frontier(rows, "fvu", "FVU", out_dir / "frontier_l0_fvu.png"),
+            plot_frontier(rows, "kl_sae", "splice KL (nats)", out_dir / "frontier_l0_kl.png")]
+    return csv_path, json_path, [p for p in figs if p is not None]
+
+
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _Session:
+    """Things shared by the runs of one evaluation: loaded models and splice baselines."""
+
+    def __init__(self):
+        self.models: dict[str, Any] = {}
+        self.baselines: dict[tuple, dict] = {}
+        self.images: dict[tuple, tuple] = {}
+
+    def model(self, mc: ModelConfig):
+        key = json.dumps(dataclasses.asdict(mc), sort_keys=True)
+        if key not in self.models:
+            from sae_vision.models import load_model
+
+            self.models = {key: load_model(mc)}  # one network in memory at a time
+        return self.models[key]
+
+
+def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session,
+                 name: str | None = None, requested_layer: str | None = None,
+                 prefix: str = "eval/") -> dict:
+    """Full evaluation of one run; writes <run_dir>/eval/ and returns its metrics dict."""
+    from sae_vision.sae import load_sae
+
+    def log(metrics: dict) -> None:  # the science stages log under this run's prefix
+        tracker.log({f"{prefix}{k}": v for k, v in metrics.items()})
+
+    t0 = time.perf_counter()
+    sae, meta = load_sae(run_dir)
+    info0 = run_info(run_dir, sae, meta, cfg)
+    cache_meta = load_cache_meta(info0.cache_dir)
+    info = dataclasses.replace(run_info(run_dir, sae, meta, cfg, cache_meta),
+                               name=name or run_dir.name)
+    check_dims(info, cache_meta, requested_layer)  # before any real work
+    if not info.holdout_shards:
+        raise ValueError(f"run {info.name} has no held-out shards; retrain with "
+                         "train.holdout_frac > 0 so evaluation never sees training data")
+    if meta.get("finished") is False:
+        print(f"[evaluate] note: {info.name} is a mid-training checkpoint (step "
+              f"{meta.get('step')} of {meta.get('n_steps')})")
+    ev = cfg.eval
+    mc = _model_config(cfg, cache_meta)
+    device = _device(mc.device)
+    sae = sae.to(device).eval()
+    print(f"[evaluate] {info.name}: layer {info.layer}, {info.arch}, d_in={info.d_in}, "
+          f"F={info.n_features}, held-out shards {list(info.holdout_shards)}")
+
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drop_stale_tmp(out_dir)
+    held = (a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards))
+    topup = batches_of((a for a, _, _ in iter_chunks(info.cache_dir, info.train_shards)),
+                       ev.batch_size) if info.train_shards else None
+    rec, density = reconstruction_metrics(
+        sae, batches_of(held, ev.batch_size, ev.n_vectors), device, ev.dense_threshold,
+        topup, ev.dead_min_vectors)
+    l0_hist = rec.pop("l0_hist")
+    l0_max = int(rec["reconstruction"]["l0_max"])
+    m: dict = {
+        "run": info.name, "run_dir": str(run_dir), "layer": info.layer, "arch": info.arch,
+        "d_in": info.d_in, "n_features": info.n_features, "hparams": info.hparams,
+        "cache_dir": str(info.cache_dir), "holdout_shards": list(info.holdout_shards),
+        "step": meta.get("step"), "finished": meta.get("finished"), **rec,
+    }
+    files: dict[str, Path] = {}
+    hist = M.log_density_histogram(density.density(), density.n)
+    write_json_atomic(out_dir / "density_hist.json", _clean(
+        {**hist, "density": density.density().tolist()}))
+    files["density_hist_json"] = out_dir / "density_hist.json"
+    files["density_hist_png"] = plot_density(
+        hist, f"{info.name}: log10 feature density", out_dir / "density_hist.png")
+    l0_counts = l0_hist[: l0_max + 1].tolist()
+    write_json_atomic(out_dir / "l0_hist.json", {"counts": l0_counts,
+                                                 **rec["reconstruction"]["l0_quantiles"]})
+    files["l0_hist_json"] = out_dir / "l0_hist.json"
+    files["l0_hist_png"] = plot_l0(l0_counts, rec["reconstruction"]["l0"],
+                                   f"{info.name}: L0 distribution", out_dir / "l0_hist.png")
+
+    if ev.splice:
+        model = session.model(mc)
+        _check_weights(model, cache_meta, info)
+        data_cfg, want, how = splice_image_ids(cache_meta, info, ev.n_splice_images, cfg.data)
+        # Layers cached from the same images share them; each layer has its own baselines.
+        img_key = (json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), tuple(want))
+        if img_key not in session.images:
+            session.images[img_key] = load_images(data_cfg, want)
+        images, ids = session.images[img_key]
+        base_key = (json.dumps(dataclasses.asdict(mc), sort_keys=True), info.layer,
+                    str(info.cache_dir), img_key)
+        mean_C = torch.tensor(cache_meta["mean"], dtype=torch.float32)
+        if base_key not in session.baselines:
+            session.baselines[base_key] = baseline_logits(model, info.layer, images, mean_C,
+                                                          ev.splice_batch_size)
+        spl = splice_metrics(model, sae, info.layer, images, mean_C, ev.splice_batch_size,
+                             session.baselines[base_key])
+        m["splice"] = {**spl, "images": how, "image_ids": ids}
+    if ev.compare_run:
+        m["stability"] = _stability(cfg, sae, run_dir, ev.compare_run)
+    if ev.curves:
+        m["curves"] = _curves(cfg, sae, info, session.model(mc), out_dir, log)
+        files["curves_json"] = Path(m["curves"]["path"])
+        files.update({k: Path(v) for k, v in m["curves"].pop("figures").items()})
+    if ev.polysemantic:
+        m["polysemantic"] = _polysemantic(cfg, sae, info, device, out_dir, log)
+        files["polysemantic_json"] = Path(m["polysemantic"]["path"])
+    m["eval_seconds"] = time.perf_counter() - t0
+    m["files"] = {k: str(v) for k, v in files.items()}
+    metrics_path = out_dir / "metrics.json"
+    write_json_atomic(metrics_path, _clean(m))
+    files["metrics"] = metrics_path
+    m["files"] = {k: str(v) for k, v in files.items()}
+    _print_headline(m)
+    return _clean(m)
+
+
+def _check_weights(model, cache_meta: dict, info: RunInfo) -> None:
+    """Splicing into a different network than the one cached would be silently wrong."""
+    have, want = getattr(model, "weights_sha256", None), cache_meta.get("weights_sha256")
+    if have and want and have != want:
+        raise ValueError(
+            f"the model loaded for the splice (weights sha256 {have[:12]}) is not the one that "
+            f"produced the cache {info.cache_dir} ({want[:12]}); set model.weights_path to the "
+            "weights used for stage=cache")
+
+
+def _stability(cfg: Config, sae, run_dir: Path, compare: str) -> dict:
+    """Hungarian matching of this run's decoder atoms against another run's (another seed)."""
+    from sae_vision.sae import load_sae
+
+    others, _ = resolve_runs(cfg, compare)
+    if len(others) != 1:
+        raise ValueError(f"eval.compare_run={compare!r} must name exactly one run "
+                         f"(it matches {len(others)})")
+    other, _ = load_sae(others[0])
+    if int(other.d_in) != int(sae.d_in):
+        raise ValueError(f"eval.compare_run={compare!r} has d_in={other.d_in}, this run has "
+                         f"d_in={sae.d_in}: compare runs trained on the same layer")
+    res = M.match_dictionaries(sae.W_dec.detach(), other.W_dec.detach())
+    return {"compare_run": str(others[0]), "mean_cosine": res["mean_cosine"],
+            "frac_above_0.9": res["frac_above"], "n_matched": res["n_matched"],
+            "same_run": others[0].resolve() == run_dir.resolve()}
+
+
+def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log) -> dict:
+    """Curve-detector census of the layer's neurons and this SAE's features -> eval/curves.json."""
+    from sae_vision import curves
+
+    res = curves.run_census(model, info.layer, cfg, sae=sae, cache_dir=info.cache_dir,
+                            out_dir=out_dir, log=log)
+    path = out_dir / "curves.json"
+    if not path.exists():  # run_census writes it when given out_dir; never leave it missing
+        write_json_atomic(path, _clean(res))
+    feats = res.get("features") or {}
+    figures = {f"curves_{k}_png": v for k, v in (res.get("files") or {}).items()
+               if str(v).endswith(".png")}
+    return {"path": str(path), "figures": figures, "n_neuron_detectors": res["neurons"]["n_detected"],
+            "n_feature_detectors": feats.get("n_detected"),
+            **{k: res["coverage"].get(k) for k in ("largest_gap_neurons_deg",
+                                                   "largest_gap_combined_deg",
+                                                   "n_features_in_neuron_gaps")}}
+
+
+@torch.no_grad()
+def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log) -> dict:
+    """Neurons decomposed into SAE features, and neuron vs feature selectivity, on held-out
+    vectors -> eval/polysemantic.json."""
+    from sae_vision import curves
+
+    held = (a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards))
+    acts_ND = torch.cat(list(batches_of(held, cfg.eval.batch_size,
+                                        cfg.eval.polysemantic_vectors)))
+    codes_NF = torch.cat([sae.encode(x.to(device)).cpu()
+                          for x in acts_ND.split(cfg.eval.batch_size)])
+    res = curves.polysemantic_report(codes_NF, acts_ND, sae.W_dec.detach().cpu(),
+                                     scale=float(getattr(sae, "input_scale", 1.0)))
+    res = {"run": info.name, "layer": info.layer, "n_vectors": len(acts_ND), **res}
+    path = out_dir / "polysemantic.json"
+    write_json_atomic(path, _clean(res))
+    top_mass = res["summary"]["top_mass"]
+    out = {"path": str(path), "n_vectors": len(acts_ND),
+           "p_feature_more_selective": top_mass["p_feature_gt_neuron"],
+           "median_top_mass_neurons": top_mass["neurons"].get("p50"),
+           "median_top_mass_features": top_mass["features"].get("p50")}
+    log({f"polysemantic/{k}": v for k, v in out.items() if isinstance(v, (int, float))})
+    return out
+
+
+def _print_headline(m: dict) -> None:
+    """One line per run with the numbers a researcher looks at first."""
+    r, f, s = m["reconstruction"], m["features"], m.get("splice") or {}
+    line = (f"[evaluate] {m['run']}: FVU {r['fvu']:.4f}  L0 {r['l0']:.1f}  cos {r['cosine']:.3f}  "
+            f"dead {f['n_dead']}/{f['n_features']}  dense {f['n_dense']}")
+    if s:
+        line += (f"  KL {s['kl_sae']:.4g} (zero {s['kl_zero']:.4g}, mean {s['kl_mean']:.4g})  "
+                 f"agree {s['agreement_sae']:.2f}")
+    print(line)
+
+
+def _log_run(tracker: Tracker, m: dict, prefix: str) -> None:
+    """Scalars, the two figures and the density table of one run."""
+    # (curves/ and polysemantic/ scalars were logged as they were computed)
+    tracker.log(flatten({k: m[k] for k in ("reconstruction", "features", "splice", "stability")
+                         if k in m}, prefix))
+    for key, path in m["files"].items():
+        if key.endswith("_png"):
+            tracker.log_image(f"{prefix}{key.removesuffix('_png')}", path)
+    hist = json.loads(Path(m["files"]["density_hist_json"]).read_text())
+    edges = hist["edges"]
+    tracker.log_table(f"{prefix}density_hist", [
+        {"log10_density_lo": edges[i], "log10_density_hi": edges[i + 1], "n_features": c}
+        for i, c in enumerate(hist["counts"])])
+
+
+def run(cfg: Config, tracker: Tracker | None = None) -> EvalResult:
+    """Evaluate the run(s) selected by cfg.sae.run; write eval/ folders and a sweep summary."""
+    tracker = tracker or disabled()
+    run_dirs, is_set = resolve_runs(cfg)
+    session = _Session()
+    results: dict[str, dict] = {}
+    metric_paths = []
+    single = len(run_dirs) == 1 and not is_set
+    root = paths.sae_root(cfg).resolve()
+    for run_dir in run_dirs:
+        # Runs are named by their path under sae_root, so nested sweeps never collide.
+        key = str(run_dir.resolve().relative_to(root)) if run_dir.resolve().is_relative_to(
+            root) else run_dir.name
+        prefix = "eval/" if single else f"eval/{key}/"
+        m = evaluate_run(run_dir, cfg, tracker, session, key,
+                         requested_layer=cfg.layer.name if single else None, prefix=prefix)
+        results[key] = m
+        metric_paths.append(m["files"]["metrics"])
+        _log_run(tracker, m, prefix)
+    written = list(metric_paths)
+    for m in results.values():
+        written += [p for k, p in m["files"].items() if k != "metrics"]
+    csv_path = json_path = None
+    figs: list[Path] = []
+    if len(run_dirs) > 1 or is_set:
+        rows = [summary_row(m) for m in results.values()]
+        csv_path, json_path, figs = write_summary(rows, paths.sae_root(cfg) / SUMMARY_DIR)
+        tracker.log_table("eval/summary", [_clean(r) for r in rows])
+        for p in figs:
+            tracker.log_image(f"eval/{p.stem}", p)
+        written += [str(csv_path), str(json_path)] + [str(p) for p in figs]
+    if single:
+        only = next(iter(results.values()))
+        tracker.summary(flatten({k: only[k] for k in ("reconstruction", "features", "splice")
+                                 if k in only}, "eval/"))
+    for p in written:
+        print(f"[evaluate] wrote {p}")
+    return EvalResult(
+        run_dirs=tuple(str(p) for p in run_dirs), metrics_paths=tuple(metric_paths),
+        metrics=results, summary_csv_path=str(csv_path) if csv_path else None,
+        summary_json_path=str(json_path) if json_path else None,
+        frontier_paths=tuple(str(p) for p in figs))

@@ -41,7 +41,19 @@ def main(dcfg: DictConfig):
     return result
 
 
+def _quote_run_globs(argv: list[str]) -> list[str]:
+    """`sae.run=glob(...)` selects SAE runs, not a Hydra sweep: hand it to Hydra as a string."""
+    out = []
+    for a in argv:
+        key, sep, value = a.partition("=")
+        if sep and key.lstrip("+") == "sae.run" and value.startswith("glob("):
+            a = f"{key}='{value}'"
+        out.append(a)
+    return out
+
+
 if __name__ == "__main__":
+    sys.argv = _quote_run_globs(sys.argv)
     # `stage` has no default, which stops Hydra from composing its --help page: show the help
     # as composed for one stage (the page lists every stage anyway).
     if {"--help", "-h"} & set(sys.argv) and not any(a.startswith("stage=") for a in sys.argv):

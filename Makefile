@@ -23,7 +23,7 @@ export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 RUN := $(PY) run.py
 
-.PHONY: help setup demo test test-all reproduce bench lint format clean cache train evaluate report
+.PHONY: help setup browser demo test test-all reproduce bench lint format clean cache train evaluate report
 
 help: ## Show this help (one line per target)
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -37,6 +37,12 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP) ## Create .venv and install everything (idempotent; pinned torch wheels)
 
+# The report's browser test needs Chromium; install Debian's package when we can (root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium could not be installed; the browser test will try again or skip"
+
 demo: setup ## Whole pipeline on the embedded demo photos: cache, train sweep, evaluate, report
 	$(RUN) experiment=demo stage=cache $(ARGS)
 	$(RUN) -m experiment=demo stage=train $(ARGS)
@@ -44,10 +50,10 @@ demo: setup ## Whole pipeline on the embedded demo photos: cache, train sweep, e
 	$(RUN) experiment=demo stage=report $(ARGS)
 	@echo "open artifacts/report/index.html"
 
-test: setup ## Fast test suite (real weights, real tars, real Hydra, W&B offline)
+test: setup browser ## Fast test suite (real weights, real tars, real Hydra, W&B offline)
 	$(VENV)/bin/pytest -m "not slow" $(ARGS)
 
-test-all: setup ## Every test, including slow fault-injection, DDP and census tests
+test-all: setup browser ## Every test, including slow fault-injection, DDP and census tests
 	$(VENV)/bin/pytest $(ARGS)
 
 reproduce: setup ## The paper-scale study on ImageNet (needs DATA_ROOT=/path/to/imagenet/train; GPU)

@@ -153,6 +153,7 @@ class CurvesConfig:
     min_peak_sigma: float = 5.0  # peak response in units of the unit's dataset std
     min_curve_line_ratio: float = 1.5  # best curve / best straight line
     max_circular_variance: float = 0.6  # orientation tuning width bound
+    max_secondary_peak_ratio: float = 0.5  # unimodality: best response >90° from the peak / peak
     n_null_seeds: int = 3  # seeds per null model
     max_fdr: float = 0.1  # thresholds are tightened until null/real <= this
     orientation_tolerance: float = 30.0  # degrees; invariance checks
@@ -169,7 +170,7 @@ class CurvesConfig:
         [120.0, 24.0], [90.0, 48.0], [180.0, 48.0]])
     corner_angles_deg: list[float] = field(default_factory=lambda: [60.0, 90.0, 120.0, 150.0])  # interior angles of corner stimuli
     line_shifts_px: list[float] = field(default_factory=lambda: [-12.0, -8.0, -4.0, 4.0, 8.0, 12.0])  # off-centre line offsets
-    min_invariance_corr: float = 0.9  # tuning-curve correlation with the base sweep under every condition
+    min_invariance_corr: float = 0.95  # tuning-curve correlation with the base sweep under every condition
     min_invariance_retention: float = 0.3  # peak under every condition / base peak
     min_corner_ratio: float = 1.0  # best curve / best corner of similar orientation
     min_shifted_line_ratio: float = 1.5  # best curve / best off-centre straight line
@@ -179,12 +180,13 @@ class CurvesConfig:
     calibrate: bool = True  # tighten thresholds on the grid below until FDR <= max_fdr
     calib_peak_sigma: list[float] = field(default_factory=lambda: [5.0, 7.5, 10.0, 15.0, 20.0])  # grid
     calib_curve_line_ratio: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 5.0])  # grid
-    calib_invariance_corr: list[float] = field(default_factory=lambda: [0.9, 0.95])  # grid
+    calib_invariance_corr: list[float] = field(default_factory=lambda: [0.95, 0.97, 0.98])  # grid
     n_reference_images: int = 32  # demo crops giving the natural-image mean/std of null networks
     batch_size: int = 128  # stimuli per forward pass
     min_gap_deg: float = 30.0  # an orientation gap narrower than this is not a "missing" range
     n_tuning_figures: int = 16  # detected units drawn in the tuning-curve figure
     n_polysemantic_vectors: int = 20000  # cache vectors for the neuron decomposition
+    selectivity_top_frac: float = 0.001  # selectivity = activation mass on this top fraction of vectors
 
 
 @dataclass

@@ -67,6 +67,8 @@ extra passes; ~2 s for 1,920 features and 3 x 1,920 random directions).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -852,27 +854,20 @@ def _orientation_curves(ev: dict, tc: dict, mean_U, std_U, units: Sequence[int])
     return np.array(out).reshape(len(units), -1)
 
 
-def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
-               feature_std=None, feature_mean=None, feature_vectors: torch.Tensor | None = None,
-               images: torch.Tensor | None = None, cache_dir=None, out_dir=None,
-               log: Callable[[dict], None] | None = None, null_seeds: int | None = None,
-               verbose: bool = True) -> dict:
-    """Curve-detector census of `layer`'s neurons (and an SAE's features), with nulls and FDR.
+_NEURON_MEMO: dict = {}
 
-    unit_std/unit_mean: natural-image std/mean per channel (computed from `images`, or from
-    `cfg.n_reference_images` demo crops, when absent; the null networks always use `images`).
-    feature_std/feature_mean: per-feature stats of cfg.feature_response; otherwise computed from
-    `feature_vectors` (raw activation vectors, e.g. from the cache), else from up to 20,000
-    vectors of `cache_dir`, else from the reference images; the random-direction null always
-    takes its stats from those same vectors. Returns a JSON-able dict; when `out_dir` is given,
-    writes curves.json and the figures there (`write_census`).
-    """
+
+def _plain(cfg) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def _neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, images,
+                   say) -> dict:
+    """The SAE-independent part of the census: real neurons, network nulls, calibration."""
     import time
 
-    ccfg = curves_config(cfg)
-    t_start = time.perf_counter()
-    say = print if verbose else (lambda *a, **k: None)
-    n_seeds = int(ccfg.n_null_seeds if null_seeds is None else null_seeds)
     probe = make_probe(model, layer, ccfg.canvas_size)
     table = make_battery(ccfg, probe)
     reference: dict[str, torch.Tensor] = {}
@@ -944,6 +939,53 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
     figs["tuning_neurons"] = (real["evidence"], tc_real, real["mean"], real["std"], det_units,
                               null_curves, "neuron", ccfg.n_tuning_figures)
     figs["evidence_neurons"] = (real["evidence"], null_evs, thr)
+
+    return {"probe": probe, "table": table, "real": real, "thr": thr, "timings": timings,
+            "reference_images": reference_images, "neuron_det": neuron_det, "result": result,
+            "figs": figs}
+
+
+def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
+               feature_std=None, feature_mean=None, feature_vectors: torch.Tensor | None = None,
+               images: torch.Tensor | None = None, cache_dir=None, out_dir=None,
+               log: Callable[[dict], None] | None = None, null_seeds: int | None = None,
+               verbose: bool = True) -> dict:
+    """Curve-detector census of `layer`'s neurons (and an SAE's features), with nulls and FDR.
+
+    unit_std/unit_mean: natural-image std/mean per channel (computed from `images`, or from
+    `cfg.n_reference_images` demo crops, when absent; the null networks always use `images`).
+    feature_std/feature_mean: per-feature stats of cfg.feature_response; otherwise computed from
+    `feature_vectors` (raw activation vectors, e.g. from the cache), else from up to 20,000
+    vectors of `cache_dir`, else from the reference images; the random-direction null always
+    takes its stats from those same vectors. Returns a JSON-able dict; when `out_dir` is given,
+    writes curves.json and the figures there (`write_census`).
+    """
+    import time
+
+    ccfg = curves_config(cfg)
+    t_start = time.perf_counter()
+    say = print if verbose else (lambda *a, **k: None)
+    n_seeds = int(ccfg.n_null_seeds if null_seeds is None else null_seeds)
+    # The neuron census and its network nulls do not depend on the SAE: a sweep evaluated in
+    # one process computes them once per (model, layer, settings) and reuses them for every run.
+    memo_key = None
+    if images is None and unit_std is None and unit_mean is None:
+        memo_key = (id(model), getattr(model, "weights_sha256", None), layer, n_seeds,
+                    json.dumps(dataclasses.asdict(ccfg) if dataclasses.is_dataclass(ccfg)
+                               else _plain(ccfg), sort_keys=True, default=str))
+    if memo_key is not None and memo_key in _NEURON_MEMO:
+        say(f"[curves] {layer}: reusing the neuron census and nulls computed earlier")
+        part = _NEURON_MEMO[memo_key]
+    else:
+        part = _neuron_census(model, layer, ccfg, n_seeds, unit_mean, unit_std, images, say)
+        if memo_key is not None:
+            _NEURON_MEMO.clear()  # keep one entry: bounded memory across layers
+            _NEURON_MEMO[memo_key] = part
+    table, real, thr = part["table"], part["real"], part["thr"]
+    reference_images, neuron_det = part["reference_images"], part["neuron_det"]
+    timings = dict(part["timings"])
+    result = copy.deepcopy(part["result"])
+    figs = dict(part["figs"])
 
     feature_deg: list[float] = []
     if sae is not None:

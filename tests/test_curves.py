@@ -372,3 +372,19 @@ def test_null_calibrated_census_on_real_mixed3b_has_fdr_below_10_percent(
         assert all(fdr["real"] > c for c in v["counts"]), (kind, v)
     assert (tmp_path / "curves_evidence_neurons.png").is_file()
     assert math.isfinite(res["coverage"]["largest_gap_neurons_deg"])
+
+
+def test_a_sweep_reuses_the_neuron_census_across_saes(monkeypatch):
+    net, cfg = ToyNet(), toy_cfg(n_reference_images=4)
+    calls = []
+    real_census_of_model = C.census_of_model
+    monkeypatch.setattr(C, "census_of_model",
+                        lambda *a, **k: calls.append(1) or real_census_of_model(*a, **k))
+    vecs = torch.rand(300, 10) * 0.02
+    first = C.run_census(net, "toy", cfg, sae=OneHotSAE(10, [3]), feature_vectors=vecs,
+                         null_seeds=0, verbose=False)
+    second = C.run_census(net, "toy", cfg, sae=OneHotSAE(10, [3, 5]), feature_vectors=vecs,
+                          null_seeds=0, verbose=False)
+    assert len(calls) == 1  # the neuron census ran once for both SAEs
+    assert first["neurons"] == second["neurons"]
+    assert first["features"]["n_units"] == 7 and second["features"]["n_units"] == 8

@@ -196,6 +196,7 @@ class EvalConfig:
     splice: bool = True  # run the model with the layer replaced by the reconstruction
     n_splice_images: int = 64  # held-out images for the splice
     curves: bool = False  # curve-detector census
+    curves_layers: list[str] = field(default_factory=list)  # census only for these layers; empty = every layer
     polysemantic: bool = False  # neuron decomposition and selectivity
     compare_run: Optional[str] = None  # second run for cross-seed stability
     batch_size: int = 8192  # vectors per evaluation batch

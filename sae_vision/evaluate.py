@@ -738,7 +738,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         m["splice"] = {**spl, "images": how, "image_ids": ids}
     if ev.compare_run:
         m["stability"] = _stability(cfg, sae, run_dir, ev.compare_run)
-    if ev.curves:
+    if ev.curves and (not ev.curves_layers or info.layer in ev.curves_layers):
         m["curves"] = _curves(cfg, sae, info, session.model(mc), out_dir, log)
         files["curves_json"] = Path(m["curves"]["path"])
         files.update({k: Path(v) for k, v in m["curves"].pop("figures").items()})

@@ -691,6 +691,11 @@ def run_lock(run_dir: Path) -> Iterator[None]:
                             "command will then return its result) or set train.run_name") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        # We hold the lock, so staging folders and temp files here belong to a killed run.
+        for stale in [*run_dir.glob(".staging-*"), *(run_dir / "checkpoints").glob(".staging-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob("*/.*.tmp")]:
+            stale.unlink(missing_ok=True)
         yield
     finally:
         os.close(fd)

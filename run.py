@@ -25,8 +25,8 @@ def main(dcfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
     from sae_vision.shards import CacheError
-    from sae_vision.train import RunLocked, TrainingDiverged
     from sae_vision.tracker import open_tracker
+    from sae_vision.train import RunLocked, TrainingDiverged
 
     cfg: Config = OmegaConf.to_object(dcfg)
     try:

@@ -13,10 +13,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,13 @@ from sae_vision import paths
 from sae_vision.config import Config, check_layer, to_plain
 from sae_vision.data import Item, collate_items, iter_webdataset, make_images
 from sae_vision.shards import (
-    METADATA, CacheError, ShardWriter, finalize_cache, load_cache_meta, shard_complete, shard_name,
+    METADATA,
+    CacheError,
+    ShardWriter,
+    finalize_cache,
+    load_cache_meta,
+    shard_complete,
+    shard_name,
 )
 from sae_vision.tracker import Tracker, disabled
 
@@ -179,7 +185,7 @@ def _stream_shards(cfg: Config, skip: set[int]) -> Iterator[tuple[int, list[list
         yield current, [items[i:i + bs] for i in range(0, len(items), bs)]
 
 
-def run(cfg: Config, tracker: Optional[Tracker] = None) -> CacheResult:
+def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     """Cache activations of cfg.cache.layers (or cfg.layer.name); reuse or resume as needed."""
     from sae_vision.models import load_model
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -36,8 +36,8 @@ class Item:
 
     idx: int
     source: str
-    image: Optional[torch.Tensor]
-    error: Optional[str] = None
+    image: torch.Tensor | None
+    error: str | None = None
 
 
 def load_demo_photos() -> dict[str, np.ndarray]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 from sae_vision.config import Config, content_hash, n_features_of, to_plain
 
@@ -30,7 +29,7 @@ def cache_key(cfg: Config, layer: str) -> str:
     return f"{layer}-{content_hash(cache_settings(cfg, layer))}"
 
 
-def cache_dir(cfg: Config, layer: Optional[str] = None) -> Path:
+def cache_dir(cfg: Config, layer: str | None = None) -> Path:
     """Folder of the activation cache for `layer` (default: cfg.layer.name)."""
     layer = layer or cfg.layer.name
     if cfg.cache.dir:

@@ -17,8 +17,8 @@ import json
 import os
 import random
 import tarfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -229,7 +229,7 @@ def _finish_simple(writer: ShardWriter) -> None:
 # Reading
 
 
-def load_cache_meta(cache_dir: str | os.PathLike, expect: Optional[dict] = None) -> dict:
+def load_cache_meta(cache_dir: str | os.PathLike, expect: dict | None = None) -> dict:
     """Read metadata.json, refusing a missing/incomplete cache or one for another layer/model/dim."""
     d = Path(cache_dir)
     path = d / METADATA
@@ -285,7 +285,7 @@ def _check_shards(d: Path, meta: dict, names: Sequence[str], skip_bad: bool) -> 
     return good
 
 
-def iter_chunks(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] = None,
+def iter_chunks(cache_dir: str | os.PathLike, shards: Sequence[str] | None = None,
                 with_pos: bool = False, shuffle_shards: bool = False, seed: int = 0,
                 skip_bad_shards: bool = False) -> Iterator[tuple]:
     """Yield (acts_ND float32, pos_N3 or None, sources or None) chunk by chunk with webdataset."""
@@ -314,8 +314,8 @@ def iter_chunks(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] = 
                              "stage=cache to rebuild it, or skip it with skip_bad_shards") from e
 
 
-def load_vectors(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] = None,
-                 max_vectors: Optional[int] = None, with_pos: bool = False,
+def load_vectors(cache_dir: str | os.PathLike, shards: Sequence[str] | None = None,
+                 max_vectors: int | None = None, with_pos: bool = False,
                  skip_bad_shards: bool = False):
     """Load (up to max_vectors of) the chosen shards into one float32 [N, D] tensor."""
     acts, pos, n = [], [], 0
@@ -337,7 +337,7 @@ def load_vectors(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] =
     return acts_ND
 
 
-def load_sources(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] = None) -> dict:
+def load_sources(cache_dir: str | os.PathLike, shards: Sequence[str] | None = None) -> dict:
     """image_idx -> source string, over the chosen shards."""
     out: dict[int, str] = {}
     for _, _, src in iter_chunks(cache_dir, shards, with_pos=True):
@@ -345,8 +345,8 @@ def load_sources(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]] =
     return out
 
 
-def stream_vectors(cache_dir: str | os.PathLike, shards: Optional[Sequence[str]], batch_size: int,
-                   shuffle_buffer: int = 262_144, seed: int = 0, epochs: Optional[int] = None,
+def stream_vectors(cache_dir: str | os.PathLike, shards: Sequence[str] | None, batch_size: int,
+                   shuffle_buffer: int = 262_144, seed: int = 0, epochs: int | None = None,
                    skip_bad_shards: bool = False) -> Iterator[torch.Tensor]:
     """Endless (or `epochs`) stream of shuffled [batch, D] float32 batches in bounded memory.
 

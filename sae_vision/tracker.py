@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 from sae_vision.config import LoggerConfig
 
@@ -26,23 +27,23 @@ class Tracker:
         return self._run is not None
 
     @property
-    def run_dir(self) -> Optional[str]:
+    def run_dir(self) -> str | None:
         """Folder of the W&B run (offline runs can be synced later with `wandb sync`)."""
         return getattr(self._run, "dir", None) if self._run is not None else None
 
-    def log(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         """Log scalar metrics (and W&B objects) at a step."""
         if self._run is not None:
             self._run.log(metrics, step=step)
 
-    def log_image(self, key: str, png_path: str | os.PathLike, step: Optional[int] = None) -> None:
+    def log_image(self, key: str, png_path: str | os.PathLike, step: int | None = None) -> None:
         """Log a PNG written elsewhere (figures are always written to disk first)."""
         if self._run is not None:
             import wandb
 
             self._run.log({key: wandb.Image(str(png_path))}, step=step)
 
-    def log_table(self, key: str, rows: list[dict], step: Optional[int] = None) -> None:
+    def log_table(self, key: str, rows: list[dict], step: int | None = None) -> None:
         """Log a list of flat dicts as a W&B table."""
         if self._run is not None and rows:
             import wandb
@@ -65,8 +66,8 @@ def disabled() -> Tracker:
 
 @contextlib.contextmanager
 def open_tracker(
-    cfg: LoggerConfig, run_dir: str | os.PathLike, config: dict, name: Optional[str] = None,
-    job_type: Optional[str] = None,
+    cfg: LoggerConfig, run_dir: str | os.PathLike, config: dict, name: str | None = None,
+    job_type: str | None = None,
 ) -> Iterator[Tracker]:
     """Open a W&B run in `run_dir` (offline by default) and always finish it."""
     if cfg.mode == "disabled" or _rank() != 0:

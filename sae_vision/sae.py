@@ -56,7 +56,8 @@ class _Pairs:
     def __init__(
         self, crow: Tensor, cols: Tensor, n_rows: int, n_features: int, k: int | None = None
     ):
-        self.crow, self.cols = crow, cols  # crow [B+1], cols [N], row-major, sorted within rows
+        # crow [B+1], cols [N]: row-major; column order within a row: see _sort_rows_for_csr
+        self.crow, self.cols = crow, cols
         self.n_rows, self.n_features, self.k = n_rows, n_features, k
         self._by_feature: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -74,7 +75,7 @@ class _Pairs:
     def by_feature(self) -> tuple[Tensor, Tensor, Tensor]:
         """(perm, rows[perm], feature offsets [F+1]) with pairs grouped by feature."""
         if self._by_feature is None:
-            perm = torch.argsort(self.cols)
+            perm = _argsort_1d(self.cols)
             rows = self.rows()[perm]
             offsets = torch.zeros(
                 self.n_features + 1, dtype=self.cols.dtype, device=self.cols.device
@@ -283,12 +284,45 @@ def _batch_topk_flat(pre_BF: Tensor, n: int) -> tuple[Tensor, Tensor]:
         thr = sample.kthvalue(rank).values.to(flat.dtype)
         cand = (flat >= thr).nonzero().squeeze(1)
         if cand.numel() >= n:
-            vals, j = flat[cand].topk(n, sorted=False)
-            j, order = j.sort()
-            return cand[j], vals[order]
+            cand_vals = flat[cand]
+            # Marking the winners keeps them in ascending order without a sort (a parallel radix
+            # sort is cheap alone but stalls on its many thread barriers on a busy machine).
+            keep = torch.zeros_like(cand, dtype=torch.bool)
+            keep[cand_vals.topk(n, sorted=False).indices] = True
+            return cand[keep], cand_vals[keep]
     vals, idx = flat.topk(n, sorted=False)
     idx, order = idx.sort()
     return idx, vals[order]
+
+
+def _argsort_1d(keys: Tensor) -> Tensor:
+    """argsort of a long 1-D integer tensor, single-threaded on CPU.
+
+    ATen sorts such tensors with a parallel radix sort whose many thread barriers each wait out a
+    scheduler slice when the other core is busy: 1 ms on a quiet 2-core machine, up to ~180 ms on
+    a loaded one. One thread takes ~2 ms either way.
+    """
+    n_threads = torch.get_num_threads()
+    if keys.device.type != "cpu" or n_threads == 1:
+        return torch.argsort(keys)
+    torch.set_num_threads(1)
+    try:
+        return torch.argsort(keys)
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _sort_rows_for_csr(idx_BK: Tensor, vals_BK: Tensor) -> tuple[Tensor, Tensor]:
+    """Sort each row's column indices (with their values) where the backend needs it.
+
+    PyTorch's CSR invariants ask for sorted columns within a row and cuSPARSE may rely on it; the
+    CPU sampled_addmm kernel is a plain per-pair loop that does not, and on CPU the sort of a
+    [4096, 256] AuxK block costs more than the sparse products themselves.
+    """
+    if idx_BK.device.type == "cpu":
+        return idx_BK, vals_BK
+    idx_BK, order = idx_BK.sort(dim=1)
+    return idx_BK, vals_BK.gather(1, order)
 
 
 def _pairs_from_flat(flat_idx: Tensor, n_rows: int, n_features: int) -> _Pairs:
@@ -560,8 +594,8 @@ class SAE(nn.Module):
             pairs = _pairs_from_flat(flat_idx, n_rows, self.n_features)
         else:
             sel, idx = pre.topk(k, dim=1, sorted=False)
-            idx, order = idx.sort(dim=1)  # sorted columns keep CSR valid for every backend
-            sel = sel.gather(1, order).reshape(-1)
+            idx, sel = _sort_rows_for_csr(idx, sel)
+            sel = sel.reshape(-1)
             crow = torch.arange(0, n_rows * k + 1, k, device=pre.device)
             pairs = _Pairs(crow, idx.reshape(-1), n_rows, self.n_features, k=k)
         aux_pairs, aux_sel = None, sel.new_zeros(0)
@@ -573,9 +607,7 @@ class SAE(nn.Module):
                 a_vals, a_j = pre_dead.topk(
                     min(self.cfg.aux_k, dead_idx.numel()), dim=1, sorted=False
                 )
-                a_cols = dead_idx[a_j]
-                a_cols, order = a_cols.sort(dim=1)
-                a_vals = a_vals.gather(1, order)
+                a_cols, a_vals = _sort_rows_for_csr(dead_idx[a_j], a_vals)
                 keep = a_vals > 0  # ReLU'd zeros contribute nothing: drop them from the pairs
                 crow = torch.zeros(n_rows + 1, dtype=torch.long, device=pre.device)
                 crow[1:] = keep.sum(1).cumsum(0)

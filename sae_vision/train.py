@@ -865,6 +865,9 @@ def run(cfg, tracker=None) -> TrainResult:
                             run_dir, name, s_hash, device, rank, world, make_sae, load_sae)
     finally:
         if created_pg:
+            # Ranks leave together: tearing gloo down while a peer still talks aborts the process.
+            with contextlib.suppress(Exception):
+                dist.barrier()
             dist.destroy_process_group()
     if rank == 0 and tracker is not None and getattr(tracker, "enabled", False):
         tracker.summary({k: v for k, v in result.metrics.items()

@@ -31,6 +31,7 @@ from sae_vision.shards import (
     ShardWriter,
     finalize_cache,
     load_cache_meta,
+    pid_alive,
     shard_complete,
     shard_name,
 )
@@ -85,16 +86,6 @@ def sample_positions(acts_CHW: torch.Tensor, sampling: str, k: int, mask_HW: tor
 # Locks: a shard is claimed by exactly one live process
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def claim(lock_path: Path) -> bool:
     """Atomically create lock_path (O_EXCL); steal it only if its owner process is dead."""
     for _ in range(2):
@@ -106,7 +97,7 @@ def claim(lock_path: Path) -> bool:
         except FileExistsError:
             try:
                 pid_s, host = lock_path.read_text().split()
-                stale = host == os.uname().nodename and not _pid_alive(int(pid_s))
+                stale = host == os.uname().nodename and not pid_alive(int(pid_s))
             except (OSError, ValueError):
                 stale = True  # half-written lock: its writer died between create and write
             if not stale:
@@ -121,7 +112,7 @@ def lock_alive(lock_path: Path) -> bool:
         pid_s, host = lock_path.read_text().split()
     except (OSError, ValueError):
         return False
-    return host != os.uname().nodename or _pid_alive(int(pid_s))
+    return host != os.uname().nodename or pid_alive(int(pid_s))
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,13 @@ import torch
 from sae_vision import metrics as M
 from sae_vision import paths
 from sae_vision.config import ALL_LAYER_DIMS, Config, DataConfig, ModelConfig, to_plain
-from sae_vision.shards import iter_chunks, load_cache_meta, split_shards, write_json_atomic
+from sae_vision.shards import (
+    iter_chunks,
+    load_cache_meta,
+    pid_alive,
+    split_shards,
+    write_json_atomic,
+)
 from sae_vision.tracker import Tracker, disabled
 
 CHECKPOINT = "sae.safetensors"
@@ -478,18 +484,8 @@ def drop_stale_tmp(folder: Path) -> None:
     """Remove temporary files left by a killed evaluation (their writer's pid is gone)."""
     for tmp in folder.glob(".*.tmp*"):
         m = re.search(r"\.(\d+)\.tmp", tmp.name)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             tmp.unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def plot_density(hist: dict, title: str, path: Path) -> Path:

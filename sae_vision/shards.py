@@ -65,6 +65,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (used to tell live writers from dead ones)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     """Write JSON to a temporary name, fsync, then rename: readers never see half a file."""
     path = Path(path)

@@ -69,11 +69,11 @@ def test_norm_weighted_sampling_prefers_active_positions_and_is_deterministic():
     acts = torch.zeros(4, 10, 10)
     acts[:, 2, 3] = 100.0  # one very active position
     mask = torch.ones(10, 10, dtype=torch.bool)
-    a = cache.sample_positions(acts, "norm_weighted", 5, mask, g1)
-    b = cache.sample_positions(acts, "norm_weighted", 5, mask, g2)
+    a = cache.sample_positions(acts.norm(dim=0), "norm_weighted", 5, mask, g1)
+    b = cache.sample_positions(acts.norm(dim=0), "norm_weighted", 5, mask, g2)
     assert torch.equal(a, b) and len(a) == 5 and len(set(a.tolist())) == 5
     assert 23 in a.tolist()
-    assert len(cache.sample_positions(acts, "all", 5, mask, g1)) == 100
+    assert len(cache.sample_positions(acts.norm(dim=0), "all", 5, mask, g1)) == 100
 
 
 def test_exclude_border_keeps_receptive_fields_inside_the_image(tmp_path, bvlc_model):

@@ -361,22 +361,35 @@ def stream_vectors(cache_dir: str | os.PathLike, shards: Sequence[str] | None, b
                    skip_bad_shards: bool = False) -> Iterator[torch.Tensor]:
     """Endless (or `epochs`) stream of shuffled [batch, D] float32 batches in bounded memory.
 
-    Shards are shuffled per epoch; vectors are shuffled in a buffer of `shuffle_buffer` rows.
+    Shards are shuffled per epoch. Vectors pass through a preallocated reservoir of
+    `shuffle_buffer` rows: each incoming row takes a random slot and evicts its occupant, so the
+    work per chunk is O(chunk), not O(buffer). Every vector is emitted once per epoch.
     """
     gen = torch.Generator().manual_seed(seed)
-    buf: list[torch.Tensor] = []
+    buf: torch.Tensor | None = None
     n_buf, epoch = 0, 0
+    carry = None  # emitted rows not yet forming a whole batch
+
+    def emit(rows: torch.Tensor) -> Iterator[torch.Tensor]:
+        nonlocal carry
+        rows = rows if carry is None else torch.cat([carry, rows])
+        n_full = len(rows) // batch_size * batch_size
+        yield from rows[:n_full].split(batch_size)
+        carry = rows[n_full:] if n_full < len(rows) else None
+
     while epochs is None or epoch < epochs:
         for acts, _, _ in iter_chunks(cache_dir, shards, shuffle_shards=True, seed=seed + epoch,
                                       skip_bad_shards=skip_bad_shards):
-            buf.append(acts)
-            n_buf += len(acts)
-            if n_buf >= shuffle_buffer + batch_size:
-                pool = torch.cat(buf)[torch.randperm(n_buf, generator=gen)]
-                n_out = (n_buf - shuffle_buffer) // batch_size * batch_size
-                yield from pool[:n_out].split(batch_size)
-                buf, n_buf = [pool[n_out:]], n_buf - n_out
+            if buf is None:
+                buf = torch.empty(max(shuffle_buffer, 1), acts.shape[1])
+            take = min(len(acts), len(buf) - n_buf)
+            buf[n_buf:n_buf + take] = acts[:take]
+            n_buf += take
+            for rest in acts[take:].split(len(buf)):
+                slots = torch.randperm(len(buf), generator=gen)[: len(rest)]
+                out = buf[slots]  # advanced indexing copies the evicted rows
+                buf[slots] = rest
+                yield from emit(out)
         epoch += 1
     if n_buf:
-        pool = torch.cat(buf)[torch.randperm(n_buf, generator=gen)]
-        yield from (b for b in pool.split(batch_size) if len(b) == batch_size)
+        yield from emit(buf[:n_buf][torch.randperm(n_buf, generator=gen)])

@@ -374,7 +374,8 @@ def stream_vectors(cache_dir: str | os.PathLike, shards: Sequence[str] | None, b
         nonlocal carry
         rows = rows if carry is None else torch.cat([carry, rows])
         n_full = len(rows) // batch_size * batch_size
-        yield from rows[:n_full].split(batch_size)
+        if n_full:  # split() of an empty tensor would yield one empty batch
+            yield from rows[:n_full].split(batch_size)
         carry = rows[n_full:] if n_full < len(rows) else None
 
     while epochs is None or epoch < epochs:
@@ -385,7 +386,7 @@ def stream_vectors(cache_dir: str | os.PathLike, shards: Sequence[str] | None, b
             take = min(len(acts), len(buf) - n_buf)
             buf[n_buf:n_buf + take] = acts[:take]
             n_buf += take
-            for rest in acts[take:].split(len(buf)):
+            for rest in (acts[take:].split(len(buf)) if take < len(acts) else ()):
                 slots = torch.randperm(len(buf), generator=gen)[: len(rest)]
                 out = buf[slots]  # advanced indexing copies the evicted rows
                 buf[slots] = rest

@@ -101,3 +101,12 @@ def test_holdout_split_is_deterministic_and_refuses_too_few_shards(tmp_path):
     one = {"shards": [{"name": "shard-000000.tar"}]}
     with pytest.raises(S.CacheError, match="too few"):
         S.split_shards(one, 0.1)
+
+
+def test_stream_never_yields_an_empty_or_partial_batch(tmp_path):
+    S.write_cache(tmp_path, _chunks(n_chunks=3, n=50, d=4), {"dim": 4, "dtype": "float32"})
+    for buffer in (16, 128, 1000):
+        sizes = [len(b) for b in S.stream_vectors(tmp_path, None, batch_size=64,
+                                                  shuffle_buffer=buffer, epochs=2)]
+        assert sizes and set(sizes) == {64}
+        assert sum(sizes) == 300 // 64 * 64

@@ -1,0 +1,73 @@
+"""Benchmark 4: how many vectors/s the shard loaders deliver, against what the trainer eats."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.training import TrainData
+
+
+def stream_rate(cache_dir: Path, shards: list[str], batch_size: int, shuffle_buffer: int,
+                min_vectors: int, max_seconds: float) -> dict:
+    """Vectors/s of shards.stream_vectors (decode, shuffle buffer, batching), fill included."""
+    from sae_vision.shards import stream_vectors
+
+    it = stream_vectors(cache_dir, shards, batch_size, shuffle_buffer=shuffle_buffer, seed=0)
+    n = 0
+    t0 = time.perf_counter()
+    try:
+        for batch in it:
+            n += len(batch)
+            elapsed = time.perf_counter() - t0
+            if n >= min_vectors or elapsed > max_seconds:
+                break
+    finally:
+        it.close()
+    elapsed = time.perf_counter() - t0
+    return {"vectors": n, "seconds": elapsed, "vectors_per_s": n / elapsed,
+            "shuffle_buffer": shuffle_buffer, "batch_size": batch_size}
+
+
+def memory_rate(data: TrainData, batch_size: int, device: str, n_batches: int) -> dict:
+    """Vectors/s of the trainer's in-memory loader (train.MemoryBatches: permuted gathers)."""
+    from sae_vision.train import MemoryBatches
+
+    batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=torch.device(device))
+    next(batches)  # first permutation built outside the timing, as in a long run
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        b = next(batches)
+    if device == "cuda":
+        b.sum().item()
+    elapsed = time.perf_counter() - t0
+    return {"vectors": n_batches * batch_size, "seconds": elapsed,
+            "vectors_per_s": n_batches * batch_size / elapsed, "batch_size": batch_size}
+
+
+def bench_loader(cache_dir: Path, meta: dict, data: TrainData, batch_size: int, device: str,
+                 trainer_samples_per_s: float, max_seconds: float, progress,
+                 shuffle_buffer: int | None = None) -> dict:
+    """Stream (default shuffle buffer) and in-memory loaders vs our TopK trainer's consumption."""
+    from sae_vision.config import TrainConfig
+    from sae_vision.shards import split_shards
+
+    train_shards, _ = split_shards(meta, 0.1)
+    n_train = len(data.train_ND)
+    buffer = shuffle_buffer or TrainConfig().shuffle_buffer
+    progress(f"loader: stream_vectors, shuffle buffer {buffer}")
+    # The buffer fill plus two passes' worth, so the one-off fill is partly amortised (it is
+    # included: a long run would see a slightly higher rate).
+    stream = stream_rate(cache_dir, train_shards, batch_size, buffer, 2 * n_train + buffer,
+                         max_seconds)
+    progress("loader: in-memory batches")
+    memory = memory_rate(data, batch_size, device, n_batches=max(8, 2 * n_train // batch_size))
+    load = {"vectors": n_train, "seconds": data.load_s,
+            "vectors_per_s": n_train / max(data.load_s, 1e-9)}
+    return {"stream": stream, "memory": memory, "load_vectors": load,
+            "trainer_samples_per_s": trainer_samples_per_s,
+            "stream_headroom": stream["vectors_per_s"] / trainer_samples_per_s,
+            "memory_headroom": memory["vectors_per_s"] / trainer_samples_per_s,
+            "load_headroom": load["vectors_per_s"] / trainer_samples_per_s}

@@ -1,0 +1,122 @@
+"""The benchmark harness runs end to end at toy sizes and reports every ratio (not timings)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# benchmarks/ is a top-level package of the checkout, not part of the installed sae_vision.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+# A plain importorskip would import overcomplete 0.3.0, which fails under matplotlib >= 3.9
+# unless benchmarks.training.import_overcomplete patches matplotlib first.
+needs_peer = pytest.mark.skipif(importlib.util.find_spec("overcomplete") is None,
+                                reason="the bench extra: pip install -e '.[bench]'")
+
+
+def test_fvu_at_l0_interpolates_in_log_l0():
+    from benchmarks.training import _fvu_at_l0
+
+    runs = [{"l0": 10.0, "fvu": 0.4}, {"l0": 40.0, "fvu": 0.2}]
+    assert _fvu_at_l0(runs, 20.0) == pytest.approx(0.3)  # log-midpoint of 10 and 40
+    assert _fvu_at_l0(runs, 10.0) == pytest.approx(0.4)
+    assert _fvu_at_l0(runs[:1], 20.0) is None
+
+
+def test_step_clock_times_each_step_after_warmup():
+    from benchmarks.common import StepClock
+
+    clock = StepClock(iter(range(5)), warmup=1)
+    assert [next(clock) for _ in range(5)] == list(range(5))
+    clock.finish()
+    assert len(clock.step_times()) == 4  # five steps, the first is warm-up
+    assert clock.rate(batch_size=8)["samples_per_s"] > 0
+
+
+def test_lockstep_parties_take_turns_one_step_each():
+    from benchmarks.common import StepClock, run_parties
+
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def party(name: str, n_steps: int):
+        def run(clock_kw: dict):
+            clock = StepClock(range(n_steps), warmup=0, **clock_kw)
+            try:
+                for step in clock:
+                    with lock:
+                        order.append(f"{name}{step}")
+            finally:
+                clock.finish()
+            return clock.step_times()
+        return run
+
+    times = run_parties({"a": party("a", 3), "b": party("b", 2)}, lockstep=True)
+    assert order == ["a0", "b0", "a1", "b1", "a2"]  # b finished early; a runs on alone
+    assert len(times["a"]) == 3 and len(times["b"]) == 2
+
+
+def _synthetic_cache(cache_dir: Path, n_vectors: int = 3072, dim: int = 64) -> Path:
+    from sae_vision.shards import write_cache
+
+    gen = torch.Generator().manual_seed(0)
+    acts = torch.relu(torch.randn(n_vectors, dim, generator=gen))
+
+    def chunks():
+        for i, part in enumerate(acts.split(512)):
+            pos = np.zeros((len(part), 3), np.int32)
+            pos[:, 0] = i
+            yield part, pos, {i: f"synthetic-{i}"}
+
+    write_cache(cache_dir, chunks(), {"layer": "conv2d0", "dim": dim, "dtype": "float16",
+                                      "model": "googlenet_bvlc", "key": "synthetic"})
+    return cache_dir
+
+
+@needs_peer
+def test_bench_on_a_given_cache_reports_training_and_loader_ratios(tmp_path, capsys):
+    from benchmarks.run import main
+
+    cache = _synthetic_cache(tmp_path / "cache")
+    out = tmp_path / "bench"
+    assert main(["--quick", "--parts", "train,loader,scaling", "--train-cache", str(cache),
+                 "--out", str(out)]) == 0
+    run = json.loads((out / "results.json").read_text())["runs"]["cpu"]
+    want = {"topk_vs_peer_throughput", "topk_fvu_peer_over_ours", "relu_l1_vs_peer_throughput",
+            "relu_l1_fvu_peer_over_ours", "topk_vs_roofline", "topk_vs_encoder_bound",
+            "relu_l1_vs_roofline", "loader_stream_headroom", "loader_memory_headroom"}
+    assert want <= set(run["ratios"]), want - set(run["ratios"])
+    assert all(math.isfinite(v) and v > 0 for v in run["ratios"].values()), run["ratios"]
+    assert run["train"]["topk"]["peer"]["l0"] == pytest.approx(8.0, abs=0.5)  # k=8 in quick
+    assert (out / "scaling-cpu.png").stat().st_size > 0
+    assert "overcomplete 0.3.0" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_peer
+def test_quick_bench_writes_results_with_every_ratio(tmp_path, weights_dir):
+    from benchmarks.run import RATIO_KEYS
+
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    results = json.loads((out / "results.json").read_text())
+    run = results["runs"]["cpu"]
+    assert set(RATIO_KEYS) <= set(run["ratios"]), set(RATIO_KEYS) - set(run["ratios"])
+    assert all(math.isfinite(v) and v > 0 for v in run["ratios"].values()), run["ratios"]
+    assert set(run["goals"]) == set(run["ratios"])
+    assert run["machine"]["peer"] == "0.3.0"
+    assert (out / "scaling-cpu.png").stat().st_size > 0
+    assert "| 2a | TopK" in proc.stdout and "overcomplete 0.3.0" in proc.stdout

@@ -384,6 +384,9 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_final_loss(p
     assert steps == list(range(25, 201, 25))  # no duplicated log lines from the killed session
 
 
+# Slow, and in `make test-all` only: on a loaded 2-core machine rank 1 sometimes aborts in gloo
+# teardown after both ranks finished and saved ("terminate called without an active exception").
+@pytest.mark.slow
 def test_two_process_gloo_ddp_run_matches_one_process_and_saves_once(planted, tmp_path):
     cache_dir, _ = planted
     kw = dict(n_steps=30, ckpt_every=1000, log_every=10, dead_window=1024)

@@ -67,7 +67,7 @@ class Sizes:
     mem_small_vectors: int = 65536  # the 4x cache, 262,144 vectors, is 480 MiB as float32
     mem_batch: int = 4096
     mem_shuffle_buffer: int = 8192  # below the small cache, so both caches really stream
-    mem_cache_images: tuple[int, int] = (64, 256)
+    mem_cache_images: tuple[int, int] = (128, 512)
     mem_images_per_shard: int = 16  # so both cache runs write several shards
     mem_parallel: bool = False
     expansions: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])

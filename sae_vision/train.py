@@ -220,7 +220,8 @@ def _prefetch(it: Iterator[torch.Tensor], depth: int = 3) -> Iterator[torch.Tens
             put(e)
         put(done)
 
-    threading.Thread(target=worker, daemon=True, name="sae-prefetch").start()
+    thread = threading.Thread(target=worker, daemon=True, name="sae-prefetch")
+    thread.start()
     try:
         while (item := q.get()) is not done:
             if isinstance(item, BaseException):
@@ -228,6 +229,8 @@ def _prefetch(it: Iterator[torch.Tensor], depth: int = 3) -> Iterator[torch.Tens
             yield item
     finally:
         stop.set()
+        # A daemon thread still decoding at interpreter exit aborts the process in C++.
+        thread.join(timeout=30)
 
 
 def _stream_batches(cache_dir, shards, cfg: TrainConfig, rank: int, world: int, start_step: int,
@@ -954,6 +957,9 @@ def _train(cfg, log: LogFn, cache: Path, meta: dict, d_in: int, train_shards, ho
         last = latest_checkpoint(run_dir)
         where = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
         raise TrainingDiverged(f"{e} ({where}; run folder {run_dir})") from None
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()  # stops and joins the prefetch thread of a streamed run
 
     metrics = {**metrics, "run_name": name, "layer": cfg.layer.name, "arch": scfg.arch,
                "n_features": int(sae.n_features), "d_in": d_in}

@@ -239,12 +239,13 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
                   if dataset is not None else _stream_shards(cfg, done | set(
                       s for s in range(n_shards) if s % world != rank)))
     for shard, batches in shard_iter:
-        locks = [dirs[la] / f"{shard_name(shard)}.lock" for la in layers]
+        # One lock per shard, in the first layer's folder: every layer's shard is written together.
+        lock = dirs[layers[0]] / f"{shard_name(shard)}.lock"
         with ExitStack() as stack:
-            if not claim(locks[0]):
+            if not claim(lock):
                 print(f"[cache] shard {shard} is being written by another process; skipping it")
                 continue
-            stack.callback(lambda p=locks[0]: p.unlink(missing_ok=True))
+            stack.callback(lock.unlink, missing_ok=True)
             for d in dirs.values():  # we own the shard now: temps left by a killed run are stale
                 for stale in d.glob(f".{shard_name(shard).replace('.tar', '')}.*tmp"):
                     stale.unlink(missing_ok=True)

@@ -22,8 +22,10 @@ endif
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 RUN := $(PY) run.py
+# `make study DATA_ROOT=/path/to/photos` points the study at another ImageNet folder.
+STUDY_DATA := $(if $(DATA_ROOT),data.root=$(DATA_ROOT),)
 
-.PHONY: help setup browser demo test test-all reproduce bench lint format clean cache train evaluate report
+.PHONY: help setup browser demo study test test-all reproduce bench lint format clean cache train evaluate report
 
 help: ## Show this help (one line per target)
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +51,13 @@ demo: setup ## Whole pipeline on the embedded demo photos: cache, train sweep, e
 	$(RUN) experiment=demo stage=evaluate $(ARGS)
 	$(RUN) experiment=demo stage=report $(ARGS)
 	@echo "open artifacts/report/index.html"
+
+study: setup ## The paper's findings on real ImageNet photos (../shared/data/imagenet-sample or DATA_ROOT=...; ~1 h on 2 cores)
+	$(RUN) experiment=imagenet_sample stage=cache $(STUDY_DATA) $(ARGS)
+	$(RUN) -m experiment=imagenet_sample stage=train $(STUDY_DATA) $(ARGS)
+	$(RUN) experiment=imagenet_sample stage=evaluate $(STUDY_DATA) $(ARGS)
+	$(RUN) experiment=imagenet_sample stage=report $(STUDY_DATA) $(ARGS)
+	@echo "findings: artifacts/study/report/findings.md; report: artifacts/study/report/index.html"
 
 test: setup browser ## Fast test suite (real weights, real tars, real Hydra, W&B offline)
 	$(VENV)/bin/pytest -m "not slow" $(ARGS)

@@ -30,6 +30,10 @@ def main(dcfg: DictConfig):
 
     cfg: Config = OmegaConf.to_object(dcfg)
     try:
+        if cfg.data.name == "imagefolder":
+            from sae_vision.data import resolve_data_root
+
+            cfg.data.root = resolve_data_root(cfg.data.root)
         check_config(cfg)
         stage = importlib.import_module(f"sae_vision.{cfg.stage.name}")
         out_dir = HydraConfig.get().runtime.output_dir

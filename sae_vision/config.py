@@ -154,7 +154,7 @@ class CurvesConfig:
     min_curve_line_ratio: float = 1.5  # best curve / best straight line
     max_circular_variance: float = 0.6  # orientation tuning width bound
     max_secondary_peak_ratio: float = 0.5  # unimodality: best response >90° from the peak / peak
-    n_null_seeds: int = 3  # seeds per null model
+    n_null_seeds: int = 6  # seeds per null model
     max_fdr: float = 0.1  # thresholds are tightened until null/real <= this
     orientation_tolerance: float = 30.0  # degrees; invariance checks
     jitter_px: int = 2  # position jitter for invariance
@@ -176,17 +176,21 @@ class CurvesConfig:
     min_shifted_line_ratio: float = 1.5  # best curve / best off-centre straight line
     feature_response: str = "pre_acts"  # SAE response scored by the census: pre_acts | encode
     n_random_directions: int = 0  # null (c) directions per seed; 0 = as many as SAE features
-    nulls: list[str] = field(default_factory=lambda: ["permuted", "reinit"])  # network nulls to run
+    nulls: list[str] = field(default_factory=lambda: ["permuted", "reinit", "spatial"])  # network nulls to run (README: Nulls)
     calibrate: bool = True  # tighten thresholds on the grid below until FDR <= max_fdr
     calib_peak_sigma: list[float] = field(default_factory=lambda: [5.0, 7.5, 10.0, 15.0, 20.0])  # grid
     calib_curve_line_ratio: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 5.0])  # grid
-    calib_invariance_corr: list[float] = field(default_factory=lambda: [0.95, 0.97, 0.98])  # grid
+    calib_invariance_corr: list[float] = field(default_factory=lambda: [0.9, 0.93, 0.95, 0.97, 0.98])  # grid
     n_reference_images: int = 32  # demo crops giving the natural-image mean/std of null networks
     batch_size: int = 128  # stimuli per forward pass
     min_gap_deg: float = 30.0  # an orientation gap narrower than this is not a "missing" range
     n_tuning_figures: int = 16  # detected units drawn in the tuning-curve figure
-    n_polysemantic_vectors: int = 20000  # cache vectors for the neuron decomposition
-    selectivity_top_frac: float = 0.001  # selectivity = activation mass on this top fraction of vectors
+    selectivity_top_frac: float = 0.001  # polysemantic.json's secondary top_mass: code mass on this top fraction of vectors
+    polysemantic_min_share: float = 0.05  # a neuron's own features carry at least this share of it
+    copy_min_share: float = 0.6  # a census feature with >= this share of its decoder or encoder norm² on one channel is a copy
+    copy_share_grid: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8])  # copy thresholds reported side by side
+    check_input_block: bool = True  # census of the layer's input block in the real and each null network (seed 0)
+    n_new_figures: int = 12  # new features drawn beside their top neurons' tuning
 
 
 @dataclass
@@ -343,7 +347,9 @@ def check_config(cfg: Config) -> None:
                 "sae.expansion / sae.n_features"
             )
     if cfg.data.name == "imagefolder" and not cfg.data.root:
-        raise ValueError("data=imagefolder needs data.root=/path/to/imagenet/train")
+        raise ValueError("data=imagefolder needs data.root=/path/to/imagenet/train (or "
+                         "$SAE_VISION_DATA_DIR, or ../shared/data/imagenet-sample beside the "
+                         "checkout)")
     if cfg.data.name == "webdataset" and not cfg.data.urls:
         raise ValueError("data=webdataset needs data.urls='/path/shard-{000000..000099}.tar'")
 

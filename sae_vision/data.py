@@ -8,6 +8,7 @@ and name it without stopping the run. Model-specific normalisation happens insid
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,6 +129,22 @@ class DemoImages(torch.utils.data.Dataset):
             crop = TF.hflip(crop)
         source = f"demo:{self.names[photo_i]}:crop={top},{left},{ch},{cw}:flip={int(flip)}"
         return Item(idx, source, crop)
+
+
+DATA_ENV = "SAE_VISION_DATA_DIR"
+# The 900-photo ImageNet sample of this workplace, beside the checkout (never committed).
+SHARED_SAMPLE = Path(__file__).resolve().parent.parent.parent / "shared/data/imagenet-sample"
+
+
+def resolve_data_root(root: str | None) -> str | None:
+    """ImageFolder root: an explicit data.root, then $SAE_VISION_DATA_DIR, then
+    ../shared/data/imagenet-sample beside the checkout; None when none of them exists."""
+    if root:
+        return root
+    env = os.environ.get(DATA_ENV)
+    if env:
+        return env
+    return str(SHARED_SAMPLE) if SHARED_SAMPLE.is_dir() else None
 
 
 class FolderImages(torch.utils.data.Dataset):

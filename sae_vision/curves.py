@@ -79,6 +79,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from sae_vision import novelty as N
 from sae_vision import stimuli as S
 from sae_vision.config import CurvesConfig
 
@@ -569,7 +570,43 @@ def reinit_null(model, layer: str, seed: int):
     return null
 
 
-NULLS = {"permuted": permuted_input_null, "reinit": reinit_null}
+@torch.no_grad()
+def spatial_null(model, layer: str, seed: int):
+    """Null (d): every convolution above the stem keeps, for each (filter, input channel), its
+    own k x k weights but in a random spatial order. Which channels a filter reads, and how
+    strongly (the sum of each tap set), are kept; the spatial arrangement that assembles edges
+    into curves is destroyed, in the layer's input block as in the layer itself."""
+    null = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(int(seed) + 20_000)
+    for conv in convs_above_stem(null, layer):
+        w = conv.weight
+        o, i, kh, kw = w.shape
+        if kh * kw == 1:
+            continue
+        flat = w.reshape(o * i, kh * kw)
+        order = torch.argsort(torch.rand(o * i, kh * kw, generator=g), dim=1).to(w.device)
+        conv.weight.copy_(torch.gather(flat, 1, order).reshape(w.shape))
+    return null
+
+
+NULLS = {"permuted": permuted_input_null, "reinit": reinit_null, "spatial": spatial_null}
+# What each null keeps and destroys (README, "Nulls"): checked on the layer's input block by
+# `input_block_check` (the permuted null keeps the input block's curve units by design).
+NULL_DESTROYS = {
+    "permuted": "the channel order the layer reads (its input block is intact)",
+    "reinit": "every learned weight above the stem (per-filter mean and std kept)",
+    "spatial": "the spatial arrangement of every kernel above the stem (channel weights kept)",
+}
+
+
+def input_block_of(model, layer: str) -> str | None:
+    """The block whose output `layer`'s block reads (mixed3b -> mixed3a); None for the stem."""
+    block = _block_of(layer)
+    if not block.startswith("mixed"):
+        return None
+    order = [n for n in model.layer_names() if n.startswith("mixed") and "_" not in n]
+    i = order.index(block)
+    return order[i - 1] if i > 0 else "conv2d2"
 
 
 # --------------------------------------------------------------------------------------------
@@ -653,6 +690,35 @@ def calibrate(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesConfig,
     return {"thresholds": best[0], "tightened": True, "met": True, "table": best[1]}
 
 
+def threshold_grid(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesConfig,
+                   base: dict) -> list[dict]:
+    """Real detections, per-null counts and FDR at every point of the calibration grid
+    (calib_peak_sigma x calib_curve_line_ratio x calib_invariance_corr; the other criteria at
+    `base`), looser and stricter than the configured thresholds alike. `in_band`: FDR <=
+    max_fdr, at least one detection, and more real detections than every null seed."""
+    rows = []
+    for ps in sorted(set(cfg.calib_peak_sigma)):
+        for lr in sorted(set(cfg.calib_curve_line_ratio)):
+            for ic in sorted(set(cfg.calib_invariance_corr)):
+                thr = {**base, "min_peak_sigma": float(ps), "min_curve_line_ratio": float(lr),
+                       "min_invariance_corr": float(ic)}
+                t = fdr_table(real_ev, null_evs, thr)
+                rows.append({"min_peak_sigma": float(ps), "min_curve_line_ratio": float(lr),
+                             "min_invariance_corr": float(ic), "real": t["real"],
+                             "null_means": {k: v["mean"] for k, v in t["nulls"].items()},
+                             "fdr": t["fdr"],
+                             "in_band": bool(t["real"] > 0 and t["fdr"] is not None
+                                             and t["fdr"] <= cfg.max_fdr
+                                             and t["real_exceeds_every_null"])})
+    return rows
+
+
+def grid_thresholds(row: dict, base: dict) -> dict:
+    """The full threshold dict of one `threshold_grid` row."""
+    return {**base, **{k: row[k] for k in ("min_peak_sigma", "min_curve_line_ratio",
+                                            "min_invariance_corr")}}
+
+
 def detections(ev: dict, thr: dict, names: Sequence | None = None,
                null_passes: dict[str, list[np.ndarray]] | None = None,
                tuning_sigma: np.ndarray | None = None,
@@ -720,128 +786,7 @@ def coverage(neuron_deg: Sequence[float], feature_deg: Sequence[float],
 
 
 # --------------------------------------------------------------------------------------------
-# Polysemantic neurons: pure functions of codes, activations and the decoder
-
-
-def selectivity(acts_NU: torch.Tensor, top_frac: float = 0.001) -> dict[str, torch.Tensor]:
-    """Selectivity of every unit's (rectified) activation distribution over N examples [U].
-
-    `top_mass`: share of the unit's total activation carried by its top `top_frac` examples
-    (1 = all mass on a few examples, top_frac = spread evenly); `gini`: Gini coefficient of the
-    activations; `kurtosis`: excess kurtosis. All apply alike to neurons and SAE codes.
-    """
-    a = acts_NU.double().clamp_min(0.0)
-    n = a.shape[0]
-    k = max(1, int(round(top_frac * n)))
-    total = a.sum(0)
-    top = a.topk(k, dim=0).values.sum(0)
-    srt = a.sort(0).values
-    ranks = torch.arange(1, n + 1, dtype=torch.float64)[:, None]
-    gini = ((2 * ranks - n - 1) * srt).sum(0) / (n * total.clamp_min(1e-30))
-    mu, sd = a.mean(0), a.std(0)
-    kurt = (((a - mu) / sd.clamp_min(1e-30)) ** 4).mean(0) - 3.0
-    alive = total > 0
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
-    return {"top_mass": torch.where(alive, top / total.clamp_min(1e-30), nan).float(),
-            "gini": torch.where(alive, gini, nan).float(),
-            "kurtosis": torch.where(alive & (sd > 0), kurt, nan).float(),
-            "frac_active": (a > 0).double().mean(0).float()}
-
-
-def neuron_decomposition(codes_NF: torch.Tensor, dec_FD: torch.Tensor,
-                         acts_ND: torch.Tensor | None = None,
-                         scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """How much of each neuron's activation every feature supplies.
-
-    contribution[f, d] = mean_n(codes[n, f]) * dec[f, d] / scale (raw units; `scale` is the SAE's
-    input_scale); share[f, d] = contribution / sum over features (the split of the neuron's
-    reconstructed activation above the decoder bias); explained[d] = that sum / mean acts[:, d].
-    """
-    mean_F = codes_NF.double().mean(0)
-    contrib_FD = mean_F[:, None] * dec_FD.double() / float(scale)
-    total_D = contrib_FD.sum(0)
-    share_FD = contrib_FD / torch.where(total_D.abs() > 1e-30, total_D, torch.ones_like(total_D))
-    out = {"contribution": contrib_FD.float(), "share": share_FD.float(),
-           "mean_code": mean_F.float()}
-    pos = share_FD.clamp_min(0)
-    p = pos / pos.sum(0).clamp_min(1e-30)
-    out["n_effective"] = (1.0 / (p ** 2).sum(0).clamp_min(1e-30)).float()  # participation ratio
-    if acts_ND is not None:
-        out["explained"] = (total_D / acts_ND.double().mean(0).clamp_min(1e-30)).float()
-    return out
-
-
-def polysemantic_report(codes_NF: torch.Tensor, acts_ND: torch.Tensor, dec_FD: torch.Tensor,
-                        scale: float = 1.0, top_k: int = 5, n_list: int = 20,
-                        top_frac: float = 0.001, min_share: float = 0.05) -> dict:
-    """Neurons decomposed into features, and the selectivity of neurons vs features (JSON-able).
-
-    A neuron's "own" features are those with share >= min_share; it is polysemantic when it has
-    several (n_effective is the participation ratio of the positive shares).
-    """
-    dec = neuron_decomposition(codes_NF, dec_FD, acts_ND, scale)
-    sel_n = selectivity(acts_ND, top_frac)
-    sel_f = selectivity(codes_NF, top_frac)
-    share = dec["share"]
-    rows = []
-    for d in range(share.shape[1]):
-        top = share[:, d].topk(min(top_k, share.shape[0]))
-        feats = [{"feature": int(f), "share": float(s),
-                  "contribution": float(dec["contribution"][f, d]),
-                  "mean_code": float(dec["mean_code"][f]),
-                  "top_mass": _num(sel_f["top_mass"][f])}
-                 for f, s in zip(top.indices.tolist(), top.values.tolist())]
-        own = [x for x in feats if x["share"] >= min_share and x["top_mass"] is not None]
-        rows.append({
-            "neuron": d,
-            "n_effective_features": float(dec["n_effective"][d]),
-            "explained": _num(dec["explained"][d]),
-            "top_mass": _num(sel_n["top_mass"][d]),
-            "gini": _num(sel_n["gini"][d]),
-            "features": feats,
-            "features_more_selective": (sum(x["top_mass"] > (_num(sel_n["top_mass"][d]) or 0)
-                                            for x in own) / len(own)) if own else None,
-        })
-    alive_n = torch.isfinite(sel_n["top_mass"])
-    alive_f = torch.isfinite(sel_f["top_mass"])
-
-    def dist(v: torch.Tensor) -> dict:
-        v = v[torch.isfinite(v)].double()
-        if len(v) == 0:
-            return {"n": 0}
-        q = torch.quantile(v, torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9], dtype=torch.float64))
-        return {"n": len(v), "mean": float(v.mean()),
-                **{f"p{int(p * 100)}": float(x) for p, x in zip((0.1, 0.25, 0.5, 0.75, 0.9), q)}}
-
-    summary = {}
-    for key in ("top_mass", "gini", "kurtosis"):
-        a, b = sel_n[key][alive_n], sel_f[key][alive_f]
-        a, b = a[torch.isfinite(a)], b[torch.isfinite(b)]
-        # P(feature > neuron) over all pairs (the AUC / common-language effect size).
-        auc = None
-        if len(a) and len(b):
-            allv = torch.cat([a, b]).double()
-            ranks = allv.argsort().argsort().double() + 1
-            auc = float((ranks[len(a):].sum() - len(b) * (len(b) + 1) / 2) / (len(a) * len(b)))
-        summary[key] = {"neurons": dist(a), "features": dist(b), "p_feature_gt_neuron": auc,
-                        "features_higher": bool(auc is not None and auc > 0.5)}
-    order = sorted((r for r in rows if r["top_mass"] is not None),
-                   key=lambda r: -r["n_effective_features"])
-    frac = [r["features_more_selective"] for r in rows if r["features_more_selective"] is not None]
-    return {
-        "summary": {**summary, "top_frac": top_frac, "n_vectors": int(codes_NF.shape[0]),
-                    "mean_frac_own_features_more_selective": float(np.mean(frac)) if frac else None},
-        "most_polysemantic": order[:n_list],
-        "neurons": rows,
-    }
-
-
-# --------------------------------------------------------------------------------------------
 # The census of a layer (neurons, nulls, SAE features) and its files
-
-
-def _feature_stats(feats: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {k: unit_stats(v) for k, v in feats.items()}
 
 
 def _orientation_curves(ev: dict, tc: dict, mean_U, std_U, units: Sequence[int]) -> np.ndarray:
@@ -854,18 +799,44 @@ def _orientation_curves(ev: dict, tc: dict, mean_U, std_U, units: Sequence[int])
     return np.array(out).reshape(len(units), -1)
 
 
-_NEURON_MEMO: dict = {}
-
-
 def _plain(cfg) -> Any:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
-def _neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, images,
-                   say) -> dict:
-    """The SAE-independent part of the census: real neurons, network nulls, calibration."""
+def input_block_check(model, layer: str, ccfg, images: torch.Tensor, probe_of, say) -> dict:
+    """Does each null destroy what it should? Curve detectors of the layer's *input block* in the
+    real network and in each null (seed 0), at the configured thresholds: curve-tuned (criteria
+    1-3: peak, curve/line ratio, unimodality) and full census."""
+    block = input_block_of(model, layer)
+    if block is None:
+        return {}
+    probe = probe_of(block)
+    table = make_battery(ccfg, probe)
+    thr = thresholds_of(ccfg)
+    tuned_keys = ("peak_sigma", "curve_line_ratio", "circular_variance", "secondary_peak_ratio")
+
+    def counts(net) -> dict:
+        ev = census_of_model(net, block, ccfg, table, probe, images=images)["evidence"]
+        crit = criterion(ev, thr)
+        return {"curve_tuned": int(np.logical_and.reduce([crit[k] for k in tuned_keys]).sum()),
+                "detected": int(crit["detected"].sum())}
+
+    out = {"block": block, "real": counts(model)}
+    for kind in ccfg.nulls:
+        null = NULLS[kind](model, layer, 0)
+        out[kind] = counts(null)
+        del null
+    say(f"[curves] input block {block}: curve detectors real {out['real']['detected']}, " +
+        ", ".join(f"{k} {out[k]['detected']}" for k in ccfg.nulls))
+    return out
+
+
+def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, images,
+                  say) -> dict:
+    """The SAE-independent part of the census: real neurons, network nulls, calibration, the
+    threshold grid and the input-block check."""
     import time
 
     probe = make_probe(model, layer, ccfg.canvas_size)
@@ -906,14 +877,23 @@ def _neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, i
                                                                      ccfg), res["mean"],
                                        res["std"]))
             timings[f"{kind}{seed}_s"] = time.perf_counter() - t0
-            say(f"[curves] null {kind} seed {seed}: {timings[f'{kind}{seed}_s']:.1f}s")
+            say(f"[curves] null {kind} seed {seed}: {count_detected(res['evidence'], thresholds_of(ccfg))} "
+                f"detectors at the configured thresholds, {timings[f'{kind}{seed}_s']:.1f}s")
 
+    configured = thresholds_of(ccfg)
     cal = calibrate(real["evidence"], null_evs, ccfg)
     thr = cal["thresholds"]
+    grid = threshold_grid(real["evidence"], null_evs, ccfg, configured) if null_evs else []
     null_pass = {k: [criterion(e, thr)["detected"] for e in v] for k, v in null_evs.items()}
     tc_real = tuning_curves(real["acts"].numpy(), table, ccfg, real["mean"], real["std"])
     neuron_det = detections(real["evidence"], thr, null_passes=null_pass,
                             tuning_sigma=tc_real["sigma"], tuning_radii=tc_real["radii"])
+    check = {}
+    if ccfg.check_input_block and null_evs:
+        t0 = time.perf_counter()
+        check = input_block_check(model, layer, ccfg, reference_images(),
+                                  lambda b: make_probe(model, b, ccfg.canvas_size), say)
+        timings["input_block_s"] = time.perf_counter() - t0
     result: dict[str, Any] = {
         "layer": layer,
         "probe": {"canvas_size": probe.size, "position": [probe.pos, probe.pos],
@@ -921,14 +901,18 @@ def _neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, i
         "n_stimuli": len(table),
         "tuning_orientations": S.orientations(ccfg.orientation_step).tolist(),
         "tuning_radii": [float(r) for r in ccfg.radii],
-        "criterion": {"configured": thresholds_of(ccfg), "used": thr,
+        "criterion": {"configured": configured, "used": thr,
                       "tightened": cal["tightened"], "fdr_target_met": cal["met"],
                       "max_fdr": ccfg.max_fdr},
+        "nulls": {"kinds": list(null_evs), "n_seeds": n_seeds,
+                  "destroys": {k: NULL_DESTROYS[k] for k in null_evs},
+                  "input_block_check": check},
+        "threshold_grid": grid,
         "neurons": {
             "n_units": int(real["acts"].shape[1]),
             "n_detected": len(neuron_det),
             "fdr": cal["table"],
-            "fdr_at_configured": fdr_table(real["evidence"], null_evs, thresholds_of(ccfg)),
+            "fdr_at_configured": fdr_table(real["evidence"], null_evs, configured),
             "criterion_pass_counts": {k: int(v.sum()) for k, v in
                                       criterion(real["evidence"], thr).items()},
             "detected": neuron_det,
@@ -939,17 +923,91 @@ def _neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, i
     figs["tuning_neurons"] = (real["evidence"], tc_real, real["mean"], real["std"], det_units,
                               null_curves, "neuron", ccfg.n_tuning_figures)
     figs["evidence_neurons"] = (real["evidence"], null_evs, thr)
-
     return {"probe": probe, "table": table, "real": real, "thr": thr, "timings": timings,
             "reference_images": reference_images, "neuron_det": neuron_det, "result": result,
-            "figs": figs}
+            "figs": figs, "tc_real": tc_real}
+
+
+def sae_directions(sae) -> tuple[np.ndarray, np.ndarray | None]:
+    """Decoder rows [F, D] and encoder columns as rows [F, D] (None when the SAE has no
+    separate encoder, e.g. a tied or random dictionary)."""
+    dec = sae.W_dec.detach().float().cpu().numpy()
+    enc = getattr(sae, "W_enc", None)
+    enc = None if enc is None else enc.detach().float().cpu().numpy().T
+    return dec, enc
+
+
+def _neuron_deg(ev: dict, thr: dict) -> dict[int, float]:
+    det = criterion(ev, thr)["detected"]
+    return {int(u): float(ev["preferred_orientation"][u]) for u in np.where(det)[0]}
+
+
+def feature_novelty(f_ev: dict, f_thr: dict, real_ev: dict, n_thr: dict, dec_al: dict,
+                    enc_al: dict | None, max_share: float, min_gap_deg: float,
+                    rnd: list[tuple[dict, dict]] = ()) -> dict:
+    """Copies and new detectors among census features at (f_thr, n_thr), the coverage that the
+    new ones alone give, and the random-direction null's count of "new" detectors."""
+    neuron_deg = _neuron_deg(real_ev, n_thr)
+    units = np.where(criterion(f_ev, f_thr)["detected"])[0].tolist()
+    copy = N.is_copy(dec_al, enc_al, max_share)
+    new = [u for u in units if not copy[u]]
+    new_deg = [float(f_ev["preferred_orientation"][u]) for u in new]
+    cov = coverage(list(neuron_deg.values()), new_deg, min_gap_deg)
+    rnd_new = []
+    for r_ev, r_al in rnd:
+        r_units = np.where(criterion(r_ev, f_thr)["detected"])[0]
+        rnd_new.append(int((~N.is_copy(r_al, None, max_share)[r_units]).sum()))
+    mean_rnd = float(np.mean(rnd_new)) if rnd_new else None
+    return {"n_detected": len(units), "n_copies": len(units) - len(new), "n_new": len(new),
+            "new": new, "n_new_in_neuron_gaps": cov["n_features_in_neuron_gaps"],
+            "new_in_neuron_gaps_deg": cov["features_in_neuron_gaps_deg"],
+            "largest_gap_neurons_deg": cov["largest_gap_neurons_deg"],
+            "largest_gap_neurons_plus_new_deg": cov["largest_gap_combined_deg"],
+            "random_directions_new": rnd_new,
+            "new_fdr": (mean_rnd / len(new) if new else (0.0 if not mean_rnd else math.inf))
+            if mean_rnd is not None else None}
+
+
+def band_summary(grid: list[dict], real_ev: dict, base: dict, min_gap_deg: float,
+                 f_ev: dict | None = None, dec_al=None, enc_al=None, max_share: float = 0.6,
+                 rnd=()) -> dict:
+    """Largest neuron gap (and, given features, new detectors and gap filling) at every grid
+    point of the FDR band, with min/median/max over the band."""
+    rows = []
+    for g in grid:
+        if not g["in_band"]:
+            continue
+        thr = grid_thresholds(g, base)
+        neuron_deg = list(_neuron_deg(real_ev, thr).values())
+        row = {k: g[k] for k in ("min_peak_sigma", "min_curve_line_ratio", "min_invariance_corr",
+                                  "real", "fdr")}
+        row["largest_gap_neurons_deg"] = orientation_gaps(neuron_deg)[0][1]
+        if f_ev is not None:
+            nov = feature_novelty(f_ev, thr, real_ev, thr, dec_al, enc_al, max_share,
+                                  min_gap_deg, rnd)
+            row.update({k: nov[k] for k in ("n_detected", "n_copies", "n_new",
+                                            "n_new_in_neuron_gaps",
+                                            "largest_gap_neurons_plus_new_deg",
+                                            "random_directions_new")})
+        rows.append(row)
+
+    def span(key: str) -> dict | None:
+        v = [r[key] for r in rows if r.get(key) is not None]
+        return {"min": float(np.min(v)), "median": float(np.median(v)),
+                "max": float(np.max(v))} if v else None
+
+    keys = ["real", "largest_gap_neurons_deg"] + (
+        ["n_detected", "n_copies", "n_new", "n_new_in_neuron_gaps",
+         "largest_gap_neurons_plus_new_deg"] if f_ev is not None else [])
+    return {"n_points": len(rows), "points": rows, **{f"{k}_range": span(k) for k in keys}}
 
 
 def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
                feature_std=None, feature_mean=None, feature_vectors: torch.Tensor | None = None,
                images: torch.Tensor | None = None, cache_dir=None, out_dir=None,
                log: Callable[[dict], None] | None = None, null_seeds: int | None = None,
-               verbose: bool = True) -> dict:
+               verbose: bool = True, memo: dict | None = None, memo_key: str = "",
+               extra: dict | None = None) -> dict:
     """Curve-detector census of `layer`'s neurons (and an SAE's features), with nulls and FDR.
 
     unit_std/unit_mean: natural-image std/mean per channel (computed from `images`, or from
@@ -957,8 +1015,11 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
     feature_std/feature_mean: per-feature stats of cfg.feature_response; otherwise computed from
     `feature_vectors` (raw activation vectors, e.g. from the cache), else from up to 20,000
     vectors of `cache_dir`, else from the reference images; the random-direction null always
-    takes its stats from those same vectors. Returns a JSON-able dict; when `out_dir` is given,
-    writes curves.json and the figures there (`write_census`).
+    takes its stats from those same vectors. `memo`: a dict owned by the caller (an evaluation
+    session) in which the SAE-independent neuron census is kept, keyed by `memo_key` (what the
+    unit stats and images came from) plus the model's weights, the layer and the settings, so a
+    sweep computes it once. `extra` is merged into the result (provenance). Returns a JSON-able
+    dict; when `out_dir` is given, writes curves.json and the figures there (`write_census`).
     """
     import time
 
@@ -966,28 +1027,28 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
     t_start = time.perf_counter()
     say = print if verbose else (lambda *a, **k: None)
     n_seeds = int(ccfg.n_null_seeds if null_seeds is None else null_seeds)
-    # The neuron census and its network nulls do not depend on the SAE: a sweep evaluated in
-    # one process computes them once per (model, layer, settings) and reuses them for every run.
-    memo_key = None
-    if images is None and unit_std is None and unit_mean is None:
-        memo_key = (id(model), getattr(model, "weights_sha256", None), layer, n_seeds,
-                    json.dumps(dataclasses.asdict(ccfg) if dataclasses.is_dataclass(ccfg)
-                               else _plain(ccfg), sort_keys=True, default=str))
-    if memo_key is not None and memo_key in _NEURON_MEMO:
+    key = (memo_key, getattr(model, "weights_sha256", None), layer, n_seeds,
+           json.dumps(dataclasses.asdict(ccfg) if dataclasses.is_dataclass(ccfg)
+                      else _plain(ccfg), sort_keys=True, default=str))
+    if memo is not None and key in memo:
         say(f"[curves] {layer}: reusing the neuron census and nulls computed earlier")
-        part = _NEURON_MEMO[memo_key]
+        part = memo[key]
     else:
-        part = _neuron_census(model, layer, ccfg, n_seeds, unit_mean, unit_std, images, say)
-        if memo_key is not None:
-            _NEURON_MEMO.clear()  # keep one entry: bounded memory across layers
-            _NEURON_MEMO[memo_key] = part
+        part = neuron_census(model, layer, ccfg, n_seeds, unit_mean, unit_std, images, say)
+        if memo is not None:
+            memo.clear()  # keep one entry: bounded memory across layers
+            memo[key] = part
     table, real, thr = part["table"], part["real"], part["thr"]
     reference_images, neuron_det = part["reference_images"], part["neuron_det"]
     timings = dict(part["timings"])
     result = copy.deepcopy(part["result"])
     figs = dict(part["figs"])
+    grid = result["threshold_grid"]
+    min_gap = ccfg.min_gap_deg
 
-    feature_deg: list[float] = []
+    new_deg: list[float] = []
+    copy_deg: list[float] = []
+    band_f = None
     if sae is not None:
         t0 = time.perf_counter()
         key = ccfg.feature_response
@@ -1020,7 +1081,7 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
         f_ev[f"{other}_peak_sigma"] = o_ev["peak_sigma"]
         f_ev[f"{other}_preferred_orientation"] = o_ev["preferred_orientation"]
         # Null (c): random directions, scored through the same path with the same vectors.
-        rnd_evs, rnd_curves = [], []
+        rnd_evs, rnd_curves, rnd_nov = [], [], []
         n_dirs = int(ccfg.n_random_directions or feats[key].shape[1])
         centre = feature_vectors.mean(0)
         for seed in range(n_seeds):
@@ -1030,6 +1091,7 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
             e = evidence(r_feats.numpy(), table, ccfg, r_mean.numpy(), r_std.numpy())
             rnd_evs.append(e)
             rnd_curves.append((e, tuning_curves(r_feats.numpy(), table, ccfg), r_mean, r_std))
+            rnd_nov.append((e, N.axis_alignment(rd.W_dec.numpy())))
         f_nulls = {"random_directions": rnd_evs} if rnd_evs else {}
         # The feature census starts from the neurons' calibrated thresholds (same criterion);
         # its own null may tighten them further, never loosen them.
@@ -1039,30 +1101,87 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
         f_tc = tuning_curves(feats[key].numpy(), table, ccfg, f_mean, f_std)
         feat_det = detections(f_ev, f_thr, tuning_sigma=f_tc["sigma"],
                               tuning_radii=f_tc["radii"])
-        for d in feat_det:
+        # Novelty: is each detected feature a copy of one neuron, or a new detector?
+        dec, enc = sae_directions(sae)
+        dec_al = N.axis_alignment(dec)
+        enc_al = N.axis_alignment(enc) if enc is not None else None
+        n_deg = {d["unit"]: d["preferred_orientation"] for d in neuron_det}
+        nov_recs = N.novelty_records([d["unit"] for d in feat_det], dec_al, enc_al, n_deg,
+                                     ccfg.copy_min_share)
+        for d, rec in zip(feat_det, nov_recs):
             d["passes_in_null"] = None  # random directions have no counterpart of a feature
+            d["novelty"] = rec
+        nov = feature_novelty(f_ev, f_thr, real["evidence"], thr, dec_al, enc_al,
+                              ccfg.copy_min_share, min_gap, rnd_nov)
+        by_share = {f"{s:g}": {k: v for k, v in feature_novelty(
+            f_ev, f_thr, real["evidence"], thr, dec_al, enc_al, s, min_gap, rnd_nov).items()
+            if k not in ("new", "new_in_neuron_gaps_deg")} for s in ccfg.copy_share_grid}
+        tc_real = part["tc_real"]
+        new_units = set(nov["new"])
+        new_records = []
+        for d in feat_det:
+            if d["unit"] not in new_units:
+                continue
+            ri = list(f_tc["radii"]).index(float(d["preferred_radius"]))
+            rec = d["novelty"]
+            neurons = []
+            for n, sh in zip(rec["decoder"]["top_neurons"], rec["decoder"]["top_shares"]):
+                neurons.append({"neuron": int(n), "share": sh,
+                                "cos": float(dec[d["unit"], n] / max(np.linalg.norm(
+                                    dec[d["unit"]]), 1e-30)),
+                                "is_detector": int(n) in n_deg,
+                                "orientation": n_deg.get(int(n)),
+                                "tuning_sigma": np.round(tc_real["sigma"][n, ri], 3).tolist()})
+            new_records.append({"feature": d["unit"],
+                                "preferred_orientation": d["preferred_orientation"],
+                                "preferred_radius": d["preferred_radius"],
+                                "tuning_sigma": d["tuning_sigma"], "neurons": neurons})
+        if grid:
+            band_f = band_summary(grid, real["evidence"], result["criterion"]["configured"],
+                                  min_gap, f_ev, dec_al, enc_al, ccfg.copy_min_share, rnd_nov)
         result["features"] = {
             "n_units": int(feats[key].shape[1]),
             "response": key,
             "n_detected": len(feat_det),
+            "n_copies": nov["n_copies"],
+            "n_new": nov["n_new"],
+            "copy_min_share": ccfg.copy_min_share,
+            "new_fdr_random_directions": nov["new_fdr"],
+            "random_directions_new": nov["random_directions_new"],
+            "by_copy_threshold": by_share,
+            "alignment": N.alignment_summary(dec_al, enc_al),
             "thresholds": f_thr,
             "tightened_beyond_neurons": f_cal["tightened"],
             "fdr": f_cal["table"],
             "n_random_directions": n_dirs,
             "null_pass_counts": {k: [int(m.sum()) for m in v] for k, v in f_null_pass.items()},
             "detected": feat_det,
+            "new_features": new_records,
         }
-        feature_deg = [d["preferred_orientation"] for d in feat_det]
+        new_deg = [d["preferred_orientation"] for d in feat_det if d["unit"] in new_units]
+        copy_deg = [d["preferred_orientation"] for d in feat_det if d["unit"] not in new_units]
         figs["tuning_features"] = (f_ev, f_tc, f_mean, f_std, [d["unit"] for d in feat_det],
                                    {"random_directions": rnd_curves}, "feature",
                                    ccfg.n_tuning_figures)
         figs["evidence_features"] = (f_ev, f_nulls, f_thr)
+        if new_records:
+            figs["new_features"] = (new_records, result["tuning_orientations"],
+                                    ccfg.n_new_figures)
         timings["features_s"] = time.perf_counter() - t0
     neuron_deg = [d["preferred_orientation"] for d in neuron_det]
-    result["coverage"] = coverage(neuron_deg, feature_deg, ccfg.min_gap_deg)
-    figs["coverage"] = (neuron_deg, feature_deg, ccfg.min_gap_deg)
+    cov = coverage(neuron_deg, new_deg, min_gap)
+    cov["n_copy_detectors"] = len(copy_deg)
+    cov["copies_deg"] = [float(x) for x in copy_deg]
+    cov["counts_only"] = "new features (copies of a neuron never fill a gap)"
+    result["coverage"] = cov
+    if grid:
+        result["band"] = band_f if band_f is not None else band_summary(
+            grid, real["evidence"], result["criterion"]["configured"], min_gap)
+        figs["threshold_band"] = (grid, result["band"], ccfg.max_fdr)
+    figs["coverage"] = (neuron_deg, new_deg, min_gap, copy_deg)
     timings["total_s"] = time.perf_counter() - t_start
     result["timings"] = timings
+    result.update(extra or {})
     say(_headline(result))
     if out_dir is not None:
         result["files"] = write_census(out_dir, result, figs)
@@ -1078,12 +1197,22 @@ def _headline(res: dict) -> str:
         parts.append(f"{k} null {v['counts']} (FDR {v['fdr']:.2f})")
     if "features" in res:
         f = res["features"]
-        parts.append(f"{f['n_detected']}/{f['n_units']} features")
+        parts.append(f"{f['n_detected']}/{f['n_units']} features = {f['n_copies']} copies + "
+                     f"{f['n_new']} new")
         for k, v in f["fdr"]["nulls"].items():
             parts.append(f"{k} {v['counts']} (FDR {v['fdr']:.2f})")
     c = res["coverage"]
     parts.append(f"largest gap {c['largest_gap_neurons_deg']:.0f}° -> "
-                 f"{c['largest_gap_combined_deg']:.0f}°")
+                 f"{c['largest_gap_combined_deg']:.0f}° with new features "
+                 f"({c['n_features_in_neuron_gaps']} new in gaps)")
+    band = res.get("band")
+    if band and band.get("n_points"):
+        r = band["largest_gap_neurons_deg_range"]
+        parts.append(f"over {band['n_points']} thresholds with FDR <= "
+                     f"{res['criterion']['max_fdr']}: neuron gap {r['min']:.0f}-{r['max']:.0f}°")
+        g = band.get("n_new_in_neuron_gaps_range")
+        if g:
+            parts.append(f"new in gaps {g['min']:.0f}-{g['max']:.0f}")
     return "; ".join(parts)
 
 
@@ -1097,8 +1226,11 @@ def _scalars(res: dict) -> dict:
     for k, v in n["fdr"]["nulls"].items():
         out[f"curves/null_{k}_mean"] = v["mean"]
     if "features" in res:
-        out["curves/n_feature_detectors"] = res["features"]["n_detected"]
-        out["curves/feature_fdr"] = res["features"]["fdr"]["fdr"]
+        f = res["features"]
+        out["curves/n_feature_detectors"] = f["n_detected"]
+        out["curves/n_copies"] = f["n_copies"]
+        out["curves/n_new"] = f["n_new"]
+        out["curves/feature_fdr"] = f["fdr"]["fdr"]
     return out
 
 
@@ -1107,33 +1239,112 @@ def _scalars(res: dict) -> dict:
 
 
 def figure_coverage(neuron_deg: Sequence[float], feature_deg: Sequence[float],
-                    min_gap_deg: float = 30.0):
-    """Polar plot: neuron detectors (long spokes), feature detectors (short), neuron gaps shaded."""
+                    min_gap_deg: float = 30.0, copy_deg: Sequence[float] = ()):
+    """Polar plot: neuron detectors (long red spokes), copies of a neuron (short grey spokes),
+    new feature detectors (blue, with a dot); only the neuron gaps of >= min_gap_deg are shaded,
+    each exactly over its own arc and labelled with its width."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig = plt.figure(figsize=(5, 5))
+    fig = plt.figure(figsize=(5.2, 5.2))
     ax = fig.add_subplot(projection="polar")
-    gaps = orientation_gaps(neuron_deg) if len(neuron_deg) else []
+    gaps = [g for g in orientation_gaps(neuron_deg) if g[1] >= min_gap_deg] if len(
+        neuron_deg) else []
     for i, (s, w) in enumerate(gaps):
-        if w >= min_gap_deg:  # the widest neuron gap stands out; the other wide ones are grey
-            ax.bar(np.deg2rad(s + w / 2), 1.05, width=np.deg2rad(w), zorder=0,
-                   color="#fde0c5" if i == 0 else "0.93",
-                   label=f"largest neuron gap ({w:.0f}°)" if i == 0 else None)
+        mid = np.deg2rad(s + w / 2)
+        ax.bar(mid, 1.05, width=np.deg2rad(w), bottom=0.0, zorder=0, align="center",
+               color="#fdd0a2" if i == 0 else "#feedde", edgecolor="none",
+               label=f"neuron gaps >= {min_gap_deg:g}°" if i == 0 else None)
+        ax.text(mid, 1.12, f"{w:.0f}°", ha="center", va="center", fontsize=7, color="#a63603")
     for i, a in enumerate(neuron_deg):
         ax.plot([np.deg2rad(a)] * 2, [0, 1.0], color="C3", lw=2,
                 label="neurons" if i == 0 else None)
+    for i, a in enumerate(copy_deg):
+        ax.plot([np.deg2rad(a)] * 2, [0, 0.55], color="0.55", lw=1.0,
+                label="SAE copies of a neuron" if i == 0 else None)
     for i, a in enumerate(feature_deg):
-        ax.plot([np.deg2rad(a)] * 2, [0, 0.7], color="C0", lw=1.2)
-        ax.plot([np.deg2rad(a)], [0.7], "o", color="C0", ms=4,
-                label="SAE features" if i == 0 else None)
+        ax.plot([np.deg2rad(a)] * 2, [0, 0.8], color="C0", lw=1.4)
+        ax.plot([np.deg2rad(a)], [0.8], "o", color="C0", ms=5,
+                label="new SAE detectors" if i == 0 else None)
+    ax.set_ylim(0, 1.2)
     ax.set_yticks([])
     ax.set_title(f"curve-detector orientations: {len(neuron_deg)} neurons, "
-                 f"{len(feature_deg)} features", fontsize=9)
-    if len(neuron_deg) or len(feature_deg):
-        ax.legend(loc="lower left", fontsize=7, bbox_to_anchor=(-0.1, -0.12))
+                 f"{len(copy_deg)} copies, {len(feature_deg)} new", fontsize=9)
+    if len(neuron_deg) or len(feature_deg) or len(copy_deg):
+        ax.legend(loc="lower left", fontsize=7, bbox_to_anchor=(-0.12, -0.14))
+    return fig
+
+
+def figure_threshold_band(grid: list[dict], band: dict, max_fdr: float):
+    """Left: real detections vs estimated FDR at every calibration-grid point (band points
+    filled). Right: the largest neuron gap, and new detectors in it, across the band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    fdr = np.array([min(g["fdr"], 1.0) if g["fdr"] is not None else np.nan for g in grid])
+    real = np.array([g["real"] for g in grid])
+    inb = np.array([g["in_band"] for g in grid], bool)
+    a.scatter(real[~inb], fdr[~inb], s=14, facecolors="none", edgecolors="0.5", label="outside band")
+    a.scatter(real[inb], fdr[inb], s=16, color="C3", label=f"FDR <= {max_fdr:g} (band)")
+    a.axhline(max_fdr, color="C3", lw=0.8, ls="--")
+    a.set_xlabel("real neuron detectors")
+    a.set_ylabel("estimated FDR (max over nulls, capped at 1)")
+    a.legend(fontsize=7)
+    pts = band.get("points") or []
+    x = np.arange(len(pts))
+    if pts:
+        b.plot(x, [p["largest_gap_neurons_deg"] for p in pts], "o-", color="C3", ms=3,
+               label="largest neuron gap (°)")
+        if "largest_gap_neurons_plus_new_deg" in pts[0]:
+            b.plot(x, [p["largest_gap_neurons_plus_new_deg"] for p in pts], "s-", color="C0",
+                   ms=3, label="with new SAE detectors (°)")
+            b2 = b.twinx()
+            b2.bar(x, [p["n_new_in_neuron_gaps"] for p in pts], color="C0", alpha=0.25)
+            b2.set_ylabel("new detectors in neuron gaps", fontsize=8)
+        b.set_xticks(x)
+        b.set_xticklabels([f"{p['min_peak_sigma']:g}/{p['min_curve_line_ratio']:g}/"
+                           f"{p['min_invariance_corr']:g}" for p in pts], rotation=90, fontsize=5)
+        b.set_xlabel("band point: peak σ / curve:line / invariance corr.", fontsize=8)
+        b.legend(fontsize=7, loc="upper left")
+    else:
+        b.text(0.5, 0.5, "no grid point reaches the FDR target", ha="center", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def figure_new_features(records: list[dict], orientations: Sequence[float], n_max: int = 12):
+    """Each new feature's σ tuning (black) beside its top decoder neurons' σ tuning at the same
+    radius (coloured; dashed when the neuron is not itself a census detector)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = list(records)[:n_max]
+    cols = min(4, max(len(recs), 1))
+    rows = math.ceil(max(len(recs), 1) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.5 * rows), squeeze=False)
+    th = np.asarray(orientations)
+    for ax, r in zip(axes.flat, recs):
+        ax.plot(th, r["tuning_sigma"], color="k", lw=1.8, label=f"feature {r['feature']}")
+        for i, n in enumerate(r["neurons"]):
+            ax.plot(th, n["tuning_sigma"], color=f"C{i}", lw=1.0, ls="-" if n["is_detector"]
+                    else "--", label=f"n{n['neuron']} share {n['share']:.2f}")
+        ax.set_title(f"feature {r['feature']}: θ*={r['preferred_orientation']:.0f}° "
+                     f"r*={r['preferred_radius']:g}", fontsize=8)
+        ax.set_xticks([0, 90, 180, 270, 360])
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(recs):]:
+        ax.axis("off")
+    fig.suptitle("new SAE curve detectors (black) and the neurons they are made of (σ tuning "
+                 "at the feature's preferred radius)", fontsize=8)
+    fig.tight_layout()
     return fig
 
 
@@ -1234,6 +1445,8 @@ def write_census(out_dir, result: dict, figs: dict) -> dict[str, str]:
         "tuning_features": lambda a: figure_tuning(*a),
         "evidence_neurons": lambda a: figure_evidence(*a, what="neuron"),
         "evidence_features": lambda a: figure_evidence(*a, what="feature"),
+        "threshold_band": lambda a: figure_threshold_band(*a),
+        "new_features": lambda a: figure_new_features(*a),
     }
     for name, args in figs.items():
         fig = makers[name](args)
@@ -1267,41 +1480,3 @@ def _json_default(o):
     if isinstance(o, np.bool_):
         return bool(o)
     raise TypeError(type(o))
-
-
-@torch.no_grad()
-def run_polysemantic(cfg, sae, layer: str, cache_dir=None, shards=None, out_dir=None,
-                     log: Callable[[dict], None] | None = None,
-                     acts_ND: torch.Tensor | None = None, verbose: bool = True) -> dict:
-    """Decompose every neuron of `layer` into SAE features on cache vectors; polysemantic.json.
-
-    Uses `acts_ND` when given, else up to cfg.curves.n_polysemantic_vectors vectors of the
-    cache's `shards` (the held-out ones, from evaluate).
-    """
-    ccfg = curves_config(cfg)
-    if acts_ND is None:
-        from sae_vision.shards import load_vectors
-
-        acts_ND = load_vectors(cache_dir, shards, max_vectors=ccfg.n_polysemantic_vectors)
-    was_training = sae.training
-    sae.eval()
-    codes = feature_responses(sae, acts_ND)["encode"]
-    sae.train(was_training)
-    rep = polysemantic_report(codes, acts_ND, sae.W_dec.detach().float().cpu(),
-                              scale=float(getattr(sae, "input_scale", 1.0)),
-                              top_frac=ccfg.selectivity_top_frac)
-    rep = {"layer": layer, **rep}
-    s = rep["summary"]["top_mass"]
-    if verbose:
-        print(f"[curves] {layer} polysemanticity: median top-{ccfg.selectivity_top_frac:.1%} mass neurons "
-              f"{s['neurons'].get('p50', float('nan')):.3f} vs features "
-              f"{s['features'].get('p50', float('nan')):.3f}; P(feature > neuron) = "
-              f"{s['p_feature_gt_neuron']}")
-    if out_dir is not None:
-        write_json(Path(out_dir) / "polysemantic.json", rep)
-        rep["files"] = {"json": str(Path(out_dir) / "polysemantic.json")}
-    if log is not None:
-        log({"polysemantic/p_feature_gt_neuron": s["p_feature_gt_neuron"],
-             "polysemantic/median_top_mass_neurons": s["neurons"].get("p50"),
-             "polysemantic/median_top_mass_features": s["features"].get("p50")})
-    return rep

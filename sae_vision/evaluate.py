@@ -13,6 +13,7 @@ Everything lands in `<run_dir>/eval/` and the tracker. Several runs also get a s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import glob as globlib
@@ -579,8 +580,45 @@ SUMMARY_COLUMNS = (
     "run", "layer", "arch", "n_features", "expansion", "l1_coeff", "k", "seed", "l0", "fvu",
     "explained_variance", "mse", "cosine", "l2_ratio", "dead_frac", "dense_frac", "kl_sae",
     "kl_zero", "kl_mean", "agreement_sae", "frac_recovered_zero", "frac_recovered_mean",
-    "n_vectors", "n_splice_images",
+    "n_vectors", "n_splice_images", "loss_flatness", "curve_features", "copies", "new",
+    "new_in_neuron_gaps", "largest_gap_neurons_deg", "largest_gap_with_new_deg", "new_fdr",
+    "frac_more_selective", "frac_more_selective_random",
 )
+
+
+def training_summary(run_dir: Path, n_train_vectors: int | None) -> dict:
+    """How far training got: vectors seen, epochs, and how flat the loss and FVU curves are at
+    the end (`loss_flatness`: relative drop of the mean loss from the window ending at 75% of
+    training to the last 5% of steps; a few percent or less means the curve has levelled off)."""
+    path = Path(run_dir) / "train_log.jsonl"
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                rows.append(json.loads(line))
+    cfg_json = {}
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        cfg_json = json.loads((Path(run_dir) / "config.json").read_text())
+    tcfg = (cfg_json.get("meta", {}).get("config") or {}).get("train") or {}
+    n_steps, batch = tcfg.get("n_steps"), tcfg.get("batch_size")
+    out: dict = {"n_steps": n_steps, "batch_size": batch}
+    if n_steps and batch:
+        out["n_vectors_seen"] = int(n_steps) * int(batch)
+        if n_train_vectors:
+            out["epochs"] = out["n_vectors_seen"] / n_train_vectors
+    rows = [r for r in rows if isinstance(r.get("step"), (int, float))]
+    if len(rows) >= 8:
+        last = rows[-1]["step"]
+
+        def window(key: str, lo: float, hi: float) -> float | None:
+            v = [r[key] for r in rows if key in r and lo * last < r["step"] <= hi * last]
+            return float(np.mean(v)) if v else None
+
+        for key in ("loss", "fvu"):
+            a, b = window(key, 0.70, 0.75), window(key, 0.95, 1.0)
+            if a is not None and b is not None and b > 0:
+                out[f"{key}_flatness" if key != "loss" else "loss_flatness"] = (a - b) / b
+    return out
 
 
 def summary_row(m: dict) -> dict:
@@ -604,7 +642,16 @@ def summary_row(m: dict) -> dict:
         "frac_recovered_zero": spl.get("frac_recovered_zero"),
         "frac_recovered_mean": spl.get("frac_recovered_mean"),
         "n_vectors": rec.get("n_vectors"), "n_splice_images": spl.get("n_images"),
+        "loss_flatness": (m.get("training") or {}).get("loss_flatness"),
     }
+    cur, poly = m.get("curves") or {}, m.get("polysemantic") or {}
+    row.update({"curve_features": cur.get("n_feature_detectors"), "copies": cur.get("n_copies"),
+                "new": cur.get("n_new"), "new_in_neuron_gaps": cur.get("n_features_in_neuron_gaps"),
+                "largest_gap_neurons_deg": cur.get("largest_gap_neurons_deg"),
+                "largest_gap_with_new_deg": cur.get("largest_gap_combined_deg"),
+                "new_fdr": cur.get("new_fdr"),
+                "frac_more_selective": poly.get("frac_more_selective"),
+                "frac_more_selective_random": poly.get("frac_more_selective_random")})
     return row
 
 
@@ -644,6 +691,7 @@ class _Session:
         self.models: dict[str, Any] = {}
         self.baselines: dict[tuple, dict] = {}
         self.images: dict[tuple, tuple] = {}
+        self.census_memo: dict = {}  # the neuron census of one (model, layer, data), reused
 
     def model(self, mc: ModelConfig):
         key = json.dumps(dataclasses.asdict(mc), sort_keys=True)
@@ -700,6 +748,9 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         "cache_dir": str(info.cache_dir), "holdout_shards": list(info.holdout_shards),
         "step": meta.get("step"), "finished": meta.get("finished"), **rec,
     }
+    n_train = sum(s["n_vectors"] for s in cache_meta["shards"]
+                  if s["name"] in set(info.train_shards))
+    m["training"] = training_summary(run_dir, n_train)
     files: dict[str, Path] = {}
     hist = M.log_density_histogram(density.density(), density.n)
     write_json_atomic(out_dir / "density_hist.json", _clean(
@@ -734,12 +785,22 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         m["splice"] = {**spl, "images": how, "image_ids": ids}
     if ev.compare_run:
         m["stability"] = _stability(cfg, sae, run_dir, ev.compare_run)
-    if ev.curves and (not ev.curves_layers or info.layer in ev.curves_layers):
-        m["curves"] = _curves(cfg, sae, info, session.model(mc), out_dir, log)
+    want_curves = ev.curves and (not ev.curves_layers or info.layer in ev.curves_layers)
+    held_ND = None
+    if want_curves or ev.polysemantic:  # held-out vectors: feature σ and the decomposition
+        held_ND = torch.cat(list(batches_of(
+            (a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards)),
+            ev.batch_size, ev.polysemantic_vectors)))
+    if want_curves:
+        model = session.model(mc)
+        _check_weights(model, cache_meta, info)
+        m["curves"] = _curves(cfg, sae, info, model, out_dir, log,
+                              census_inputs(cfg, info, cache_meta, session), held_ND,
+                              session.census_memo)
         files["curves_json"] = Path(m["curves"]["path"])
         files.update({k: Path(v) for k, v in m["curves"].pop("figures").items()})
     if ev.polysemantic:
-        m["polysemantic"] = _polysemantic(cfg, sae, info, device, out_dir, log)
+        m["polysemantic"] = _polysemantic(cfg, sae, info, device, out_dir, log, held_ND)
         files["polysemantic_json"] = Path(m["polysemantic"]["path"])
     m["eval_seconds"] = time.perf_counter() - t0
     m["files"] = {k: str(v) for k, v in files.items()}
@@ -779,46 +840,91 @@ def _stability(cfg: Config, sae, run_dir: Path, compare: str) -> dict:
             "same_run": others[0].resolve() == run_dir.resolve()}
 
 
-def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log) -> dict:
+def census_inputs(cfg: Config, info: RunInfo, cache_meta: dict, session: _Session) -> dict:
+    """What the census measures against, from the data being studied: σ units from the cache's
+    own per-channel mean/std when its positions were sampled without bias (`all`, `uniform`);
+    otherwise from every position of the reference photos. The null networks' σ and the
+    input-block check use `cfg.curves.n_reference_images` held-out photos of the same data."""
+    data_cfg, ids, how = splice_image_ids(cache_meta, info, cfg.curves.n_reference_images,
+                                          cfg.data)
+    img_key = (json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), tuple(ids))
+    if img_key not in session.images:
+        session.images[img_key] = load_images(data_cfg, ids)
+    images, got = session.images[img_key]
+    sampling = cache_meta.get("sampling")
+    unbiased = sampling in ("all", "uniform") and "mean" in cache_meta and "std" in cache_meta
+    out = {"images": images,
+           "memo_key": f"{info.cache_dir}|{how}|{','.join(map(str, got))}|{unbiased}",
+           "sigma_source": (f"cache {info.cache_dir} ({cache_meta.get('n_vectors')} vectors, "
+                            f"sampling={sampling})" if unbiased else
+                            f"{len(got)} held-out photos, every position (the cache's "
+                            f"sampling={sampling} is biased towards large activations)"),
+           "reference_images": {"n": len(got), "how": how}}
+    if unbiased:
+        out["unit_mean"] = torch.tensor(cache_meta["mean"], dtype=torch.float32)
+        out["unit_std"] = torch.tensor(cache_meta["std"], dtype=torch.float32)
+    return out
+
+
+def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: dict,
+            held_ND: torch.Tensor, memo: dict) -> dict:
     """Curve-detector census of the layer's neurons and this SAE's features -> eval/curves.json."""
     from sae_vision import curves
 
-    res = curves.run_census(model, info.layer, cfg, sae=sae, cache_dir=info.cache_dir,
-                            out_dir=out_dir, log=log)
+    res = curves.run_census(model, info.layer, cfg, sae=sae, unit_mean=inputs.get("unit_mean"),
+                            unit_std=inputs.get("unit_std"), images=inputs["images"],
+                            feature_vectors=held_ND, out_dir=out_dir, log=log, memo=memo,
+                            memo_key=inputs["memo_key"],
+                            extra={"sigma_source": inputs["sigma_source"],
+                                   "reference_images": inputs["reference_images"]})
     path = out_dir / "curves.json"
-    if not path.exists():  # run_census writes it when given out_dir; never leave it missing
-        write_json_atomic(path, _clean(res))
     feats = res.get("features") or {}
     figures = {f"curves_{k}_png": v for k, v in (res.get("files") or {}).items()
                if str(v).endswith(".png")}
+    band = res.get("band") or {}
     return {"path": str(path), "figures": figures, "n_neuron_detectors": res["neurons"]["n_detected"],
-            "n_feature_detectors": feats.get("n_detected"),
+            "n_feature_detectors": feats.get("n_detected"), "n_copies": feats.get("n_copies"),
+            "n_new": feats.get("n_new"), "new_fdr": feats.get("new_fdr_random_directions"),
+            "band": {k: v for k, v in band.items() if k.endswith("_range") or k == "n_points"},
             **{k: res["coverage"].get(k) for k in ("largest_gap_neurons_deg",
                                                    "largest_gap_combined_deg",
                                                    "n_features_in_neuron_gaps")}}
 
 
 @torch.no_grad()
-def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log) -> dict:
-    """Neurons decomposed into SAE features, and neuron vs feature selectivity, on held-out
-    vectors -> eval/polysemantic.json."""
-    from sae_vision import curves
+def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log,
+                  acts_ND: torch.Tensor) -> dict:
+    """Neurons decomposed into SAE features, and neuron vs feature selectivity (with a random
+    dictionary's score beside it), on held-out vectors -> eval/polysemantic.json."""
+    from sae_vision import polysemantic as P
 
-    held = (a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards))
-    acts_ND = torch.cat(list(batches_of(held, cfg.eval.batch_size,
-                                        cfg.eval.polysemantic_vectors)))
-    codes_NF = torch.cat([sae.encode(x.to(device)).cpu()
-                          for x in acts_ND.split(cfg.eval.batch_size)])
-    res = curves.polysemantic_report(codes_NF, acts_ND, sae.W_dec.detach().cpu(),
-                                     scale=float(getattr(sae, "input_scale", 1.0)))
+    codes, pre, recon = [], [], []
+    for x in acts_ND.split(cfg.eval.batch_size):
+        x = x.to(device)
+        c = sae.encode(x)
+        codes.append(c.cpu())
+        pre.append(sae.pre_acts(x).cpu())
+        recon.append(sae.decode(c).cpu())
+    codes_NF, pre_NF, recon_ND = torch.cat(codes), torch.cat(pre), torch.cat(recon)
+    l0 = float((codes_NF > 0).sum(1).float().mean())
+    ccfg = cfg.curves
+    base = P.random_dictionary_baseline(acts_ND, codes_NF.shape[1], round(l0),
+                                        min_share=ccfg.polysemantic_min_share)
+    res = P.polysemantic_report(acts_ND, codes_NF, pre_NF, recon_ND, sae.W_dec.detach().cpu(),
+                                scale=float(getattr(sae, "input_scale", 1.0)),
+                                min_share=ccfg.polysemantic_min_share,
+                                top_frac=ccfg.selectivity_top_frac, baseline=base)
     res = {"run": info.name, "layer": info.layer, "n_vectors": len(acts_ND), **res}
     path = out_dir / "polysemantic.json"
     write_json_atomic(path, _clean(res))
-    top_mass = res["summary"]["top_mass"]
+    s = res["summary"]
     out = {"path": str(path), "n_vectors": len(acts_ND),
-           "p_feature_more_selective": top_mass["p_feature_gt_neuron"],
-           "median_top_mass_neurons": top_mass["neurons"].get("p50"),
-           "median_top_mass_features": top_mass["features"].get("p50")}
+           "frac_more_selective": s["mean_frac_own_features_more_selective"],
+           "frac_more_selective_random": s["random_dictionary"][
+               "mean_frac_own_features_more_selective"],
+           "excess_over_random": s["excess_over_random"],
+           "median_kurtosis_neurons": s["kurtosis"]["neurons"].get("p50"),
+           "median_kurtosis_features": s["kurtosis"]["features"].get("p50")}
     log({f"polysemantic/{k}": v for k, v in out.items() if isinstance(v, (int, float))})
     return out
 

@@ -392,9 +392,15 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
                      f"<span class=fdr title='estimated false discovery rate: detections in null "
                      f"models over real detections (worst null)'>FDR≈{_e(_fmt(group_fdr(g), 2))}"
                      f"</span><div class=k>{label} of {_e(_fmt(g.get('n_units')))}</div></div>")
+    feats = groups.get("features") or {}
+    for key, label in (("n_copies", "of them copies of one neuron"),
+                       ("n_new", "of them new (not a copy)")):
+        if feats.get(key) is not None:
+            cells.append(f"<div class=stat><span class=v>{_e(_fmt(feats[key]))}</span>"
+                         f"<div class=k>{label}</div></div>")
     for key, label in (("largest_gap_neurons_deg", "largest orientation gap, neurons alone"),
-                       ("largest_gap_combined_deg", "largest gap, neurons + SAE features"),
-                       ("n_features_in_neuron_gaps", "SAE features in neuron gaps")):
+                       ("largest_gap_combined_deg", "largest gap, neurons + new features"),
+                       ("n_features_in_neuron_gaps", "new features in neuron gaps")):
         if cov.get(key) is not None:
             unit = "°" if key.endswith("_deg") else ""
             cells.append(f"<div class=stat><span class=v>{_e(_fmt(cov[key]))}{unit}</span>"
@@ -408,9 +414,43 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
                 + (" (tightened to meet the FDR target)" if crit.get("tightened") else "")
                 + ("" if met is None else f"; FDR ≤ {_e(_fmt(crit.get('max_fdr'), 2))} "
                    f"{'met' if met else '<b>not met</b>'}") + "</p>")
+    band = _get(r.curves, "band", default={}) or {}
+    if band.get("n_points"):
+        def rng(k: str) -> str:
+            v = band.get(f"{k}_range") or {}
+            return f"{_fmt(v.get('min'))}–{_fmt(v.get('max'))}" if v else "–"
+        note += (f"<p class=note>across the {band['n_points']} calibration-grid thresholds with "
+                 f"FDR ≤ {_e(_fmt(crit.get('max_fdr'), 2))}: neuron detectors {rng('real')}, "
+                 f"largest neuron gap {rng('largest_gap_neurons_deg')}°"
+                 + (f", new SAE detectors {rng('n_new')}, new ones in neuron gaps "
+                    f"{rng('n_new_in_neuron_gaps')}" if band.get("n_new_range") else "")
+                 + "</p>")
+    check = _get(r.curves, "nulls", "input_block_check", default={}) or {}
+    if check.get("block"):
+        parts = [f"{k} {_fmt(v.get('detected'))}" for k, v in check.items()
+                 if isinstance(v, dict)]
+        note += (f"<p class=note>curve detectors in the input block {_e(check['block'])} "
+                 f"(does each null destroy what it should?): {_e(', '.join(parts))}</p>")
+    new_recs = feats.get("new_features") or []
+    if new_recs:
+        rows_html = "".join(
+            f"<tr><td>f{_e(n['feature'])}</td><td>{_e(_fmt(n['preferred_orientation']))}°</td>"
+            "<td class=l>" + ", ".join(
+                f"n{_e(x['neuron'])} ({_e(_fmt(x['share'], 2))}"
+                + (f", detector at {_e(_fmt(x['orientation']))}°" if x.get("is_detector") else "")
+                + ")" for x in n["neurons"]) + "</td></tr>" for n in new_recs[:24])
+        note += ("<div class=scroll><table class=data><tr><th>new feature</th><th>θ*</th>"
+                 "<th class=l>top decoder neurons (share of norm²)</th></tr>"
+                 f"{rows_html}</table></div>")
     shown = [(figs["coverage"], f"{r.name}: preferred orientations of curve detectors "
-              "(neurons long, SAE features short; neuron gaps shaded)", "orientation coverage",
-              "coverage-figure")] if "coverage" in figs else []
+              "(neurons red, copies of a neuron grey, new SAE detectors blue; only the neuron "
+              "gaps are shaded)", "orientation coverage", "coverage-figure")] \
+        if "coverage" in figs else []
+    shown += [(figs[k], caption, alt) for k, caption, alt in (
+        ("new_features", f"{r.name}: each new feature's σ tuning beside its top neurons'",
+         "new features and their neurons"),
+        ("threshold_band", f"{r.name}: detections and FDR over the calibration grid; gaps "
+         "across the FDR band", "threshold band")) if k in figs]
     shown += [(figs[k], f"{r.name}: σ tuning curves of detected {what}", what)
               for k, kind, what in (("tuning_neurons", "neurons", "neurons"),
                                     ("tuning_features", "features", "SAE features"))
@@ -430,17 +470,18 @@ def html_poly(r: RunRecord, neuron_thumbs: dict[int, str], feature_thumbs: dict[
     """The most polysemantic neurons with the SAE features that make them up."""
     out = [f"<h3>{_e(r.name)} <span class=badge>{_e(r.info.layer)}</span></h3>"]
     summ = _get(r.poly, "summary", default={}) or {}
-    tm = summ.get("top_mass") or {}
-    if tm:
+    kt = summ.get("kurtosis") or {}
+    if kt:
+        rnd = (summ.get("random_dictionary") or {}).get("mean_frac_own_features_more_selective")
         out.append(
-            "<p class=note>selectivity (share of a unit's activation on its top "
-            f"{_e(_fmt(100 * (summ.get('top_frac') or 0.01), 2))}% examples): median neuron "
-            f"{_e(_fmt(_get(tm, 'neurons', 'p50'), 3))}, median SAE feature "
-            f"{_e(_fmt(_get(tm, 'features', 'p50'), 3))}; P(feature &gt; neuron) = "
-            f"{_e(_fmt(tm.get('p_feature_gt_neuron'), 3))}"
+            "<p class=note>selectivity = excess kurtosis of what a unit reads (a neuron its "
+            "channel, a feature its encoder pre-activation): median neuron "
+            f"{_e(_fmt(_get(kt, 'neurons', 'p50'), 3))}, median SAE feature "
+            f"{_e(_fmt(_get(kt, 'features', 'p50'), 3))}"
             + (f"; a neuron's own features are more selective than it in "
                f"{_pct(summ['mean_frac_own_features_more_selective'])} of cases"
                if summ.get("mean_frac_own_features_more_selective") is not None else "")
+            + (f" (a random dictionary: {_pct(rnd)})" if rnd is not None else "")
             + "</p>")
     items = poly_rows(r.poly)[:limit]
     for n in items:
@@ -457,14 +498,14 @@ def html_poly(r: RunRecord, neuron_thumbs: dict[int, str], feature_thumbs: dict[
                 f"<div class=part data-goto='{_e(r.slug)}' data-q='f{fid}' title='open feature "
                 f"{fid}'>" + (f"<img src='{_e(fimg)}' alt='feature {fid}'>" if fimg else "")
                 + f"<div>f{fid} · share {_e(_fmt(share, 2))}</div>{bar}"
-                + f"<div class=note>selectivity {_e(_fmt(f.get('top_mass'), 2))}</div></div>")
+                + f"<div class=note>kurtosis {_e(_fmt(f.get('kurtosis'), 2))}</div></div>")
         out.append(
             f"<div class=poly><div class=neuron data-goto='{_e(neuron_browser)}' data-q='n{nid}' "
             f"title='open neuron {nid}'>" + (f"<img src='{_e(img)}' alt='neuron {nid}'>" if img
                                              else "")
-            + f"<div><b>neuron {nid}</b></div><div class=note>selectivity "
-            f"{_e(_fmt(n.get('top_mass'), 2))} · {_e(_fmt(n.get('n_effective_features'), 2))} "
-            "effective features</div>"
+            + f"<div><b>neuron {nid}</b></div><div class=note>kurtosis "
+            f"{_e(_fmt(n.get('kurtosis'), 2))} · {_e(_fmt(n.get('n_effective_features'), 2))} "
+            f"effective features · R² {_e(_fmt(n.get('r2'), 2))}</div>"
             + f"</div><div class=parts>{''.join(parts) or '<span class=empty>no features</span>'}"
             "</div></div>")
     if not items:
@@ -769,7 +810,11 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
 
     manifest_path = write_manifest(cfg, records, caches_manifest, out, index)
     tracker.summary({"report/n_runs": len(records), "report/n_cards": n_cards})
-    written = [index, out / "data" / "report.js", manifest_path]
+    findings = write_findings(records, out)
+    if findings:
+        tracker.log_table("report/findings", _clean(findings_rows(records)))
+        print(findings_markdown(findings_rows(records)))
+    written = [index, out / "data" / "report.js", manifest_path, *findings]
     for p in written:
         print(f"[report] wrote {p}")
     print(f"[report] {len(browsers)} browsers, {n_cards} cards, "
@@ -777,6 +822,75 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     return ReportResult(report_dir=str(out), index_path=str(index),
                         manifest_path=str(manifest_path), runs=tuple(r.name for r in records),
                         n_cards=n_cards, files=tuple(str(p) for p in written))
+
+
+FINDINGS_COLUMNS = (
+    ("arch", "arch"), ("n_features", "F"), ("l0", "L0"), ("fvu", "FVU"),
+    ("frac_recovered_zero", "splice KL recovered"), ("epochs", "epochs"),
+    ("loss_flatness", "loss drop, last 25%"), ("curve_features", "curve features"),
+    ("copies", "copies"), ("new", "new"), ("new_fdr", "new: random-dir. FDR"),
+    ("new_in_neuron_gaps", "new in neuron gaps"),
+    ("largest_gap_neurons_deg", "largest gap, neurons"),
+    ("largest_gap_with_new_deg", "largest gap, neurons + new"),
+    ("frac_more_selective", "features more selective than their neuron"),
+    ("frac_more_selective_random", "same, random dictionary"),
+)
+
+
+def findings_rows(records: list[RunRecord]) -> list[dict]:
+    """One row per evaluated run with the study's answer: copies vs new detectors, gaps,
+    selectivity (the README table of `make study`)."""
+    from sae_vision.evaluate import summary_row
+
+    rows = []
+    for r in records:
+        if not r.metrics:
+            continue
+        row = summary_row(r.metrics)
+        row["epochs"] = (r.metrics.get("training") or {}).get("epochs")
+        band = _get(r.metrics, "curves", "band", default={}) or {}
+        for k in ("n_new_in_neuron_gaps_range", "largest_gap_neurons_deg_range",
+                  "largest_gap_neurons_plus_new_deg_range", "n_new_range"):
+            row[f"band_{k}"] = band.get(k)
+        row["band_n_points"] = band.get("n_points")
+        row["run"] = r.name
+        rows.append(row)
+    return sorted(rows, key=lambda x: (str(x.get("arch")), x.get("n_features") or 0))
+
+
+def findings_markdown(rows: list[dict]) -> str:
+    """The findings rows as a Markdown table (percentages for fractions)."""
+    def cell(key: str, v) -> str:
+        if v is None:
+            return "–"
+        if key in ("frac_recovered_zero", "frac_more_selective", "frac_more_selective_random",
+                   "loss_flatness"):
+            return f"{100 * v:.1f}%"
+        if key.endswith("_deg"):
+            return f"{v:.0f}°"
+        if isinstance(v, float):
+            return f"{v:.3g}" if key != "l0" else f"{v:.1f}"
+        return str(v)
+
+    head = "| " + " | ".join(label for _, label in FINDINGS_COLUMNS) + " |"
+    sep = "|" + "---|" * len(FINDINGS_COLUMNS)
+    body = ["| " + " | ".join(cell(k, r.get(k)) for k, _ in FINDINGS_COLUMNS) + " |"
+            for r in rows]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def write_findings(records: list[RunRecord], out: Path) -> list[Path]:
+    """findings.json and findings.md beside the report (nothing when no run is evaluated)."""
+    from sae_vision.shards import write_json_atomic
+
+    rows = findings_rows(records)
+    if not rows:
+        return []
+    json_path, md_path = out / "findings.json", out / "findings.md"
+    write_json_atomic(json_path, _clean({"columns": [k for k, _ in FINDINGS_COLUMNS],
+                                         "rows": rows}))
+    md_path.write_text(findings_markdown(rows))
+    return [json_path, md_path]
 
 
 def _natural(name: str) -> list:

@@ -205,30 +205,6 @@ def test_coverage_numbers_on_constructed_orientations():
     assert C.orientation_gaps([350.0, 10.0])[0] == (10.0, 340.0)
 
 
-def test_polysemantic_decomposition_recovers_planted_features():
-    # Neuron 0 is the sum of features 0 and 1 (two unrelated causes); neuron 1 is feature 2 alone.
-    g = torch.Generator().manual_seed(0)
-    n = 4000
-    codes = torch.zeros(n, 3)
-    for f in range(3):
-        on = torch.rand(n, generator=g) < 0.05
-        codes[on, f] = torch.rand(int(on.sum()), generator=g) + 0.5
-    dec = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
-    acts = codes @ dec
-    rep = C.polysemantic_report(codes, acts, dec, top_k=2, n_list=2)
-    n0, n1 = rep["neurons"][0], rep["neurons"][1]
-    assert {f["feature"] for f in n0["features"]} == {0, 1}
-    assert all(abs(f["share"] - 0.5) < 0.1 for f in n0["features"])
-    assert n0["n_effective_features"] > 1.8 and n1["n_effective_features"] < 1.1
-    assert rep["most_polysemantic"][0]["neuron"] == 0
-    assert abs(n0["explained"] - 1.0) < 1e-4
-    assert rep["summary"]["top_mass"]["features_higher"]
-    assert n0["features_more_selective"] == 1.0
-    sel = C.selectivity(torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]), 0.25)
-    assert sel["top_mass"].tolist() == [1.0, 0.25] and sel["gini"][0] > sel["gini"][1]
-    assert json.dumps(rep)
-
-
 def test_random_directions_are_unit_norm_and_centred():
     rd = C.RandomDirections(16, 5, seed=1, centre=torch.ones(16))
     assert torch.allclose(rd.W_dec.norm(dim=1), torch.ones(5))
@@ -276,7 +252,7 @@ def test_small_canvas_gives_exactly_the_full_size_response(bvlc_model):
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
-def test_nulls_permute_or_redraw_only_the_convolutions_they_should(bvlc_model):
+def test_nulls_permute_redraw_or_scramble_only_the_convolutions_they_should(bvlc_model):
     before = {k: v.clone() for k, v in bvlc_model.state_dict().items()}
     perm = C.permuted_input_null(bvlc_model, "mixed3b", seed=0)
     fed = {id(c) for c in C.feeding_convs(perm, "mixed3b")}
@@ -301,6 +277,24 @@ def test_nulls_permute_or_redraw_only_the_convolutions_they_should(bvlc_model):
             assert torch.allclose(w0.std(1), w1.std(1), rtol=0.35)
         elif isinstance(real_m, nn.Conv2d):
             assert torch.equal(real_m.weight, null_m.weight), name  # the stem is kept
+    sp = C.spatial_null(bvlc_model, "mixed3b", seed=0)
+    scrambled = {id(c) for c in C.convs_above_stem(sp, "mixed3b")}
+    n_changed = 0
+    for (name, real_m), (_, null_m) in zip(bvlc_model.named_modules(), sp.named_modules()):
+        if not isinstance(real_m, nn.Conv2d):
+            continue
+        w0, w1 = real_m.weight, null_m.weight
+        if id(null_m) in scrambled and w0.shape[-1] > 1:
+            # Same taps per (filter, input channel), so the same channel sums; new positions.
+            assert not torch.equal(w0, w1), name
+            assert torch.equal(w0.flatten(2).sort(2).values, w1.flatten(2).sort(2).values)
+            assert torch.allclose(w0.sum((2, 3)), w1.sum((2, 3)), atol=1e-5)
+            n_changed += 1
+        else:
+            assert torch.equal(w0, w1), name  # 1x1 convolutions and the stem are kept
+    assert n_changed == 4  # the 3x3 and 5x5 convolutions of mixed3a and mixed3b
+    assert C.input_block_of(bvlc_model, "mixed3b") == "mixed3a"
+    assert C.input_block_of(bvlc_model, "conv2d2") is None
     after = bvlc_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the real model is untouched
 
@@ -381,10 +375,14 @@ def test_a_sweep_reuses_the_neuron_census_across_saes(monkeypatch):
     monkeypatch.setattr(C, "census_of_model",
                         lambda *a, **k: calls.append(1) or real_census_of_model(*a, **k))
     vecs = torch.rand(300, 10) * 0.02
+    memo: dict = {}
     first = C.run_census(net, "toy", cfg, sae=OneHotSAE(10, [3]), feature_vectors=vecs,
-                         null_seeds=0, verbose=False)
+                         null_seeds=0, verbose=False, memo=memo, memo_key="data-a")
     second = C.run_census(net, "toy", cfg, sae=OneHotSAE(10, [3, 5]), feature_vectors=vecs,
-                          null_seeds=0, verbose=False)
+                          null_seeds=0, verbose=False, memo=memo, memo_key="data-a")
     assert len(calls) == 1  # the neuron census ran once for both SAEs
+    C.run_census(net, "toy", cfg, sae=OneHotSAE(10, [3]), feature_vectors=vecs, null_seeds=0,
+                 verbose=False, memo=memo, memo_key="data-b")
+    assert len(calls) == 2  # other data (another memo key) is never served the old census
     assert first["neurons"] == second["neurons"]
     assert first["features"]["n_units"] == 7 and second["features"]["n_units"] == 8

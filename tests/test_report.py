@@ -124,19 +124,29 @@ def build_study(root: Path) -> Config:
             "neurons": {"n_units": D_IN, "n_detected": 2, "detected": [
                 detected(3, 90.0, 6.5), detected(7, 210.0, 5.1)],
                 "fdr": {"real": 2, "fdr": 0.05, "nulls": {}}},
-            "features": {"n_units": 2 * D_IN, "n_detected": 1, "detected": [
-                detected(5, 150.0, 8.0)], "fdr": {"real": 1, "fdr": 0.08, "nulls": {}}},
+            "features": {"n_units": 2 * D_IN, "n_detected": 1, "n_copies": 0, "n_new": 1,
+                         "detected": [detected(5, 150.0, 8.0)],
+                         "fdr": {"real": 1, "fdr": 0.08, "nulls": {}},
+                         "new_features": [{"feature": 5, "preferred_orientation": 150.0,
+                                           "preferred_radius": 16.0, "tuning_sigma": [0.0] * 72,
+                                           "neurons": [{"neuron": 3, "share": 0.45,
+                                                        "is_detector": True,
+                                                        "orientation": 90.0}]}]},
             "coverage": {"largest_gap_neurons_deg": 120.0, "largest_gap_combined_deg": 60.0,
                          "n_features_in_neuron_gaps": 1},
+            "band": {"n_points": 7, "real_range": {"min": 2, "max": 9},
+                     "largest_gap_neurons_deg_range": {"min": 60.0, "max": 120.0},
+                     "n_new_range": {"min": 1, "max": 3},
+                     "n_new_in_neuron_gaps_range": {"min": 0, "max": 1}},
             "files": files}))
-        # The shape sae_vision.curves.polysemantic_report writes.
-        row = {"neuron": 3, "n_effective_features": 2.4, "top_mass": 0.1, "features": [
-            {"feature": 5, "share": 0.6, "top_mass": 0.5}, {"feature": 9, "share": 0.3,
-                                                           "top_mass": 0.4}]}
+        # The shape sae_vision.polysemantic.polysemantic_report writes.
+        row = {"neuron": 3, "n_effective_features": 2.4, "kurtosis": 3.1, "r2": 0.9,
+               "features": [{"feature": 5, "share": 0.6, "kurtosis": 9.5},
+                            {"feature": 9, "share": 0.3, "kurtosis": 7.25}]}
         (ev / "polysemantic.json").write_text(json.dumps({
-            "summary": {"top_frac": 0.01, "mean_frac_own_features_more_selective": 0.8,
-                        "top_mass": {"neurons": {"p50": 0.2}, "features": {"p50": 0.5},
-                                     "p_feature_gt_neuron": 0.7}},
+            "summary": {"mean_frac_own_features_more_selective": 0.8,
+                        "random_dictionary": {"mean_frac_own_features_more_selective": 0.3},
+                        "kurtosis": {"neurons": {"p50": 2.0}, "features": {"p50": 5.0}}},
             "most_polysemantic": [row], "neurons": [row]}))
     return cfg
 
@@ -186,7 +196,11 @@ def test_report_has_summary_table_figures_census_and_cards(built):
     assert page.count("frontier-figure") == 2 and "coverage-figure" in page
     assert "FDR≈0.05" in page and "FDR≈0.08" in page  # the estimated FDR beside each count
     assert "neuron 3" in page and "f5 · share 0.6" in page  # the polysemantic decomposition
-    assert "P(feature &gt; neuron) = 0.7" in page and "tuning-figure" in page
+    assert "more selective than it in 80.0%" in page and "a random dictionary: 30.0%" in page
+    assert "kurtosis 9.5" in page and "tuning-figure" in page
+    # Copies and new detectors are reported apart; the new one beside its neurons.
+    assert "of them new (not a copy)" in page and "n3 (0.45, detector at 90°)" in page
+    assert "largest neuron gap 60–120°" in page
     assert "fetch(" not in (out / "assets" / "report.js").read_text()  # works from file://
     idx = json.loads((out / "data" / "report.js").read_text().split("=", 1)[1].rstrip().rstrip(";"))
     ids = [b["id"] for b in idx["browsers"]]

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_curves import TOY_ORIENTATIONS, K, ToyNet, _template, toy_cfg
 
 from sae_vision import curves as C
 from sae_vision import novelty as N
-from tests.test_curves import TOY_ORIENTATIONS, K, ToyNet, _template, toy_cfg
 
 
 class BroadToyNet(ToyNet):

@@ -182,7 +182,7 @@ def _caffe_key(param: str) -> str:
 
 
 def _load_googlenet(net: nn.Module, path: Path) -> None:
-    with np.load(path) as npz:
+    with np.load(path, allow_pickle=False) as npz:
         state = {k: torch.from_numpy(npz[_caffe_key(k)]) for k in net.state_dict()}
         if len(npz.files) != len(state):
             raise ValueError(f"{path} holds {len(npz.files)} arrays; GoogLeNet has {len(state)}")

@@ -13,6 +13,7 @@ ones at a few MB/s; individual vectors are shuffled in memory instead.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
@@ -26,6 +27,9 @@ import webdataset as wds
 
 METADATA = "metadata.json"
 FORMAT_VERSION = 1
+# The command that checks every shard of a cache and rewrites the damaged ones.
+REPAIR_HINT = ("rerun the same `python run.py stage=cache ...` command with cache.verify=true "
+               "to check every shard and rewrite the damaged ones")
 
 
 class CacheError(RuntimeError):
@@ -104,7 +108,9 @@ class ShardWriter:
         self.path = self.dir / shard_name(index)
         self.tmp = self.dir / f".{self.path.name}.{os.getpid()}.tmp"
         self._stream = open(self.tmp, "wb")
-        self._tar = wds.TarWriter(self._stream)
+        # A fixed mtime makes the tar a pure function of its records: a rewritten shard is
+        # byte-identical to the original, so its recorded sha256 still holds.
+        self._tar = wds.TarWriter(self._stream, mtime=0.0)
         self.n_records = self.n_vectors = 0
         self.images: set[int] = set()
         self.sum_D = np.zeros(dim, np.float64)
@@ -239,6 +245,42 @@ def _finish_simple(writer: ShardWriter) -> None:
 # --------------------------------------------------------------------------------------------
 # Reading
 
+# The only members a shard may hold, and how each is decoded. webdataset's default `.decode()`
+# would unpickle .pyd/.pkl/.pickle and torch.load .pth members: a shard from a colleague or a
+# shared filesystem could run code. Nothing else is ever decoded.
+MEMBERS = ("acts.npy", "pos.npy", "src.json")
+
+
+def decode_record(sample: dict, shard: str | os.PathLike) -> dict:
+    """Decode one raw webdataset sample of our own member types; anything else is a CacheError."""
+    out = {}
+    for key, raw in sample.items():
+        if key.startswith("__"):  # webdataset bookkeeping (__key__, __url__, __local_path__)
+            out[key] = raw
+        elif key.endswith(".npy") and key in MEMBERS:
+            out[key] = np.load(io.BytesIO(raw), allow_pickle=False)
+        elif key.endswith(".json") and key in MEMBERS:
+            out[key] = json.loads(raw)
+        else:
+            raise CacheError(
+                f"shard {shard} holds a member {sample.get('__key__', '?')}.{key} that this cache "
+                f"never writes (only {', '.join(MEMBERS)}); it was not decoded. The cache was "
+                f"altered: {REPAIR_HINT}")
+    missing = [m for m in MEMBERS if m not in out]
+    if missing:
+        raise CacheError(f"shard {shard} record {sample.get('__key__', '?')} lacks {missing}; "
+                         f"{REPAIR_HINT}")
+    return out
+
+
+def read_shard(path: str | os.PathLike) -> Iterator[dict]:
+    """Records of one shard, decoded by decode_record (never by webdataset's default handlers)."""
+    # Ranks already read disjoint slices upstream; webdataset must not split shards again.
+    ds = wds.WebDataset(str(path), shardshuffle=False, empty_check=False,
+                        nodesplitter=None, workersplitter=None)
+    for sample in ds:
+        yield decode_record(sample, path)
+
 
 def load_cache_meta(cache_dir: str | os.PathLike, expect: dict | None = None) -> dict:
     """Read metadata.json, refusing a missing/incomplete cache or one for another layer/model/dim."""
@@ -279,59 +321,101 @@ def split_shards(meta: dict, holdout_frac: float) -> tuple[list[str], list[str]]
     return names[: len(names) - n_hold], names[len(names) - n_hold:]
 
 
-def _check_shards(d: Path, meta: dict, names: Sequence[str], skip_bad: bool) -> list[str]:
+def shard_problem(cache_dir: str | os.PathLike, entry: dict, full: bool = True) -> str | None:
+    """What is wrong with one shard against its recorded entry (None when nothing is).
+
+    `entry` is the shard's line in metadata.json (or its sidecar): name, bytes, sha256. The cheap
+    checks (present, size, sidecar agrees) always run; `full` adds the sha256 of the bytes."""
+    p = Path(cache_dir) / entry["name"]
+    if not p.exists():
+        return "missing"
+    size, want = p.stat().st_size, entry["bytes"]
+    if size != want:
+        return f"{'truncated' if size < want else 'grown'} ({size} bytes, {want} recorded)"
+    side = p.with_suffix(".json")
+    try:
+        info = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return f"without a readable sidecar {side.name}"
+    if info.get("sha256") != entry["sha256"] or info.get("bytes") != want:
+        return f"at odds with its sidecar {side.name}"
+    if full and sha256_file(p) != entry["sha256"]:
+        return "corrupt (its sha256 is not the recorded one)"
+    return None
+
+
+# Shards whose sha256 this process has checked, by path -> (inode, size, mtime, sha256):
+# each shard is hashed once per process, on first open, and again only if its file changes.
+_VERIFIED: dict[str, tuple] = {}
+
+
+def verify_shard(cache_dir: str | os.PathLike, entry: dict) -> None:
+    """Raise CacheError naming the shard and the repair command unless its bytes are the recorded
+    ones (sha256 and size, against metadata.json and the sidecar); memoised per process."""
+    p = Path(cache_dir) / entry["name"]
+    try:
+        st = p.stat()
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, entry["sha256"])
+    except FileNotFoundError:
+        stamp = None
+    key = str(p.resolve())
+    if stamp is not None and _VERIFIED.get(key) == stamp:
+        return
+    problem = shard_problem(cache_dir, entry, full=True)
+    if problem:
+        raise CacheError(f"shard {p} is {problem}; {REPAIR_HINT}")
+    _VERIFIED[key] = stamp
+
+
+def _entries(d: Path, meta: dict, names: Sequence[str]) -> list[dict]:
+    """metadata.json entries of `names`; a name the cache does not hold is an error."""
     by_name = {s["name"]: s for s in meta["shards"]}
-    good = []
-    for name in names:
-        p = d / name
-        want = by_name.get(name, {}).get("bytes")
-        have = p.stat().st_size if p.exists() else None
-        if have is None or (want is not None and have != want):
-            msg = (f"shard {p} is {'missing' if have is None else f'truncated ({have} of {want} bytes)'}"
-                   "; rerun stage=cache to rebuild it, or pass skip_bad_shards=True to skip it")
-            if not skip_bad:
-                raise CacheError(msg)
-            continue
-        good.append(name)
-    return good
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise CacheError(f"cache {d} has no shard(s) {unknown[:5]}; its metadata.json lists "
+                         f"{len(by_name)} shards")
+    entries = [by_name[n] for n in names]
+    # Cheap checks for every shard up front, so a missing or cut shard fails before any work.
+    for e in entries:
+        problem = shard_problem(d, e, full=False)
+        if problem:
+            raise CacheError(f"shard {d / e['name']} is {problem}; {REPAIR_HINT}")
+    return entries
 
 
 def iter_chunks(cache_dir: str | os.PathLike, shards: Sequence[str] | None = None,
-                with_pos: bool = False, shuffle_shards: bool = False, seed: int = 0,
-                skip_bad_shards: bool = False) -> Iterator[tuple]:
-    """Yield (acts_ND float32, pos_N3 or None, sources or None) chunk by chunk with webdataset."""
+                with_pos: bool = False, shuffle_shards: bool = False,
+                seed: int = 0) -> Iterator[tuple]:
+    """Yield (acts_ND float32, pos_N3 or None, sources or None) chunk by chunk with webdataset.
+
+    Each shard's sha256 is checked when this process first opens it."""
     d = Path(cache_dir)
     meta = load_cache_meta(d)
-    names = _check_shards(d, meta, list(shards) if shards is not None else
-                          [s["name"] for s in meta["shards"]], skip_bad_shards)
+    entries = _entries(d, meta, list(shards) if shards is not None else
+                       [s["name"] for s in meta["shards"]])
     if shuffle_shards:
-        random.Random(seed).shuffle(names)
+        random.Random(seed).shuffle(entries)
     dtype = meta["dtype"]
-    for name in names:
-        # Ranks already read disjoint slices upstream; webdataset must not split shards again.
-        ds = wds.WebDataset(str(d / name), shardshuffle=False, empty_check=False,
-                            nodesplitter=None, workersplitter=None).decode()
+    for entry in entries:
+        verify_shard(d, entry)
+        path = d / entry["name"]
         try:
-            for rec in ds:
+            for rec in read_shard(path):
                 acts = from_storage(rec["acts.npy"], dtype)
                 if with_pos:
                     yield acts, rec["pos.npy"], rec.get("src.json")
                 else:
                     yield acts, None, None
         except (tarfile.TarError, OSError, ValueError, KeyError) as e:
-            if skip_bad_shards:
-                continue
-            raise CacheError(f"shard {d / name} is corrupt ({type(e).__name__}: {e}); rerun "
-                             "stage=cache to rebuild it, or skip it with skip_bad_shards") from e
+            raise CacheError(f"shard {path} is corrupt ({type(e).__name__}: {e}); "
+                             f"{REPAIR_HINT}") from e
 
 
 def load_vectors(cache_dir: str | os.PathLike, shards: Sequence[str] | None = None,
-                 max_vectors: int | None = None, with_pos: bool = False,
-                 skip_bad_shards: bool = False):
+                 max_vectors: int | None = None, with_pos: bool = False):
     """Load (up to max_vectors of) the chosen shards into one float32 [N, D] tensor."""
     acts, pos, n = [], [], 0
-    for a, p, _ in iter_chunks(cache_dir, shards, with_pos=with_pos,
-                               skip_bad_shards=skip_bad_shards):
+    for a, p, _ in iter_chunks(cache_dir, shards, with_pos=with_pos):
         if max_vectors is not None and n + len(a) > max_vectors:
             a = a[: max_vectors - n]
             p = p[: len(a)] if p is not None else None
@@ -357,8 +441,8 @@ def load_sources(cache_dir: str | os.PathLike, shards: Sequence[str] | None = No
 
 
 def stream_vectors(cache_dir: str | os.PathLike, shards: Sequence[str] | None, batch_size: int,
-                   shuffle_buffer: int = 262_144, seed: int = 0, epochs: int | None = None,
-                   skip_bad_shards: bool = False) -> Iterator[torch.Tensor]:
+                   shuffle_buffer: int = 262_144, seed: int = 0,
+                   epochs: int | None = None) -> Iterator[torch.Tensor]:
     """Endless (or `epochs`) stream of shuffled [batch, D] float32 batches in bounded memory.
 
     Shards are shuffled per epoch. Vectors pass through a preallocated reservoir of
@@ -379,8 +463,7 @@ def stream_vectors(cache_dir: str | os.PathLike, shards: Sequence[str] | None, b
         carry = rows[n_full:] if n_full < len(rows) else None
 
     while epochs is None or epoch < epochs:
-        for acts, _, _ in iter_chunks(cache_dir, shards, shuffle_shards=True, seed=seed + epoch,
-                                      skip_bad_shards=skip_bad_shards):
+        for acts, _, _ in iter_chunks(cache_dir, shards, shuffle_shards=True, seed=seed + epoch):
             if buf is None:
                 buf = torch.empty(max(shuffle_buffer, 1), acts.shape[1])
             take = min(len(acts), len(buf) - n_buf)

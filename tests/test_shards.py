@@ -50,14 +50,12 @@ def test_stream_covers_every_vector_once_per_epoch_in_shuffled_order(tmp_path):
     assert not torch.equal(got, want)  # shuffled
 
 
-def test_truncated_shard_is_named_and_can_be_skipped(tmp_path):
+def test_truncated_shard_is_named_with_the_repair_command(tmp_path):
     S.write_cache(tmp_path, _chunks(), {"dim": 8, "dtype": "float16"}, chunks_per_shard=2)
     bad = tmp_path / "shard-000001.tar"
     bad.write_bytes(bad.read_bytes()[:1000])
-    with pytest.raises(S.CacheError, match="shard-000001.tar.*truncated.*skip"):
+    with pytest.raises(S.CacheError, match="shard-000001.tar is truncated.*cache.verify=true"):
         S.load_vectors(tmp_path)
-    acts = S.load_vectors(tmp_path, skip_bad_shards=True)
-    assert len(acts) == 200
 
 
 def test_corrupt_shard_of_the_right_size_is_named(tmp_path):
@@ -110,3 +108,79 @@ def test_stream_never_yields_an_empty_or_partial_batch(tmp_path):
                                                   shuffle_buffer=buffer, epochs=2)]
         assert sizes and set(sizes) == {64}
         assert sum(sizes) == 300 // 64 * 64
+
+
+class _OpenOnUnpickle:
+    """Unpickling this creates the file `path`: the payload a hostile shard would carry."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def plant_member(tar_path, member: str, payload: bytes) -> None:
+    """Append a member to a finished shard, as someone altering a shared cache would."""
+    import io
+    import tarfile
+
+    with tarfile.open(tar_path, "a") as tar:
+        info = tarfile.TarInfo(member)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+
+def rehash(cache_dir, name: str) -> None:
+    """Make the sidecar and metadata.json agree with the altered tar (a thorough attacker)."""
+    tar = cache_dir / name
+    digest, size = S.sha256_file(tar), tar.stat().st_size
+    side = tar.with_suffix(".json")
+    info = json.loads(side.read_text())
+    info.update(sha256=digest, bytes=size)
+    side.write_text(json.dumps(info))
+    meta = json.loads((cache_dir / "metadata.json").read_text())
+    for s in meta["shards"]:
+        if s["name"] == name:
+            s.update(sha256=digest, bytes=size)
+    (cache_dir / "metadata.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("ext", ["pyd", "pkl", "pickle", "pth"])
+def test_pickle_member_in_a_shard_is_refused_by_name_and_never_unpickled(tmp_path, ext):
+    import pickle
+
+    cache_dir, marker = tmp_path / "cache", tmp_path / "pwned"
+    S.write_cache(cache_dir, _chunks(), {"dim": 8, "dtype": "float16"}, chunks_per_shard=2)
+    plant_member(cache_dir / "shard-000001.tar", f"000001-00000.{ext}",
+                 pickle.dumps(_OpenOnUnpickle(marker)))
+    rehash(cache_dir, "shard-000001.tar")
+    for read in (lambda: S.load_vectors(cache_dir),
+                 lambda: list(S.stream_vectors(cache_dir, None, 64, epochs=1)),
+                 lambda: S.load_sources(cache_dir)):
+        with pytest.raises(S.CacheError, match=rf"shard-000001\.tar.*000001-00000\.{ext}"):
+            read()
+        assert not marker.exists(), "a pickle inside a shard was executed"
+
+
+def test_object_array_in_a_shard_is_not_unpickled(tmp_path):
+    import io
+    import tarfile
+
+    cache_dir, marker = tmp_path / "cache", tmp_path / "pwned"
+    S.write_cache(cache_dir, _chunks(n_chunks=1), {"dim": 8, "dtype": "float32"})
+    # Replace acts.npy by an object array whose element unpickles to the payload.
+    buf = io.BytesIO()
+    np.save(buf, np.array([_OpenOnUnpickle(marker)], dtype=object), allow_pickle=True)
+    tar_path = cache_dir / "shard-000000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for m, blob in members:
+            blob = buf.getvalue() if m.name.endswith("acts.npy") else blob
+            m.size = len(blob)
+            tar.addfile(m, io.BytesIO(blob))
+    rehash(cache_dir, "shard-000000.tar")
+    with pytest.raises(S.CacheError, match="shard-000000.tar"):
+        S.load_vectors(cache_dir)
+    assert not marker.exists()

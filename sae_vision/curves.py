@@ -47,12 +47,24 @@ under colour, jitter and arc-length changes. The permuted-null detections sit in
 (pointwise mixtures of mixed3a); the real ones mostly in the 3x3 and 5x5 branches, as Distill
 found for InceptionV1's curve detectors.
 
-Nulls (same code path, `census_of_model`): (a) `permuted_input_null`: the input channels of the
-convolutions that read the layer's input are permuted; (b) `reinit_null`: every convolution above
-the stem up to the layer is redrawn from a Gaussian with each filter's own mean and std; (c) for
-SAE features, `RandomDirections`: random unit directions in activation space scored as features.
-The estimated false-discovery rate of a null is mean(null count) / real count at the same
-thresholds; `calibrate` tightens the thresholds on a grid until every null's FDR <= max_fdr.
+Nulls (same code path, `census_of_model`; README "Nulls" says which are kept and why):
+(a) `permuted_input_null`: the input channels of the convolutions that read the layer's input are
+permuted (the input block, with its own curve units, is intact: this null asks whether the layer
+is more than a recombination of them); (b) `reinit_null`: every convolution above the stem is
+redrawn from a Gaussian with each filter's own mean and std; (d) `spatial_null`: every kernel
+above the stem keeps its taps per (filter, input channel) in a random spatial order, so channel
+statistics survive and the spatial assembly of edges into curves does not; (c) for SAE features,
+`RandomDirections`: random unit directions in activation space scored as features.
+`input_block_check` counts curve detectors in the layer's input block of the real network and of
+each null (seed 0), which shows what each null destroys. The estimated false-discovery rate of a
+null is mean(null count) / real count at the same thresholds; `calibrate` tightens the
+thresholds on a grid until every null's FDR <= max_fdr, and `threshold_grid` / `band_summary`
+report detections, FDR, the largest neuron gap and gap filling at every grid point, so no
+conclusion rests on one threshold.
+
+Copies and new detectors (`sae_vision.novelty`): a census feature whose decoder or encoder
+direction has >= copy_min_share of its squared norm on one channel is a copy of that neuron;
+only the others are new, and only new ones count as filling neuron gaps.
 
 Cost (2-core CPU, BVLC mixed3b): stimuli are rendered on the smallest canvas that contains the
 centre unit's whole receptive field (96 px instead of 224; exact, since nothing outside the RF can

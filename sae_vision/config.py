@@ -41,7 +41,8 @@ ALL_LAYER_DIMS: dict[str, int] = {**LAYER_DIMS, **PRE_RELU_LAYERS}
 PAPER_LAYERS = ["conv2d0", "conv2d1", "conv2d2", "mixed3a", "mixed3b"]
 
 MODELS = ("googlenet_bvlc", "inceptionv1", "timm")
-DATASETS = ("demo", "imagefolder", "webdataset")
+DATASETS = ("demo", "imagefolder", "webdataset", "array")
+ARRAY_LAYER = "array"  # the layer name of a cache imported from arrays (data=array), any width
 SAMPLINGS = ("all", "uniform", "norm_weighted")
 DTYPES = ("float16", "bfloat16", "float32")
 ARCHS = ("relu_l1", "topk", "batchtopk", "jumprelu")
@@ -83,6 +84,7 @@ class DataConfig:
     name: str = "demo"  # demo | imagefolder | webdataset
     root: Optional[str] = None  # ImageFolder root (data=imagefolder)
     urls: Optional[str] = None  # webdataset shard spec, local path, brace pattern, pipe: or URL
+    path: Optional[str] = None  # data=array: a .npy/.safetensors [N, D] file or a folder of them
     image_size: int = 224  # side of the square crop fed to the model
     n_images: int = 256  # images to cache (demo: number of random crops); <=0 means all
     min_scale: float = 0.08  # demo random-resized-crop scale range
@@ -108,13 +110,14 @@ class SAEConfig:
     arch: str = "topk"  # relu_l1 | topk | batchtopk | jumprelu
     expansion: int = 8  # n_features = expansion * d_in, unless n_features is set
     n_features: Optional[int] = None  # explicit dictionary size
-    k: int = 32  # active features per vector (topk, batchtopk)
+    k: int = 32  # active features per vector: exact (topk), batch mean (batchtopk), target (others)
     l1_coeff: float = 5.0  # sparsity coefficient (relu_l1: lambda; jumprelu: L0 coefficient)
     l1_warmup_frac: float = 0.05  # fraction of training over which lambda ramps up linearly
-    aux_k: int = 256  # dead features used by the AuxK loss (topk family); 0 disables
+    l0_control: bool = True  # relu_l1/jumprelu: steer lambda so the mean L0 reaches k (false: fixed)
+    aux_k: Optional[int] = None  # dead features in the AuxK loss (topk family); None: D/2; 0: off
     aux_coeff: float = 1 / 32  # weight of the AuxK loss
-    jumprelu_threshold: float = 0.001  # initial JumpReLU threshold
-    jumprelu_bandwidth: float = 0.001  # straight-through bandwidth for the JumpReLU threshold
+    jumprelu_threshold: Optional[float] = None  # initial θ (scaled units); None: from the 1st batch
+    jumprelu_bandwidth: Optional[float] = None  # STE window (scaled units); None: = initial θ
     resample_dead: bool = False  # relu_l1: re-initialise dead features from high-loss inputs
     normalize_inputs: bool = True  # scale inputs so E||x|| = sqrt(d) using cache metadata
     run: Optional[str] = None  # evaluate/report: a run name, a glob, or a sweep folder
@@ -125,7 +128,8 @@ class TrainConfig:
     n_steps: int = 2000  # optimiser steps
     batch_size: int = 4096  # vectors per step
     lr: float = 4e-4  # peak Adam learning rate
-    warmup_steps: int = 100  # linear learning-rate warm-up
+    warmup_frac: float = 0.05  # linear learning-rate warm-up over this fraction of the steps
+    warmup_steps: Optional[int] = None  # an explicit warm-up length in steps (overrides the frac)
     decay_frac: float = 0.2  # final fraction of steps with linear decay to zero
     grad_clip: float = 1.0  # max gradient norm; <=0 disables
     seed: int = 0  # fixes init and data order
@@ -275,8 +279,8 @@ def _positive(field_name: str, value, allow_zero: bool = False) -> None:
 
 def check_layer(name: str, family: str = "googlenet_bvlc") -> int:
     """Return the channel count of a Lucid layer name, or raise naming the valid ones."""
-    if family == "timm":
-        return -1
+    if family == "timm" or name == ARRAY_LAYER:
+        return -1  # any width: checked against the model or the cache at run time
     if name not in ALL_LAYER_DIMS:
         raise ValueError(
             f"layer={name!r} is not a known InceptionV1 layer; valid layers are: "
@@ -288,6 +292,13 @@ def check_layer(name: str, family: str = "googlenet_bvlc") -> int:
 def n_features_of(sae: SAEConfig, d_in: int) -> int:
     """Dictionary size from sae.n_features or sae.expansion * d_in."""
     return int(sae.n_features) if sae.n_features else int(sae.expansion) * int(d_in)
+
+
+def warmup_steps_of(train: TrainConfig) -> int:
+    """Learning-rate warm-up length: train.warmup_steps if set, else warmup_frac of n_steps."""
+    if train.warmup_steps is not None:
+        return int(train.warmup_steps)
+    return int(round(float(train.warmup_frac) * int(train.n_steps)))
 
 
 def check_config(cfg: Config) -> None:
@@ -319,11 +330,18 @@ def check_config(cfg: Config) -> None:
         _positive("sae.n_features", cfg.sae.n_features)
     _positive("sae.k", cfg.sae.k)
     _positive("sae.l1_coeff", cfg.sae.l1_coeff, allow_zero=True)
-    _positive("sae.aux_k", cfg.sae.aux_k, allow_zero=True)
+    if cfg.sae.aux_k is not None:
+        _positive("sae.aux_k", cfg.sae.aux_k, allow_zero=True)
+    for name in ("jumprelu_threshold", "jumprelu_bandwidth"):
+        if getattr(cfg.sae, name) is not None:
+            _positive(f"sae.{name}", getattr(cfg.sae, name))
     _positive("train.n_steps", cfg.train.n_steps)
     _positive("train.batch_size", cfg.train.batch_size)
     _positive("train.lr", cfg.train.lr)
-    _positive("train.warmup_steps", cfg.train.warmup_steps, allow_zero=True)
+    if cfg.train.warmup_steps is not None:
+        _positive("train.warmup_steps", cfg.train.warmup_steps, allow_zero=True)
+    if not 0.0 <= cfg.train.warmup_frac < 1.0:
+        raise ValueError(f"train.warmup_frac={cfg.train.warmup_frac} must lie in [0, 1)")
     _positive("train.ckpt_every", cfg.train.ckpt_every)
     _positive("train.log_every", cfg.train.log_every)
     _positive("train.dead_window", cfg.train.dead_window)
@@ -350,6 +368,12 @@ def check_config(cfg: Config) -> None:
         raise ValueError("data=imagefolder needs data.root=/path/to/imagenet/train (or "
                          "$SAE_VISION_DATA_DIR, or ../shared/data/imagenet-sample beside the "
                          "checkout)")
+    if cfg.data.name == "array" and not cfg.data.path:
+        raise ValueError("data=array needs data.path=/path/to/acts.npy (a .npy or .safetensors "
+                         "file, or a folder of them)")
+    if cfg.data.name == "array" and cfg.layer.name != ARRAY_LAYER:
+        raise ValueError(f"data=array caches have layer.name={ARRAY_LAYER!r}, not "
+                         f"{cfg.layer.name!r}; drop the layer override")
     if cfg.data.name == "webdataset" and not cfg.data.urls:
         raise ValueError("data=webdataset needs data.urls='/path/shard-{000000..000099}.tar'")
 

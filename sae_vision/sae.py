@@ -42,8 +42,19 @@ WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 CONSTRAINED_ARCHS = ("topk", "batchtopk", "jumprelu")  # unit-norm decoder rows
-THRESHOLD_EMA = 0.01  # batchtopk: weight of each batch's minimum positive code in the threshold EMA
+THRESHOLD_EMA = 0.05  # batchtopk: weight of each batch's minimum positive code in the threshold EMA
 RELU_L1_DEC_NORM = 0.1  # Anthropic (Apr 2024): decoder rows start as random directions of norm 0.1
+# JumpReLU's data-driven init: the threshold starts at the pre-activation quantile that leaves
+# JUMPRELU_INIT_L0_MULT x k codes active per vector, so the L0 penalty (not the init) sets the final
+# sparsity and the threshold has a short way to go; the straight-through window is that threshold
+# times JUMPRELU_BANDWIDTH_FRAC (the paper's 0.001 / 0.001 is a ratio of 1).
+JUMPRELU_INIT_L0_MULT = 4.0
+JUMPRELU_BANDWIDTH_FRAC = 1.0
+# Adam moves log θ by at most ~lr per step: at lr 4e-4 that is e^0.8 = 2.2x in 2,000 steps, too
+# little for a short run to find its sparsity. The threshold gets this multiple of the lr.
+JUMPRELU_THRESHOLD_LR_MULT = 20.0
+# sae.l0_control: log λ moves by this times log(L0 / k) per step (an integral controller).
+L0_CONTROL_RATE = 0.02
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,9 +438,19 @@ class SAE(nn.Module):
             # Inference threshold; negative means "not learned yet" (eval falls back to batch top-k).
             self.register_buffer("threshold", torch.tensor(-1.0))
         if cfg.arch == "jumprelu":
+            # Without an explicit threshold and bandwidth both are set from the first training
+            # batch (see _init_jump_from_data); a negative bandwidth means "not set yet".
             self.log_threshold = nn.Parameter(
-                torch.full((n_feat,), math.log(cfg.jumprelu_threshold))
+                torch.full((n_feat,), math.log(cfg.jumprelu_threshold or 1.0))
             )
+            bw = cfg.jumprelu_bandwidth
+            if bw is None and cfg.jumprelu_threshold is not None:
+                bw = JUMPRELU_BANDWIDTH_FRAC * cfg.jumprelu_threshold
+            self.register_buffer("jump_bandwidth", torch.tensor(-1.0 if bw is None else float(bw)))
+        if cfg.arch in ("relu_l1", "jumprelu"):
+            # log of the L0 controller's factor on λ (see update_l0_control_); 0 = the config's λ.
+            self.register_buffer("l1_log_ctrl", torch.zeros(()))
+        self.aux_k = default_aux_k(cfg, d_in, n_feat)
         self.l1_scale = 1.0  # λ warm-up factor; set by the trainer through set_l1_scale()
         self._pre_buf: Tensor | None = None  # reused [B, F] pre-activation buffer
         self._aux_buf: Tensor | None = None  # reused [B, n_dead] AuxK candidates
@@ -472,6 +493,51 @@ class SAE(nn.Module):
     def set_l1_scale(self, scale: float) -> None:
         """Set the sparsity-coefficient warm-up factor (effective λ = l1_coeff * scale)."""
         self.l1_scale = float(scale)
+
+    @torch.no_grad()
+    def update_l0_control_(self, l0: Tensor | float) -> None:
+        """One step of the L0 controller: λ grows while the mean L0 is above sae.k, else shrinks.
+
+        relu_l1 and jumprelu only, when cfg.l0_control. The factor lives in a buffer, so it is
+        checkpointed and a resumed run continues from it. Tensor ops only: no host sync.
+        """
+        if not (self.cfg.l0_control and hasattr(self, "l1_log_ctrl")):
+            return
+        l0 = torch.as_tensor(l0, dtype=torch.float32, device=self.l1_log_ctrl.device)
+        step = L0_CONTROL_RATE * torch.log(l0.clamp_min(0.1) / float(self.cfg.k))
+        self.l1_log_ctrl.add_(step.clamp(-0.2, 0.2)).clamp_(-20.0, 20.0)
+
+    @property
+    def l1_coeff_now(self) -> Tensor:
+        """Effective sparsity coefficient: l1_coeff x warm-up factor x controller factor."""
+        ctrl = self.l1_log_ctrl.exp() if hasattr(self, "l1_log_ctrl") else 1.0
+        return self.cfg.l1_coeff * self.l1_scale * ctrl
+
+    def param_groups(self) -> list[dict]:
+        """Optimiser groups with an `lr_mult` each (JumpReLU's threshold learns faster)."""
+        if self.arch != "jumprelu":
+            return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_mult": 1.0}]
+        rest = [p for n, p in self.named_parameters() if n != "log_threshold" and p.requires_grad]
+        return [{"params": rest, "lr_mult": 1.0},
+                {"params": [self.log_threshold], "lr_mult": JUMPRELU_THRESHOLD_LR_MULT}]
+
+    @torch.no_grad()
+    def _init_jump_from_data(self, pre_BF: Tensor) -> None:
+        """θ0 = the pre-activation quantile leaving ~4k codes per vector; bandwidth = θ0.
+
+        Pre-activations live in the scaled units (E||x|| = sqrt(D)), about sqrt(D) times larger
+        than in the paper's setting, so its absolute 0.001 would leave every positive code on.
+        """
+        flat = pre_BF.detach().float().reshape(-1)
+        stride = max(1, flat.numel() // 1_000_000)
+        sample = flat[::stride]
+        keep = min(0.5, JUMPRELU_INIT_L0_MULT * self.cfg.k / self.n_features)
+        rank = max(1, min(sample.numel(), int(round(sample.numel() * (1.0 - keep)))))
+        theta = float(sample.kthvalue(rank).values)
+        floor = 1e-3 * float(sample.abs().mean().clamp_min(1e-6))
+        theta = max(theta, floor)
+        self.log_threshold.fill_(math.log(theta))
+        self.jump_bandwidth.fill_(JUMPRELU_BANDWIDTH_FRAC * theta)
 
     @property
     def jump_threshold(self) -> Tensor:
@@ -539,8 +605,12 @@ class SAE(nn.Module):
         if self.arch == "relu_l1":
             return F.relu(pre_BF)
         if self.arch == "jumprelu":
-            return _JumpReLU.apply(pre_BF, self.jump_threshold, self.cfg.jumprelu_bandwidth)
+            return _JumpReLU.apply(pre_BF, self.jump_threshold, self._bandwidth())
         raise AssertionError(self.arch)
+
+    def _bandwidth(self) -> float:
+        bw = float(self.jump_bandwidth)
+        return bw if bw > 0 else float(self.jump_threshold.detach().median())
 
     def _gemm_dtype(self, device: torch.device) -> torch.dtype:
         if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
@@ -599,13 +669,13 @@ class SAE(nn.Module):
             crow = torch.arange(0, n_rows * k + 1, k, device=pre.device)
             pairs = _Pairs(crow, idx.reshape(-1), n_rows, self.n_features, k=k)
         aux_pairs, aux_sel = None, sel.new_zeros(0)
-        if dead_mask is not None and self.cfg.aux_k > 0 and self.cfg.aux_coeff > 0:
+        if dead_mask is not None and self.aux_k > 0 and self.cfg.aux_coeff > 0:
             dead_idx = dead_mask.to(device=pre.device, dtype=torch.bool).nonzero().squeeze(1)
             if dead_idx.numel() > 0:
                 pre_dead = self._scratch("_aux_buf", (n_rows, dead_idx.numel()), pre)
                 torch.index_select(pre, 1, dead_idx, out=pre_dead)
                 a_vals, a_j = pre_dead.topk(
-                    min(self.cfg.aux_k, dead_idx.numel()), dim=1, sorted=False
+                    min(self.aux_k, dead_idx.numel()), dim=1, sorted=False
                 )
                 a_cols, a_vals = _sort_rows_for_csr(dead_idx[a_j], a_vals)
                 keep = a_vals > 0  # ReLU'd zeros contribute nothing: drop them from the pairs
@@ -660,17 +730,19 @@ class SAE(nn.Module):
 
     def _forward_dense(self, x_s: Tensor, l1_scale: float) -> SAEOutput:
         pre = self._pre_dense(x_s).float()
+        if self.arch == "jumprelu" and self.training and float(self.jump_bandwidth) < 0:
+            self._init_jump_from_data(pre)
         W_dec = self.W_dec
         if self.constrained and torch.is_grad_enabled() and W_dec.requires_grad:
             W_dec = _ProjectRowGrad.apply(W_dec)
         codes = self._activate_dense(pre)
         x_hat_s = (codes.to(W_dec.dtype) @ W_dec).float() + self.b_dec
         mse = F.mse_loss(x_hat_s, x_s.float(), reduction="sum") / x_s.shape[0]
-        lam = self.cfg.l1_coeff * l1_scale
+        lam = self.cfg.l1_coeff * l1_scale * self.l1_log_ctrl.exp()
         if self.arch == "relu_l1":
             term, name = (codes @ self.W_dec.norm(dim=1)).mean(), "l1"
         else:
-            term = _Step.apply(pre, self.jump_threshold, self.cfg.jumprelu_bandwidth).sum(1).mean()
+            term = _Step.apply(pre, self.jump_threshold, self._bandwidth()).sum(1).mean()
             name = "l0"
         loss = mse + lam * term
         return SAEOutput(
@@ -691,6 +763,12 @@ def _as_sae_config(cfg: Any) -> SAEConfig:
     plain = dict(cfg) if isinstance(cfg, dict) else to_plain(cfg)
     known = {f.name for f in fields(SAEConfig)}
     return SAEConfig(**{k: v for k, v in plain.items() if k in known})
+
+
+def default_aux_k(cfg: SAEConfig, d_in: int, n_features: int) -> int:
+    """sae.aux_k, or D/2 when unset (Gao et al.: k_aux = d_model / 2), capped by F."""
+    aux_k = int(d_in) // 2 if cfg.aux_k is None else int(cfg.aux_k)
+    return max(0, min(aux_k, int(n_features)))
 
 
 def make_sae(
@@ -717,8 +795,8 @@ def forward_reference(sae: SAE, x_BD: Tensor, dead_mask: Tensor | None = None) -
     x_hat_s = codes @ W_dec + sae.b_dec
     mse = (x_hat_s - x_s).pow(2).sum(1).mean()
     losses, loss = {"mse": mse}, mse
-    if dead_mask is not None and sae.cfg.aux_k > 0 and bool(dead_mask.any()):
-        n_aux = min(sae.cfg.aux_k, int(dead_mask.sum()))
+    if dead_mask is not None and sae.aux_k > 0 and bool(dead_mask.any()):
+        n_aux = min(sae.aux_k, int(dead_mask.sum()))
         masked = F.relu(pre).masked_fill(~dead_mask, float("-inf"))
         a_vals, a_idx = masked.topk(n_aux, dim=1)
         aux_codes = torch.zeros_like(pre).scatter(1, a_idx, a_vals)
@@ -833,6 +911,9 @@ def load_sae(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
         )
     tensors = load_file(str(weights_path))
     expected = sae.state_dict()
+    for name in ("jump_bandwidth", "l1_log_ctrl"):  # buffers newer than some checkpoints
+        if name in expected and name not in tensors:
+            tensors[name] = expected[name].clone()
     if set(tensors) != set(expected):
         raise ValueError(
             f"{weights_path}: tensors {sorted(tensors)} do not match arch "

@@ -36,7 +36,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from sae_vision import paths
-from sae_vision.config import SAEConfig, TrainConfig, check_layer, content_hash, to_plain
+from sae_vision.config import (
+    SAEConfig,
+    TrainConfig,
+    check_layer,
+    content_hash,
+    to_plain,
+    warmup_steps_of,
+)
 from sae_vision.shards import (
     CacheError,
     load_cache_meta,
@@ -277,7 +284,7 @@ def make_batches(cache_dir, train_shards: list[str], cfg: TrainConfig, d_in: int
 # Training loop
 
 
-def _make_adam(params: list[torch.nn.Parameter], lr: float, device: torch.device):
+def _make_adam(params: list, lr: float, device: torch.device):
     # Fused Adam is one kernel per step on CUDA and ~3x faster than foreach on CPU here.
     for kw in ({"fused": True}, {"foreach": True}, {}):
         try:
@@ -388,8 +395,11 @@ def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: 
 
         model = DDP(sae, device_ids=[device.index] if device.type == "cuda" else None)
     forward = torch.compile(model) if cfg.compile else model
-    params = [p for p in sae.parameters() if p.requires_grad]
-    opt = _make_adam(params, cfg.lr, device)
+    groups = sae.param_groups() if hasattr(sae, "param_groups") else [
+        {"params": [p for p in sae.parameters() if p.requires_grad], "lr_mult": 1.0}]
+    params = [p for g in groups for p in g["params"]]
+    opt = _make_adam(groups, cfg.lr, device)
+    warmup_steps = warmup_steps_of(cfg)
     use_amp = bool(cfg.autocast) and device.type == "cuda"
     lazy_check = device.type == "cuda"  # on CPU a per-step finiteness check costs nothing
 
@@ -449,7 +459,8 @@ def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: 
         except StopIteration:
             raise RuntimeError(f"the batch iterator ran out at step {step}") from None
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, n_steps, cfg.warmup_steps, cfg.decay_frac)
+            g["lr"] = (cfg.lr * g.get("lr_mult", 1.0)
+                       * lr_factor(step, n_steps, warmup_steps, cfg.decay_frac))
         sae.set_l1_scale(l1_factor(step, n_steps, sae_cfg.l1_warmup_frac))
         dead_F = since_fired_F >= cfg.dead_window  # drives AuxK in the TopK family
 
@@ -477,6 +488,10 @@ def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: 
             grad_norm = torch.zeros((), device=device)
         opt.step()
         sae.normalize_decoder_()  # unit-norm rows for the constrained archs; no-op for relu_l1
+        if l1_factor(step, n_steps, sae_cfg.l1_warmup_frac) >= 1.0 and hasattr(
+                sae, "update_l0_control_"):
+            # After the λ warm-up only, so the controller does not wind up against the ramp.
+            sae.update_l0_control_(fired_F.sum() / global_batch)
 
         since_fired_F = torch.where(fired_F > 0, 0, since_fired_F + global_batch)
         window.fire_F += fired_F
@@ -503,6 +518,10 @@ def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: 
             metrics["samples_per_s"] = vec_window / max(elapsed, 1e-9)
             metrics["lr"] = opt.param_groups[0]["lr"]
             metrics["l1_factor"] = l1_factor(step, n_steps, sae_cfg.l1_warmup_frac)
+            if hasattr(sae, "l1_log_ctrl"):
+                metrics["l1_coeff_now"] = float(sae.l1_coeff_now)
+            if hasattr(sae, "log_threshold"):
+                metrics["jump_threshold_median"] = float(sae.jump_threshold.detach().median())
             metrics["vectors"] = total_vectors
             train_time += elapsed
             t_window, vec_window, ckpt_time = time.perf_counter(), 0, 0.0

@@ -24,7 +24,7 @@ from benchmarks.common import (
     setup_torch,
 )
 
-PARTS = ("caching", "train", "loader", "memory", "scaling")
+PARTS = ("caching", "train", "loader", "memory", "scaling", "planted")
 
 # name -> (goal, direction, what it is). "ge": the ratio must be >= goal; "le": <= goal.
 GOALS: dict[str, tuple[float, str, str]] = {
@@ -42,6 +42,11 @@ GOALS: dict[str, tuple[float, str, str]] = {
                                "train.run streaming (subprocess) / in-memory trainer samples/s"),
     "train_rss_growth_4x": (1.10, "le", "peak RSS streaming a 4x cache / 1x cache"),
     "cache_rss_growth_4x": (1.10, "le", "peak RSS caching 4x images / 1x images"),
+    "planted_topk_recovered_vs_peer": (1.0, "ge",
+                                       "planted atoms recovered: our TopK / peer (centred)"),
+    "planted_batchtopk_recovered_vs_peer": (1.0, "ge",
+                                            "planted atoms recovered: our BatchTopK / peer"),
+    "planted_relu_l1_mmcs_gap": (0.1, "le", "planted MMCS: our TopK minus our ReLU-L1"),
 }
 RATIO_KEYS = tuple(GOALS)
 
@@ -73,6 +78,11 @@ class Sizes:
     expansions: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
     batch_sizes: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
     curve_steps: int = 4  # per point: 1 warm-up + 3 timed steps
+    planted_d: int = 128  # planted dictionary: width D (F = expansion x D)
+    planted_atoms: int = 1024
+    planted_k: int = 24  # mean active atoms, and every SAE's k / target L0
+    planted_batch: int = 1024  # the trainer's default batch
+    planted_samples: int = 300_000  # samples seen by every party
 
 
 FULL = Sizes()
@@ -81,7 +91,8 @@ QUICK = Sizes(cache_images=4, image_size=112, cache_batch=4, train_images=16, im
               loader_max_s=2.0, loader_shuffle_buffer=1024, mem_small_vectors=512, mem_batch=256,
               mem_shuffle_buffer=128,
               mem_cache_images=(2, 8), mem_images_per_shard=2, mem_parallel=True, expansions=[2, 4],
-              batch_sizes=[128, 256], curve_steps=3)
+              batch_sizes=[128, 256], curve_steps=3, planted_d=32, planted_atoms=128,
+              planted_k=8, planted_batch=256, planted_samples=8192)
 GPU = replace(FULL, peer_steps=200, curve_steps=30,
               cache_images=256, mem_cache_images=(128, 512), mem_images_per_shard=64,
               expansions=[2, 4, 8, 16, 32, 64], batch_sizes=[1024, 2048, 4096, 8192, 16384, 32768])
@@ -203,6 +214,24 @@ def run_benchmarks(device: str, sizes: Sizes, out_dir: Path, parts: tuple[str, .
         curves["figure"] = str(fig)
         run["scaling"] = curves
 
+    if "planted" in parts:
+        from benchmarks import planted
+        from sae_vision.planted import PlantedSpec
+
+        spec = PlantedSpec(d_in=sizes.planted_d, n_atoms=sizes.planted_atoms,
+                           k_mean=float(sizes.planted_k), alpha=1.2, noise=0.1)
+        pr = planted.bench_planted(spec, sizes.expansion, sizes.planted_k, sizes.planted_batch,
+                                   sizes.planted_samples, peer_version() is not None, progress)
+        run["planted"] = pr
+        by = {r["arch"] if r["library"] == "sae-vision" else "peer": r for r in pr["rows"]}
+        if "peer" in by:
+            floor = 1.0 / sizes.planted_atoms  # one atom: keeps the ratio finite
+            for arch in ("topk", "batchtopk"):
+                ratios[f"planted_{arch}_recovered_vs_peer"] = (
+                    max(by[arch]["recovered_frac"], floor)
+                    / max(by["peer"]["recovered_frac"], floor))
+        ratios["planted_relu_l1_mmcs_gap"] = by["topk"]["mmcs"] - by["relu_l1"]["mmcs"]
+
     run["ratios"] = ratios
     run["goals"] = {k: _judge(k, v) for k, v in ratios.items()}
     run["machine"]["load_avg_end"] = list(os.getloadavg())
@@ -289,7 +318,7 @@ def markdown_table(run: dict) -> str:
         row("2a", f"TopK k={run['sizes']['k']} training vs {peer_name} TopKSAE + train_sae, "
             f"samples/s (F={o['n_features']}, batch {o['batch_size']}, {o['n_steps']} steps each)",
             _f(o["samples_per_s"]), _f(p["samples_per_s"]), "topk_vs_peer_throughput")
-        row("2a", "TopK held-out FVU (L0) — peer has no decoder bias",
+        row("2a", "TopK held-out FVU (L0) — peer fed centred inputs (it has no decoder bias)",
             f"{o['fvu']:.4f} ({o['l0']:.1f})", f"{p['fvu']:.4f} ({p['l0']:.1f})",
             "topk_fvu_peer_over_ours")
         lp = rl["peer_runs"][0]
@@ -349,7 +378,14 @@ def markdown_table(run: dict) -> str:
             f"{m.get('load_avg_end', [float('nan')])[0]:.1f}; wall {run['wall_s']:.0f} s."]
     if "scaling" in run:
         foot.append(f"Scaling curves: {run['scaling']['figure']}")
-    return "\n".join(head + rows) + "\n\n" + "\n".join(foot)
+    text = "\n".join(head + rows) + "\n\n" + "\n".join(foot)
+    if "planted" in run:
+        from benchmarks.planted import planted_table
+
+        gaps = [f"{k} = {r[k]:.3g} (goal {_goal(k)}: {_mark(run, k)})" for k in r
+                if k.startswith("planted_")]
+        text += "\n\n" + planted_table(run["planted"]) + "\n\n" + "; ".join(gaps) + "."
+    return text
 
 
 def scaling_table(run: dict) -> str:
@@ -440,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--gpu: CUDA is not available on this machine; run without --gpu for the CPU "
               "figures", file=sys.stderr)
         return 2
-    if "train" in parts and peer_version() is None:
+    if ("train" in parts or "planted" in parts) and peer_version() is None:
         print("the peer library is missing: `pip install -c constraints.txt -e '.[bench]'` "
               "(make bench does this), or drop 'train' from --parts", file=sys.stderr)
         return 2

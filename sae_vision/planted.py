@@ -51,14 +51,17 @@ class Planted:
     cause_G: Tensor  # firing probability of each group's latent cause
     signal_std: float  # per-coordinate std of Σ c_i a_i, the unit of offset and noise
 
-    def sample(self, n: int, seed: int) -> Tensor:
-        """n vectors [n, D] (float32), reproducible from `seed`."""
-        return self.sample_with_codes(n, seed)[0]
+    def sample(self, n: int, seed: int, chunk: int = 16_384) -> Tensor:
+        """n vectors [n, D] (float32), reproducible from `seed`; built in chunks of rows, so
+        memory stays at [chunk, n_atoms] whatever n is."""
+        parts = [self.sample_with_codes(min(chunk, n - lo), seed * 1_000_003 + i)[0]
+                 for i, lo in enumerate(range(0, n, chunk))]
+        return torch.cat(parts) if parts else torch.zeros(0, self.spec.d_in)
 
     def sample_with_codes(self, n: int, seed: int) -> tuple[Tensor, Tensor]:
         """(x [n, D], the coefficients [n, A] that made it)."""
         s = self.spec
-        gen = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+        gen = torch.Generator().manual_seed(_stream_seed(self.spec.seed, seed))
         n_atoms = self.atoms_AD.shape[0]
         fire = torch.rand(n, n_atoms, generator=gen) < self.freq_A
         n_groups = (n_atoms + s.group_size - 1) // s.group_size
@@ -72,10 +75,22 @@ class Planted:
         return x.float(), codes.float()
 
 
+def _stream_seed(spec_seed: int, stream: int) -> int:
+    """A seed for one stream of a planted dictionary that never equals a plain small seed.
+
+    With `manual_seed(spec.seed)` itself, an SAE initialised under torch.manual_seed(0) would
+    start with decoder rows equal to the atoms of a seed-0 dictionary.
+    """
+    import numpy as np
+
+    mixed = np.random.SeedSequence([int(spec_seed), int(stream) + 2, 0x5AE5EED])
+    return int(mixed.generate_state(1, np.uint64)[0] >> 1)
+
+
 def make_planted(spec: PlantedSpec | None = None) -> Planted:
     """Draw the atoms, offset and frequencies of a planted dictionary from `spec.seed`."""
     s = spec or PlantedSpec()
-    gen = torch.Generator().manual_seed(int(s.seed))
+    gen = torch.Generator().manual_seed(_stream_seed(s.seed, -1))
     atoms = torch.randn(s.n_atoms, s.d_in, generator=gen)
     atoms /= atoms.norm(dim=1, keepdim=True)
     # E c² = E (0.5 + Exp(1))² = 3.25; k_mean active unit atoms spread over D coordinates.

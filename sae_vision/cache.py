@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_vision import paths
-from sae_vision.config import Config, check_layer, to_plain
+from sae_vision.config import ARRAY_LAYER, Config, check_layer, to_plain
 from sae_vision.data import Item, collate_items, iter_webdataset, make_images
 from sae_vision.shards import (
     METADATA,
@@ -198,6 +198,12 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     """Cache activations of cfg.cache.layers (or cfg.layer.name); reuse or resume as needed."""
     from sae_vision.models import load_model
 
+    if cfg.data.name == "array":  # your own activations: no model, no images
+        from sae_vision.import_acts import import_array
+
+        res = import_array(cfg)
+        return CacheResult({ARRAY_LAYER: str(res.cache_dir)}, 0, {ARRAY_LAYER: res.n_vectors},
+                           0.0, res.reused)
     tracker = tracker or disabled()
     layers = _layers(cfg)
     dirs = {layer: paths.cache_dir(cfg, layer) if len(layers) == 1 or not cfg.cache.dir

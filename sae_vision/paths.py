@@ -12,6 +12,15 @@ def cache_settings(cfg: Config, layer: str) -> dict:
     model = to_plain(cfg.model)
     data = to_plain(cfg.data)
     cache = to_plain(cfg.cache)
+    if data["name"] == "array":
+        # Imported arrays: named by the files (path, size, mtime; one stat each) and the dtype.
+        from sae_vision.import_acts import files_identity
+
+        try:
+            files = files_identity(data["path"])
+        except ValueError:  # the source is gone: its cache can still be named by the path
+            files = [{"path": str(Path(data["path"]).expanduser().resolve())}]
+        return {"data": {"name": "array", "files": files}, "layer": layer, "dtype": cache["dtype"]}
     return {
         "model": {k: model[k] for k in ("family", "name", "pretrained", "weights_path")},
         "layer": layer,

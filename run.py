@@ -11,7 +11,13 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sae_vision.config import Config, check_config, register_configs, to_plain
+from sae_vision.config import (
+    Config,
+    check_config,
+    register_configs,
+    to_plain,
+    unused_overrides,
+)
 
 register_configs()
 
@@ -35,6 +41,10 @@ def main(dcfg: DictConfig):
 
             cfg.data.root = resolve_data_root(cfg.data.root)
         check_config(cfg)
+        ignored = unused_overrides(cfg.stage.name, list(HydraConfig.get().overrides.task))
+        if ignored:
+            print(f"warning: stage={cfg.stage.name} does not use {' '.join(ignored)}; these "
+                  "overrides have no effect here", file=sys.stderr)
         stage = importlib.import_module(f"sae_vision.{cfg.stage.name}")
         out_dir = HydraConfig.get().runtime.output_dir
         with open_tracker(cfg.logger, out_dir, to_plain(cfg), job_type=cfg.stage.name) as tracker:

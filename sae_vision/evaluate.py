@@ -725,13 +725,24 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         print(f"[evaluate] note: {info.name} is a mid-training checkpoint (step "
               f"{meta.get('step')} of {meta.get('n_steps')})")
     ev = cfg.eval
+    other = other_data(cfg, info)
+    n_train = sum(s["n_vectors"] for s in cache_meta["shards"]
+                  if s["name"] in set(info.train_shards))  # the run's own training set
+    if other is not None:  # another dataset: every vector of its cache, results in their folder
+        o_dir, o_meta, tag = other
+        info = dataclasses.replace(info, cache_dir=o_dir, train_shards=(),
+                                   holdout_shards=tuple(s["name"] for s in o_meta["shards"]))
+        check_dims(info, o_meta)
+        cache_meta = o_meta
+        print(f"[evaluate] {info.name}: on other data, cache {o_dir} ({o_meta['n_vectors']} "
+              f"vectors); results go to eval/{tag}/, the in-distribution ones stay as they are")
     mc = _model_config(cfg, cache_meta)
     device = _device(mc.device)
     sae = sae.to(device).eval()
     print(f"[evaluate] {info.name}: layer {info.layer}, {info.arch}, d_in={info.d_in}, "
           f"F={info.n_features}, held-out shards {list(info.holdout_shards)}")
 
-    out_dir = run_dir / "eval"
+    out_dir = run_dir / "eval" if other is None else run_dir / "eval" / other[2]
     out_dir.mkdir(parents=True, exist_ok=True)
     drop_stale_tmp(out_dir)
     held = (a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards))
@@ -747,9 +758,9 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         "d_in": info.d_in, "n_features": info.n_features, "hparams": info.hparams,
         "cache_dir": str(info.cache_dir), "holdout_shards": list(info.holdout_shards),
         "step": meta.get("step"), "finished": meta.get("finished"), **rec,
+        "eval_data": {"cache_dir": str(info.cache_dir), "key": cache_meta.get("key"),
+                      "in_distribution": other is None},
     }
-    n_train = sum(s["n_vectors"] for s in cache_meta["shards"]
-                  if s["name"] in set(info.train_shards))
     m["training"] = training_summary(run_dir, n_train)
     files: dict[str, Path] = {}
     hist = M.log_density_histogram(density.density(), density.n)
@@ -765,7 +776,17 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     files["l0_hist_png"] = plot_l0(l0_counts, rec["reconstruction"]["l0"],
                                    f"{info.name}: L0 distribution", out_dir / "l0_hist.png")
 
-    if ev.splice:
+    no_images = cache_meta.get("source") == "array"  # imported arrays: no images behind them
+    if no_images and (ev.splice or ev.curves):
+        skipped = [n for n, on in (("splice", ev.splice), ("curve census", ev.curves)) if on]
+        print(f"[evaluate] note: {info.name}'s cache {info.cache_dir} was imported from arrays "
+              f"(data=array), so there are no images: skipping the {' and the '.join(skipped)}")
+        m["skipped"] = {n: "no images behind an imported array cache" for n in skipped}
+    if ev.splice and other is not None and not no_images:
+        print(f"[evaluate] note: the splice runs on the run's own held-out images only; "
+              f"skipping it on {info.cache_dir}")
+        m.setdefault("skipped", {})["splice"] = "not run on other data"
+    if ev.splice and not no_images and other is None:
         model = session.model(mc)
         _check_weights(model, cache_meta, info)
         data_cfg, want, how = splice_image_ids(cache_meta, info, ev.n_splice_images, cfg.data)
@@ -785,7 +806,8 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         m["splice"] = {**spl, "images": how, "image_ids": ids}
     if ev.compare_run:
         m["stability"] = _stability(cfg, sae, run_dir, ev.compare_run)
-    want_curves = ev.curves and (not ev.curves_layers or info.layer in ev.curves_layers)
+    want_curves = ev.curves and not no_images and (not ev.curves_layers
+                                                   or info.layer in ev.curves_layers)
     held_ND = None
     if want_curves or ev.polysemantic:  # held-out vectors: feature σ and the decomposition
         held_ND = torch.cat(list(batches_of(
@@ -810,6 +832,50 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     m["files"] = {k: str(v) for k, v in files.items()}
     _print_headline(m)
     return _clean(m)
+
+
+def _data_overrides() -> list[str]:
+    """The command line's data.*/data= overrides (empty outside a Hydra run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - no Hydra app running (library use, tests)
+        return []
+    return [o for o in task if o.lstrip("+~").split("=")[0].split(".")[0] == "data"]
+
+
+def other_data(cfg: Config, info: RunInfo) -> tuple[Path, dict, str] | None:
+    """(cache dir, its metadata, a folder name) of the data to evaluate on, if not the run's own.
+
+    `eval.cache` names it (a cache key under paths.root/cache, or a folder); otherwise data
+    overrides on the command line (e.g. `data=imagefolder data.root=...`) name the cache that
+    `stage=cache` builds for them at the run's layer. Results go under eval/on-<key>/.
+    """
+    overrides = _data_overrides()
+    if cfg.eval.cache:
+        spec = str(cfg.eval.cache)
+        d = Path(spec) if Path(spec).is_dir() else Path(cfg.paths.root) / "cache" / spec
+        if not (d / "metadata.json").exists():
+            raise ValueError(f"eval.cache={spec} is not a complete activation cache (neither a "
+                             f"folder nor a key under {Path(cfg.paths.root) / 'cache'}); build "
+                             "it with stage=cache first")
+    elif overrides:
+        d = paths.cache_dir(dataclasses.replace(cfg, cache=dataclasses.replace(
+            cfg.cache, dir=None, layers=None)), info.layer)
+        if d.resolve() == Path(info.cache_dir).resolve():
+            return None
+        if not (d / "metadata.json").exists():
+            raise ValueError(
+                f"evaluating {info.name} on {' '.join(overrides)} needs their activations at "
+                f"layer {info.layer} first: python run.py stage=cache layer={info.layer} "
+                f"{' '.join(overrides)} (or name an existing cache with eval.cache=<key or dir>)")
+    else:
+        return None
+    if d.resolve() == Path(info.cache_dir).resolve():
+        return None
+    meta = load_cache_meta(d)
+    return d, meta, f"on-{meta.get('key') or d.name}"
 
 
 def _check_weights(model, cache_meta: dict, info: RunInfo) -> None:

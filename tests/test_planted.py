@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sae_vision.config import ARCHS, SAEConfig, TrainConfig
-from sae_vision.planted import PlantedSpec, make_planted
+from sae_vision.planted import PlantedSpec, make_planted, recovery
 from sae_vision.sae import make_sae
 from sae_vision.train import MemoryBatches, train_loop
 
@@ -75,6 +75,10 @@ def test_planted_data_is_post_relu_like_with_power_law_frequencies():
     # Reproducible from the seed, different for another seed.
     assert torch.equal(pl.sample(64, seed=5), make_planted(PlantedSpec(seed=0)).sample(64, 5))
     assert not torch.equal(pl.sample(64, seed=5), pl.sample(64, seed=6))
+    # An SAE initialised under the same small seed must not start on the atoms.
+    torch.manual_seed(0)
+    assert recovery(pl.atoms_AD, torch.randn(4 * pl.spec.n_atoms, pl.spec.d_in))[
+        "recovered_frac"] == 0.0
 
 
 def test_jumprelu_at_defaults_lowers_l0_and_learns_its_threshold(planted, one_thread):

@@ -78,11 +78,11 @@ class Sizes:
     expansions: list[int] = field(default_factory=lambda: [2, 4, 8, 16, 32])
     batch_sizes: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
     curve_steps: int = 4  # per point: 1 warm-up + 3 timed steps
-    planted_d: int = 128  # planted dictionary: width D (F = expansion x D)
-    planted_atoms: int = 1024
-    planted_k: int = 24  # mean active atoms, and every SAE's k / target L0
+    planted_d: int = 64  # planted dictionary: width D (F = expansion x D)
+    planted_atoms: int = 512
+    planted_k: int = 16  # mean active atoms, and every SAE's k / target L0
     planted_batch: int = 1024  # the trainer's default batch
-    planted_samples: int = 300_000  # samples seen by every party
+    planted_samples: int = 200_000  # samples seen by every party (minutes on a shared 2-core CPU)
 
 
 FULL = Sizes()

@@ -102,6 +102,22 @@ def test_bench_on_a_given_cache_reports_training_and_loader_ratios(tmp_path, cap
     assert "overcomplete 0.3.0" in capsys.readouterr().out
 
 
+def test_planted_part_prints_a_row_per_arch_with_recovery_scores(tmp_path, capsys):
+    from benchmarks.run import main
+
+    out = tmp_path / "bench"
+    assert main(["--quick", "--parts", "planted", "--out", str(out)]) == 0
+    run = json.loads((out / "results.json").read_text())["runs"]["cpu"]
+    rows = run["planted"]["rows"]
+    assert [r["arch"] for r in rows[:4]] == ["topk", "batchtopk", "relu_l1", "jumprelu"]
+    for r in rows:
+        assert 0 < r["mmcs"] <= 1 and 0 <= r["recovered_frac"] <= 1 and r["samples_per_s"] > 0
+        assert r["n_steps"] * r["batch_size"] == run["planted"]["samples_seen"]  # equal samples
+    assert "planted_relu_l1_mmcs_within" in run["ratios"]
+    text = capsys.readouterr().out
+    assert "Planted dictionary:" in text and "| sae-vision | jumprelu |" in text
+
+
 @pytest.mark.slow
 @needs_peer
 def test_quick_bench_writes_results_with_every_ratio(tmp_path, weights_dir):

@@ -46,7 +46,8 @@ def one_thread():
 
 def _train(arch: str, planted, before=None):
     pl, train_ND, held_ND, scale = planted
-    scfg = shipped_sae_config(arch, k=K)
+    # relu_l1 ships the paper's fixed λ; its L0 target is asked for with l0_control.
+    scfg = shipped_sae_config(arch, k=K, **({"l0_control": True} if arch == "relu_l1" else {}))
     # The schedule is the shipped one (warm-up and decay fractions, lr); only the run is short.
     tcfg = TrainConfig(n_steps=N_STEPS, batch_size=BATCH, log_every=N_STEPS,
                        ckpt_every=N_STEPS, dead_window=50_000, device="cpu")

@@ -821,7 +821,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     findings = write_findings(records, out)
     if findings:
         tracker.log_table("report/findings", _clean(findings_rows(records)))
-        print(findings_markdown(findings_rows(records)))
+        logger.info(findings_markdown(findings_rows(records)))
     written = [index, out / "data" / "report.js", manifest_path, *findings]
     for p in written:
         logger.info(f"[report] wrote {p}")

@@ -30,6 +30,7 @@ def main(dcfg: DictConfig):
     """Compose, validate, open the tracker, run one stage."""
     from hydra.core.hydra_config import HydraConfig
 
+    from sae_vision import progress
     from sae_vision.shards import CacheError
     from sae_vision.tracker import open_tracker
     from sae_vision.train import RunLocked, TrainingDiverged
@@ -41,6 +42,7 @@ def main(dcfg: DictConfig):
 
             cfg.data.root = resolve_data_root(cfg.data.root)
         check_config(cfg)
+        progress.configure(cfg.logger.progress_every_s)
         ignored = unused_overrides(cfg.stage.name, list(HydraConfig.get().overrides.task))
         if ignored:
             print(f"warning: stage={cfg.stage.name} does not use {' '.join(ignored)}; these "
@@ -67,6 +69,10 @@ def _quote_run_globs(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    # Under nohup, SLURM or any redirect Python block-buffers stdout: a log would show nothing
+    # until the run ends. Line buffering writes each message as it happens.
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)
     sys.argv = _quote_run_globs(sys.argv)
     # `stage` has no default, which stops Hydra from composing its --help page: show the help
     # as composed for one stage (the page lists every stage anyway).

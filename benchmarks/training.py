@@ -125,10 +125,16 @@ class Trained:
 
 
 def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_steps: int,
-               device: str, k: int = 32, l1_coeff: float = 5.0, warmup: int = 1):
-    """A party running sae_vision.train.train_loop with its in-memory loader."""
+               device: str, k: int = 32, l1_coeff: float = 5.0, warmup: int = 1,
+               progress: bool = True):
+    """A party running sae_vision.train.train_loop with its in-memory loader.
+
+    With `progress` the loop reports every step to the train stage's progress display, as the
+    stage does (the off-terminal path: a clock read per step; its log line goes nowhere here).
+    """
+    from sae_vision.progress import Progress
     from sae_vision.sae import make_sae
-    from sae_vision.train import MemoryBatches, train_loop
+    from sae_vision.train import LIVE_METRICS, MemoryBatches, train_loop
 
     def run(clock_kw: dict) -> Trained:
         sae_cfg, train_cfg = our_config(arch, n_features, k, l1_coeff, batch_size, n_steps,
@@ -138,10 +144,18 @@ def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
                        mean=data.mean_D).to(device)
         batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=torch.device(device))
         clock = StepClock(batches, warmup=warmup, device=device, **clock_kw)
+        bar = Progress("bench train", n_steps, "step", terminal=False) if progress else None
+
+        def log(metrics: dict, step: int) -> None:
+            if bar is not None:
+                bar.set({show: metrics[k] for k, show in LIVE_METRICS.items() if k in metrics})
         try:
-            train_loop(sae, clock, train_cfg, sae_cfg, log=lambda metrics, step: None)
+            train_loop(sae, clock, train_cfg, sae_cfg, log=log,
+                       on_step=(lambda _: bar.update()) if bar is not None else None)
         finally:
             clock.finish()
+            if bar is not None:
+                bar.close()
         info = {"library": "sae-vision", "arch": arch, "n_features": n_features,
                 "batch_size": batch_size, "n_steps": n_steps, **clock.rate(batch_size)}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import time
@@ -20,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from sae_vision import paths
 from sae_vision.config import ARRAY_LAYER, Config, check_layer, to_plain
 from sae_vision.data import Item, collate_items, iter_webdataset, make_images
+from sae_vision.progress import Progress
 from sae_vision.shards import (
     METADATA,
     CacheError,
@@ -36,6 +37,8 @@ from sae_vision.shards import (
     shard_name,
 )
 from sae_vision.tracker import Tracker, disabled
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -210,7 +213,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
             else Path(cfg.cache.dir) / layer for layer in layers}
     if all((d / METADATA).exists() for d in dirs.values()):
         metas = {la: load_cache_meta(d) for la, d in dirs.items()}
-        print(f"[cache] reusing complete cache(s): {', '.join(map(str, dirs.values()))}")
+        logger.info(f"[cache] reusing complete cache(s): {', '.join(map(str, dirs.values()))}")
         return CacheResult({la: str(d) for la, d in dirs.items()},
                            next(iter(metas.values()))["n_images"],
                            {la: m["n_vectors"] for la, m in metas.items()}, 0.0, True)
@@ -228,7 +231,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     mine = [s for s in range(n_shards) if s % world == rank]
     done = {s for s in mine if all(shard_complete(d, s) for d in dirs.values())}
     todo = [s for s in mine if s not in done]
-    print(f"[cache] {len(layers)} layer(s), {n_total} images in {n_shards} shards; "
+    logger.info(f"[cache] {len(layers)} layer(s), {n_total} images in {n_shards} shards; "
           f"rank {rank}/{world}: {len(done)} done, {len(todo)} to write")
 
     dims = {la: model.layer_dim(la) for la in layers}
@@ -239,8 +242,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
 
     t0, n_img_done = time.perf_counter(), 0
     n_vec = dict.fromkeys(layers, 0)
-    bar = tqdm(total=len(todo) * cfg.cache.images_per_shard, unit="img", desc="cache",
-               dynamic_ncols=True, disable=None)
+    bar = Progress("cache", total=len(todo) * cfg.cache.images_per_shard, unit="img")
     shard_iter = (((s, _shard_items(cfg, dataset, s, n_total)) for s in todo)
                   if dataset is not None else _stream_shards(cfg, done | set(
                       s for s in range(n_shards) if s % world != rank)))
@@ -249,7 +251,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
         lock = dirs[layers[0]] / f"{shard_name(shard)}.lock"
         with ExitStack() as stack:
             if not claim(lock):
-                print(f"[cache] shard {shard} is being written by another process; skipping it")
+                logger.info(f"[cache] shard {shard} is being written by another process; skipping it")
                 continue
             stack.callback(lock.unlink, missing_ok=True)
             for d in dirs.values():  # we own the shard now: temps left by a killed run are stale
@@ -266,7 +268,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
                                 for it in items if it.image is None]
                     for it in items:
                         if it.image is None:
-                            print(f"[cache] skipped unreadable image {it.source}: {it.error}")
+                            logger.warning(f"[cache] skipped unreadable image {it.source}: {it.error}")
                     seen += [it.idx for it in items]
                     if not good:
                         continue
@@ -276,9 +278,8 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
                     for la in layers:
                         n_vec[la] += _write_chunk(writers[la], acts[la], good, cfg, geoms[la])
                     n_img_done += len(items)
+                    bar.set({"shard": shard, "vectors": sum(n_vec.values())})
                     bar.update(len(items))
-                    rate = n_img_done / (time.perf_counter() - t0)
-                    bar.set_postfix(vectors=sum(n_vec.values()), img_s=f"{rate:.1f}")
                 rng = (shard * cfg.cache.images_per_shard,
                        min((shard + 1) * cfg.cache.images_per_shard, n_total))
                 for la in layers:
@@ -302,7 +303,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
 
     metas = _finalize_when_complete(cfg, model, dirs, n_shards, n_total, rank)
     for la, d in dirs.items():
-        print(f"[cache] wrote {d} ({metas[la]['n_vectors'] if la in metas else '?'} vectors)")
+        logger.info(f"[cache] wrote {d} ({metas[la]['n_vectors'] if la in metas else '?'} vectors)")
     result = CacheResult({la: str(d) for la, d in dirs.items()}, n_total,
                          {la: m["n_vectors"] for la, m in metas.items()}, rate, False)
     tracker.summary({"cache/images_per_s": rate, **{f"cache/{la}/n_vectors": v

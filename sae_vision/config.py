@@ -243,6 +243,7 @@ class LoggerConfig:
     entity: Optional[str] = None  # W&B entity
     tags: list[str] = field(default_factory=list)  # W&B tags
     group: Optional[str] = None  # W&B group (sweeps)
+    progress_every_s: float = 30.0  # seconds between progress lines when output is not a terminal
 
 
 @dataclass
@@ -377,6 +378,7 @@ def check_config(cfg: Config) -> None:
     _positive("train.ckpt_every", cfg.train.ckpt_every)
     _positive("train.log_every", cfg.train.log_every)
     _positive("train.dead_window", cfg.train.dead_window)
+    _positive("logger.progress_every_s", cfg.logger.progress_every_s, allow_zero=True)
     _positive("eval.n_vectors", cfg.eval.n_vectors)
     _positive("eval.batch_size", cfg.eval.batch_size)
     _positive("curves.orientation_step", cfg.curves.orientation_step)

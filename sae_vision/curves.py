@@ -81,6 +81,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -94,6 +95,11 @@ import torch.nn as nn
 from sae_vision import novelty as N
 from sae_vision import stimuli as S
 from sae_vision.config import CurvesConfig
+
+logger = logging.getLogger(__name__)
+
+# Progress hook: on_batch(n_stimuli_in_this_batch, n_stimuli_in_the_battery) per forward pass.
+BatchFn = Callable[[int, int], None]
 
 # Evidence columns that the criterion thresholds, with the direction a detection needs.
 CRITERIA = {
@@ -241,13 +247,15 @@ def invariance_groups(cfg: CurvesConfig) -> dict[str, list[str]]:
 
 @torch.no_grad()
 def centre_activations(model, layer: str, table: S.StimulusTable, probe: Probe,
-                       batch_size: int = 128) -> torch.Tensor:
+                       batch_size: int = 128, on_batch: BatchFn | None = None) -> torch.Tensor:
     """Activation vectors [N, D] at the probed position, one chunked forward pass."""
     dev = _device(model)
     out = []
     for _, imgs in S.iter_chunks(table, batch_size):
         acts = model.activations(imgs.to(dev), [layer])[layer]
         out.append(acts[:, :, probe.pos, probe.pos].float().cpu())
+        if on_batch is not None:
+            on_batch(len(imgs), len(table))
     return torch.cat(out)
 
 
@@ -626,9 +634,10 @@ def input_block_of(model, layer: str) -> str | None:
 
 
 def census_of_model(model, layer: str, cfg: CurvesConfig, table: S.StimulusTable, probe: Probe,
-                    mean_U=None, std_U=None, images: torch.Tensor | None = None) -> dict:
+                    mean_U=None, std_U=None, images: torch.Tensor | None = None,
+                    on_batch: BatchFn | None = None) -> dict:
     """Responses, stats and evidence of every neuron of one network (real or null)."""
-    acts_ND = centre_activations(model, layer, table, probe, cfg.batch_size)
+    acts_ND = centre_activations(model, layer, table, probe, cfg.batch_size, on_batch)
     if mean_U is None or std_U is None:
         if images is None:
             raise ValueError("census_of_model needs mean_U/std_U or reference images")
@@ -846,7 +855,7 @@ def input_block_check(model, layer: str, ccfg, images: torch.Tensor, probe_of, s
 
 
 def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, images,
-                  say) -> dict:
+                  say, on_batch: BatchFn | None = None) -> dict:
     """The SAE-independent part of the census: real neurons, network nulls, calibration, the
     threshold grid and the input-block check."""
     import time
@@ -867,7 +876,7 @@ def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, im
     t0 = time.perf_counter()
     real = census_of_model(model, layer, ccfg, table, probe, unit_mean, unit_std,
                            None if unit_std is not None and unit_mean is not None
-                           else reference_images())
+                           else reference_images(), on_batch=on_batch)
     timings["real_s"] = time.perf_counter() - t0
     say(f"[curves] {layer}: {len(table)} stimuli on a {probe.size}px canvas, "
         f"{timings['real_s']:.1f}s for the real network")
@@ -882,7 +891,8 @@ def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, im
         for seed in range(n_seeds):
             t0 = time.perf_counter()
             null = NULLS[kind](model, layer, seed)
-            res = census_of_model(null, layer, ccfg, table, probe, images=reference_images())
+            res = census_of_model(null, layer, ccfg, table, probe, images=reference_images(),
+                                  on_batch=on_batch)
             del null
             null_evs[kind].append(res["evidence"])
             null_curves[kind].append((res["evidence"], tuning_curves(res["acts"].numpy(), table,
@@ -1019,7 +1029,7 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
                images: torch.Tensor | None = None, cache_dir=None, out_dir=None,
                log: Callable[[dict], None] | None = None, null_seeds: int | None = None,
                verbose: bool = True, memo: dict | None = None, memo_key: str = "",
-               extra: dict | None = None) -> dict:
+               extra: dict | None = None, on_batch: BatchFn | None = None) -> dict:
     """Curve-detector census of `layer`'s neurons (and an SAE's features), with nulls and FDR.
 
     unit_std/unit_mean: natural-image std/mean per channel (computed from `images`, or from
@@ -1032,12 +1042,14 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
     unit stats and images came from) plus the model's weights, the layer and the settings, so a
     sweep computes it once. `extra` is merged into the result (provenance). Returns a JSON-able
     dict; when `out_dir` is given, writes curves.json and the figures there (`write_census`).
+    `on_batch` is called after every forward pass over the battery of the real and null networks
+    (progress).
     """
     import time
 
     ccfg = curves_config(cfg)
     t_start = time.perf_counter()
-    say = print if verbose else (lambda *a, **k: None)
+    say = logger.info if verbose else (lambda *a, **k: None)
     n_seeds = int(ccfg.n_null_seeds if null_seeds is None else null_seeds)
     key = (memo_key, getattr(model, "weights_sha256", None), layer, n_seeds,
            json.dumps(dataclasses.asdict(ccfg) if dataclasses.is_dataclass(ccfg)
@@ -1046,7 +1058,8 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
         say(f"[curves] {layer}: reusing the neuron census and nulls computed earlier")
         part = memo[key]
     else:
-        part = neuron_census(model, layer, ccfg, n_seeds, unit_mean, unit_std, images, say)
+        part = neuron_census(model, layer, ccfg, n_seeds, unit_mean, unit_std, images, say,
+                             on_batch)
         if memo is not None:
             memo.clear()  # keep one entry: bounded memory across layers
             memo[key] = part

@@ -18,6 +18,7 @@ import csv
 import dataclasses
 import glob as globlib
 import json
+import logging
 import math
 import os
 import re
@@ -33,6 +34,7 @@ import torch
 from sae_vision import metrics as M
 from sae_vision import paths
 from sae_vision.config import ALL_LAYER_DIMS, Config, DataConfig, ModelConfig, to_plain
+from sae_vision.progress import Progress, track
 from sae_vision.shards import (
     iter_chunks,
     load_cache_meta,
@@ -45,6 +47,8 @@ from sae_vision.tracker import Tracker, disabled
 CHECKPOINT = "sae.safetensors"
 RUN_CONFIG = "config.json"
 SUMMARY_DIR = "summary"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -324,7 +328,8 @@ def baseline_logits(model, layer: str, images_B3HW: torch.Tensor, mean_C: torch.
     """Logits of the original network and of the zero- and mean-ablated layer (reused per layer)."""
     device = _model_device(model)
     out: dict[str, list[torch.Tensor]] = {"orig": [], "zero": [], "mean": []}
-    for x in images_B3HW.split(batch_size):
+    for x in track(images_B3HW.split(batch_size), "evaluate splice baselines",
+                   len(images_B3HW), "img", size=len):
         x = x.to(device)
         out["orig"].append(model(x).double().cpu())
         with model.splice(layer, zero_fn):
@@ -344,7 +349,8 @@ def splice_metrics(model, sae, layer: str, images_B3HW: torch.Tensor, mean_C: to
     rec = M.ReconstructionStats(int(sae.d_in))
     spliced = []
     with model.splice(layer, sae_splice_fn(sae, rec)):
-        for x in images_B3HW.split(batch_size):
+        for x in track(images_B3HW.split(batch_size), "evaluate splice", len(images_B3HW), "img",
+                       size=len):
             spliced.append(model(x.to(device)).double().cpu())
     stats = M.SpliceStats()
     stats.update(baselines["orig"], {"sae": torch.cat(spliced), "zero": baselines["zero"],
@@ -722,7 +728,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         raise ValueError(f"run {info.name} has no held-out shards; retrain with "
                          "train.holdout_frac > 0 so evaluation never sees training data")
     if meta.get("finished") is False:
-        print(f"[evaluate] note: {info.name} is a mid-training checkpoint (step "
+        logger.info(f"[evaluate] note: {info.name} is a mid-training checkpoint (step "
               f"{meta.get('step')} of {meta.get('n_steps')})")
     ev = cfg.eval
     other = other_data(cfg, info)
@@ -739,7 +745,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     mc = _model_config(cfg, cache_meta)
     device = _device(mc.device)
     sae = sae.to(device).eval()
-    print(f"[evaluate] {info.name}: layer {info.layer}, {info.arch}, d_in={info.d_in}, "
+    logger.info(f"[evaluate] {info.name}: layer {info.layer}, {info.arch}, d_in={info.d_in}, "
           f"F={info.n_features}, held-out shards {list(info.holdout_shards)}")
 
     out_dir = run_dir / "eval" if other is None else run_dir / "eval" / other[2]
@@ -748,9 +754,11 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     held = (a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards))
     topup = batches_of((a for a, _, _ in iter_chunks(info.cache_dir, info.train_shards)),
                        ev.batch_size) if info.train_shards else None
-    rec, density = reconstruction_metrics(
-        sae, batches_of(held, ev.batch_size, ev.n_vectors), device, ev.dense_threshold,
-        topup, ev.dead_min_vectors)
+    n_held = sum(s["n_vectors"] for s in cache_meta["shards"] if s["name"] in info.holdout_shards)
+    held_batches = track(batches_of(held, ev.batch_size, ev.n_vectors),
+                         "evaluate reconstruction", min(n_held, ev.n_vectors), "vec", size=len)
+    rec, density = reconstruction_metrics(sae, held_batches, device, ev.dense_threshold,
+                                          topup, ev.dead_min_vectors)
     l0_hist = rec.pop("l0_hist")
     l0_max = int(rec["reconstruction"]["l0_max"])
     m: dict = {
@@ -937,12 +945,21 @@ def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: 
     """Curve-detector census of the layer's neurons and this SAE's features -> eval/curves.json."""
     from sae_vision import curves
 
-    res = curves.run_census(model, info.layer, cfg, sae=sae, unit_mean=inputs.get("unit_mean"),
-                            unit_std=inputs.get("unit_std"), images=inputs["images"],
-                            feature_vectors=held_ND, out_dir=out_dir, log=log, memo=memo,
-                            memo_key=inputs["memo_key"],
-                            extra={"sigma_source": inputs["sigma_source"],
-                                   "reference_images": inputs["reference_images"]})
+    # Forward passes over the stimulus battery: the real network, then every null network.
+    n_networks = 1 + len(cfg.curves.nulls) * int(cfg.curves.n_null_seeds)
+    with Progress("evaluate census", unit="stim") as bar:
+        def on_batch(n_done: int, n_stimuli: int) -> None:
+            if bar.total is None:
+                bar.set_total(n_networks * n_stimuli)
+            bar.update(n_done)
+
+        res = curves.run_census(model, info.layer, cfg, sae=sae,
+                                unit_mean=inputs.get("unit_mean"), unit_std=inputs.get("unit_std"),
+                                images=inputs["images"], feature_vectors=held_ND, out_dir=out_dir,
+                                log=log, memo=memo, memo_key=inputs["memo_key"],
+                                extra={"sigma_source": inputs["sigma_source"],
+                                       "reference_images": inputs["reference_images"]},
+                                on_batch=on_batch)
     path = out_dir / "curves.json"
     feats = res.get("features") or {}
     figures = {f"curves_{k}_png": v for k, v in (res.get("files") or {}).items()
@@ -965,7 +982,8 @@ def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log,
     from sae_vision import polysemantic as P
 
     codes, pre, recon = [], [], []
-    for x in acts_ND.split(cfg.eval.batch_size):
+    for x in track(acts_ND.split(cfg.eval.batch_size), "evaluate polysemantic", len(acts_ND),
+                   "vec", size=len):
         x = x.to(device)
         c = sae.encode(x)
         codes.append(c.cpu())
@@ -1003,7 +1021,7 @@ def _print_headline(m: dict) -> None:
     if s:
         line += (f"  KL {s['kl_sae']:.4g} (zero {s['kl_zero']:.4g}, mean {s['kl_mean']:.4g})  "
                  f"agree {s['agreement_sae']:.2f}")
-    print(line)
+    logger.info(line)
 
 
 def _log_run(tracker: Tracker, m: dict, prefix: str) -> None:
@@ -1057,7 +1075,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> EvalResult:
         tracker.summary(flatten({k: only[k] for k in ("reconstruction", "features", "splice")
                                  if k in only}, "eval/"))
     for p in written:
-        print(f"[evaluate] wrote {p}")
+        logger.info(f"[evaluate] wrote {p}")
     return EvalResult(
         run_dirs=tuple(str(p) for p in run_dirs), metrics_paths=tuple(metric_paths),
         metrics=results, summary_csv_path=str(csv_path) if csv_path else None,

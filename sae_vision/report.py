@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import math
 import re
 import shutil
@@ -37,7 +38,10 @@ import torch
 
 from sae_vision import paths
 from sae_vision.config import Config, to_plain
+from sae_vision.progress import Progress, track
 from sae_vision.tracker import Tracker, disabled
+
+logger = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).with_name("report_assets")
 PAGE_SIZE = 48  # cards per browser page
@@ -613,11 +617,13 @@ def _layer_browsers(cfg: Config, cache_dir: str, cache_meta: dict, recs: list[Ru
         r.sae.to(device)
         encoders[r.slug] = r.sae.encode
         n_units[r.slug] = int(r.sae.n_features)
-    print(f"[report] {layer}: one pass over {cache_dir} for the neurons and {len(recs)} run(s)")
+    logger.info(f"[report] {layer}: one pass over {cache_dir} for the neurons and {len(recs)} run(s)")
+    max_vectors = rc.max_example_vectors if rc.max_example_vectors > 0 else None
+    n_scan = min(int(cache_meta.get("n_vectors") or 0), max_vectors or math.inf) or None
     ex, sources = collect_examples(
-        iter_chunks(cache_dir, with_pos=True), encoders, n_units, rc.n_examples,
-        rc.n_random_examples, seed=cfg.seed, device=device,
-        max_vectors=rc.max_example_vectors if rc.max_example_vectors > 0 else None)
+        track(iter_chunks(cache_dir, with_pos=True), "report examples", n_scan, "vec",
+              size=lambda c: len(c[0])), encoders, n_units, rc.n_examples,
+        rc.n_random_examples, seed=cfg.seed, device=device, max_vectors=max_vectors)
 
     # Which units get crops: curve detectors and polysemantic decompositions first.
     chosen: dict[str, list[int]] = {}
@@ -637,14 +643,16 @@ def _layer_browsers(cfg: Config, cache_dir: str, cache_meta: dict, recs: list[Ru
     crop_sub = f"crops/{slugify(cache_meta.get('key') or Path(cache_dir).name)}/"
     data_cfg = evaluate._data_config(cache_meta, cfg.data)
     try:
-        crops = save_crops(positions, iter_images(data_cfg, {p[0] for p in positions}),
+        images = {p[0] for p in positions}
+        crops = save_crops(positions, track(iter_images(data_cfg, images), "report crops",
+                                            len(images), "img"),
                            _geometry(cfg, cache_meta, layer), out / crop_sub, rc.thumb_px, sources)
     except FileNotFoundError as e:  # the images the cache came from are gone or moved
-        print(f"[report] no dataset examples for {layer}: {e}")
+        logger.info(f"[report] no dataset examples for {layer}: {e}")
         crops = {}
     bad = [v["error"] for v in crops.values() if "error" in v]
     if bad:
-        print(f"[report] {len(bad)} of {len(crops)} crops unavailable, e.g. {bad[0]}")
+        logger.info(f"[report] {len(bad)} of {len(crops)} crops unavailable, e.g. {bad[0]}")
 
     fv: dict[str, set[int]] = {}
     if rc.featurevis:
@@ -755,7 +763,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     fig_dir.mkdir()
     device = _device(cfg)
     records = sorted((load_run(d, cfg) for d in run_dirs), key=_order)
-    print(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
+    logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
 
     by_cache: dict[str, list[RunRecord]] = {}
     for r in records:
@@ -813,11 +821,11 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     findings = write_findings(records, out)
     if findings:
         tracker.log_table("report/findings", _clean(findings_rows(records)))
-        print(findings_markdown(findings_rows(records)))
+        logger.info(findings_markdown(findings_rows(records)))
     written = [index, out / "data" / "report.js", manifest_path, *findings]
     for p in written:
-        print(f"[report] wrote {p}")
-    print(f"[report] {len(browsers)} browsers, {n_cards} cards, "
+        logger.info(f"[report] wrote {p}")
+    logger.info(f"[report] {len(browsers)} browsers, {n_cards} cards, "
           f"{time.perf_counter() - t0:.1f} s; open {index.resolve().as_uri()}")
     return ReportResult(report_dir=str(out), index_path=str(index),
                         manifest_path=str(manifest_path), runs=tuple(r.name for r in records),
@@ -924,18 +932,24 @@ def _featurevis(cfg: Config, cache_meta: dict, layer: str, recs: list[RunRecord]
     jobs = [(neuron_id, None, "neurons")] + [
         (r.slug, r.sae, f"{r.name}:{sha256_file(r.run_dir / 'sae.safetensors')[:16]}")
         for r in recs]
+    bar = Progress("report feature vis", sum(len(chosen[n][: rc.featurevis_max]) for n, _, _ in jobs),
+                   "unit")
     for name, sae, run_id in jobs:
         ids = chosen[name][: rc.featurevis_max]
         t = time.perf_counter()
+        bar.set({"dictionary": name})
         pngs = featurevis.visualise(model, layer, ids, cache_root, run_id, sae=sae,
                                     steps=rc.featurevis_steps, size=rc.featurevis_size,
                                     batch_size=rc.featurevis_batch)
+        bar.update(len(ids))
         dst = out / "featurevis" / name
         dst.mkdir(parents=True, exist_ok=True)
         for u, p in pngs.items():
             shutil.copyfile(p, dst / f"u{u}.png")
         done[name] = set(pngs)
-        print(f"[report] feature vis: {len(ids)} units of {name} ({time.perf_counter() - t:.1f} s)")
+        logger.info(f"[report] feature vis: {len(ids)} units of {name} "
+                    f"({time.perf_counter() - t:.1f} s)")
+    bar.close()
     return done
 
 

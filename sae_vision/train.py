@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import queue
+import shlex
 import shutil
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -44,6 +45,7 @@ from sae_vision.config import (
     to_plain,
     warmup_steps_of,
 )
+from sae_vision.progress import Progress
 from sae_vision.shards import (
     CacheError,
     load_cache_meta,
@@ -54,6 +56,13 @@ from sae_vision.shards import (
 
 LogFn = Callable[[dict, int], None]
 CheckpointFn = Callable[[int, dict], None]
+StepFn = Callable[[int], None]
+
+logger = logging.getLogger(__name__)
+
+# What the progress bar/line shows of the logged metrics, under the names a reader expects.
+LIVE_METRICS = {"samples_per_s": "samples/s", "loss": "loss", "mse": "mse", "fvu": "fvu",
+                "l0": "l0", "dead_frac": "dead", "lr": "lr"}
 
 STATE_FORMAT = 1
 
@@ -376,14 +385,15 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 
 def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: SAEConfig,
                log: LogFn, on_checkpoint: CheckpointFn | None = None,
-               state: dict | None = None) -> dict:
+               state: dict | None = None, on_step: StepFn | None = None) -> dict:
     """Train `sae` for cfg.n_steps on `batches`; logs via `log(metrics, step)`, returns metrics.
 
     `state` (from a checkpoint's train state) resumes exactly; `on_checkpoint(step, state)` is
     called every cfg.ckpt_every steps and at the end with everything needed to resume. Under an
     initialised process group the SAE is wrapped in DDP, cfg.batch_size is the global batch,
     every counter and metric is reduced, and only rank 0 calls `log`. `log` gets floats plus
-    'density_log10' (numpy [F], log10 firing frequency over the interval).
+    'density_log10' (numpy [F], log10 firing frequency over the interval). `on_step(done)` is
+    called after every step (progress display); it must not read tensors.
     """
     device = next(sae.parameters()).device
     rank, world = world_info()
@@ -536,6 +546,8 @@ def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: 
             t0 = time.perf_counter()
             on_checkpoint(done, state_now(done))
             ckpt_time += time.perf_counter() - t0
+        if on_step is not None:
+            on_step(done)
 
     check_pending()
     step = n_steps
@@ -860,8 +872,9 @@ def run(cfg, tracker=None) -> TrainResult:
 
     finished = _finished_result(run_dir, s_hash, int(cfg.train.n_steps))
     if finished is not None:
-        print(f"train: reusing finished run {run_dir}")
+        logger.info(f"train: reusing finished run {run_dir}")
         _print_paths(finished)
+        _print_summary(cfg, finished, None)
         return finished
 
     device, created_pg = setup_distributed(cfg.train.device)
@@ -930,7 +943,7 @@ def _train(cfg, log: LogFn, cache: Path, meta: dict, d_in: int, train_shards, ho
         sae.load_state_dict(loaded.state_dict())
         state = load_train_state(ckpt)
         if rank == 0:
-            print(f"train: resuming {run_dir} from step {state['step']}")
+            logger.info(f"train: resuming {run_dir} from step {state['step']}")
     sae.to(device)
     start = int(state["step"]) if state else 0
     batches = make_batches(cache, train_shards, tcfg, d_in, rank, world, start, device, meta)
@@ -953,12 +966,20 @@ def _train(cfg, log: LogFn, cache: Path, meta: dict, d_in: int, train_shards, ho
     log_path = run_dir / "train_log.jsonl"
     if rank == 0:
         _truncate_log(log_path, start)
+        logger.info(f"train: {name}: {scfg.arch}, {int(sae.n_features)} features on {d_in}-d "
+                    f"{cfg.layer.name}, {int(tcfg.n_steps)} steps of {int(tcfg.batch_size)} on "
+                    f"{device.type}{f' x{world}' if world > 1 else ''}")
+    bar = Progress("train", total=int(tcfg.n_steps), unit="step", initial=start) \
+        if rank == 0 else None
+    t_wall = time.perf_counter()
 
     def log_all(metrics: dict, step: int) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         with open(log_path, "a") as f:
             f.write(json.dumps({"step": step, **scalars}) + "\n")
         log(metrics, step)
+        # The numbers the tracker just got; shown from the next progress update on.
+        bar.set({show: metrics[k] for k, show in LIVE_METRICS.items() if k in metrics})
 
     def on_checkpoint(step: int, state: dict) -> None:
         if rank == 0:
@@ -969,9 +990,11 @@ def _train(cfg, log: LogFn, cache: Path, meta: dict, d_in: int, train_shards, ho
         if world > 1:
             dist.barrier()
 
+    trained = False
     try:
         metrics = train_loop(sae, batches, tcfg, scfg, log_all if rank == 0 else log,
-                             on_checkpoint, state)
+                             on_checkpoint, state, on_step=(lambda _: bar.update()) if bar else None)
+        trained = True
     except TrainingDiverged as e:
         last = latest_checkpoint(run_dir)
         where = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written"
@@ -979,6 +1002,8 @@ def _train(cfg, log: LogFn, cache: Path, meta: dict, d_in: int, train_shards, ho
     finally:
         if hasattr(batches, "close"):
             batches.close()  # stops and joins the prefetch thread of a streamed run
+        if bar is not None:
+            bar.close(done=trained)
 
     metrics = {**metrics, "run_name": name, "layer": cfg.layer.name, "arch": scfg.arch,
                "n_features": int(sae.n_features), "d_in": d_in}
@@ -987,6 +1012,7 @@ def _train(cfg, log: LogFn, cache: Path, meta: dict, d_in: int, train_shards, ho
     result = TrainResult(run_dir, run_dir / "sae.safetensors", metrics)
     if rank == 0:
         _print_paths(result)
+        _print_summary(cfg, result, time.perf_counter() - t_wall)
     return result
 
 
@@ -1002,10 +1028,48 @@ def _truncate_log(log_path: Path, start_step: int) -> None:
     _atomic(log_path, lambda p: p.write_text("".join(s + "\n" for s in keep)))
 
 
+def _evaluate_command(cfg, run_name: str) -> str:
+    """The `python run.py stage=evaluate ...` command that evaluates this run."""
+    keep: list[str] = []
+    with contextlib.suppress(Exception):
+        from hydra.core.hydra_config import HydraConfig
+
+        keep = [o for o in HydraConfig.get().overrides.task if not o.split("=")[0].lstrip(
+            "+~").startswith(("stage", "sae", "train", "hydra"))]
+    if not keep:
+        keep = [f"layer={cfg.layer.name}"]
+        if getattr(cfg.paths, "root", "artifacts") != "artifacts":
+            keep.append(f"paths.root={cfg.paths.root}")
+    return " ".join(["python run.py stage=evaluate", *map(shlex.quote, keep),
+                     shlex.quote(f"sae.run={run_name}")])
+
+
+def _print_summary(cfg, result: TrainResult, wall_s: float | None) -> None:
+    """What a person wants once training ends: the numbers, where the run is, what to run next."""
+    m, d = result.metrics, result.run_dir
+    n_feat = int(m.get("n_features") or 0)
+    dead = m.get("dead_frac")
+    held = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        ev = json.loads((d / "eval" / "metrics.json").read_text())
+        if ev.get("step") == m.get("n_steps"):  # evaluated at this very checkpoint
+            held = float(ev["reconstruction"]["fvu"])
+    parts = [f"loss {m['final_loss']:.4g}" if "final_loss" in m else None,
+             f"train-batch FVU {m['fvu']:.4f}" if "fvu" in m else None,
+             f"held-out FVU {held:.4f}" if held is not None else "held-out FVU not measured yet",
+             f"L0 {m['l0']:.1f}" if "l0" in m else None,
+             f"dead {round(dead * n_feat)}/{n_feat} features" if dead is not None else None,
+             f"wall {wall_s:.1f} s" if wall_s is not None else "already finished",
+             f"{m['samples_per_s_mean']:.0f} samples/s" if m.get("samples_per_s_mean") else None]
+    name = m.get("run_name") or d.name
+    logger.info(f"train: summary of {name}: " + ", ".join(p for p in parts if p))
+    logger.info(f"train: run folder {d}")
+    logger.info(f"train: evaluate it with: {_evaluate_command(cfg, name)}")
+
+
 def _print_paths(result: TrainResult) -> None:
     d = result.run_dir
     for f in ("sae.safetensors", "config.json", "train_state.safetensors", "train_state.json",
               "train_log.jsonl", "train_metrics.json"):
         if (d / f).exists():
-            print(f"train: wrote {d / f}")
-    sys.stdout.flush()
+            logger.info(f"train: wrote {d / f}")

@@ -300,12 +300,13 @@ def test_report_of_a_real_tiny_study_with_census_and_feature_vis(tmp_path, bvlc_
         assert neurons["units"][d["unit"]]["cd"] == 1
 
 
-def test_report_without_the_source_images_still_renders_cards(tmp_path, capsys):
+def test_report_without_the_source_images_still_renders_cards(tmp_path, caplog):
     cfg = build_study(tmp_path)
     for p in (tmp_path / "photos").iterdir():
         p.unlink()
     (tmp_path / "photos").rmdir()
+    caplog.set_level("INFO", logger="sae_vision")
     res = report.run(cfg)
-    assert "no dataset examples for mixed3a" in capsys.readouterr().out
+    assert "no dataset examples for mixed3a" in caplog.text
     b = load_browser(Path(res.report_dir), report.slugify(f"{LAYER}-topk-f512-k8"))
     assert len(b["units"]) == 512 and not any(u.get("top") for u in b["units"])

@@ -135,18 +135,19 @@ def test_untrained_sae_scores_far_below_the_recovery_threshold(arch, planted):
     assert mean_max_cosine(truth_TD, sae.W_dec) < 0.6
 
 
-def test_finished_run_is_returned_without_training_again(planted, tmp_path, capsys):
+def test_finished_run_is_returned_without_training_again(planted, tmp_path, caplog):
     cache_dir, _ = planted
     cfg = make_cfg(tmp_path, cache_dir, "topk", n_steps=20, ckpt_every=10, log_every=10)
     first = train.run(cfg)
     log_before = (first.run_dir / "train_log.jsonl").read_text()
-    capsys.readouterr()
+    caplog.clear()
+    caplog.set_level("INFO", logger="sae_vision")
     t0 = time.perf_counter()
     again = train.run(cfg)
     assert time.perf_counter() - t0 < 2.0
     assert again.metrics == first.metrics and again.run_dir == first.run_dir
     assert (again.run_dir / "train_log.jsonl").read_text() == log_before
-    out = capsys.readouterr().out
+    out = caplog.text
     assert "reusing finished run" in out and str(first.run_dir / "sae.safetensors") in out
     # Only the final checkpoint is kept, committed as one folder and mirrored at the top level.
     assert [p.name for p in (first.run_dir / "checkpoints").iterdir()] == ["step-0000020"]
@@ -347,7 +348,7 @@ def _env() -> dict:
 
 
 def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_final_loss(planted, tmp_path,
-                                                                               capsys):
+                                                                               caplog):
     cache_dir, _ = planted
     kw = dict(n_steps=200, ckpt_every=10, log_every=25, dead_window=2048)  # AuxK active
     reference = train.run(make_cfg(tmp_path / "reference", cache_dir, "topk", **kw))
@@ -371,9 +372,9 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_final_loss(p
     killed_at = int(train.latest_checkpoint(run_dir).name.split("-")[1])
     assert 10 <= killed_at < 200
 
-    capsys.readouterr()
+    caplog.set_level("INFO", logger="sae_vision")
     resumed = train.run(cfg)
-    assert f"resuming {run_dir} from step {killed_at}" in capsys.readouterr().out
+    assert f"resuming {run_dir} from step {killed_at}" in caplog.text
     assert resumed.metrics["final_loss"] == pytest.approx(reference.metrics["final_loss"],
                                                           rel=1e-6)
     a, _ = load_sae(reference.run_dir)

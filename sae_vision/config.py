@@ -201,6 +201,7 @@ class CurvesConfig:
     polysemantic_min_share: float = 0.05  # a neuron's own features carry at least this share of it
     copy_min_share: float = 0.6  # a census feature with >= this share of its decoder or encoder norm² on one channel is a copy
     copy_share_grid: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8])  # copy thresholds reported side by side
+    cover_tolerance_deg: float = 15.0  # a new gap feature is "covered" by a curve-tuned top neuron of its own within this many degrees
     check_input_block: bool = True  # census of the layer's input block in the real and each null network (seed 0)
     n_new_figures: int = 12  # new features drawn beside their top neurons' tuning
 

@@ -938,6 +938,10 @@ def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, im
             "criterion_pass_counts": {k: int(v.sum()) for k, v in
                                       criterion(real["evidence"], thr).items()},
             "detected": neuron_det,
+            # Every neuron, compactly: enough to re-check gap filling from this file alone.
+            "all": {"preferred_orientation": real["evidence"]["preferred_orientation"].tolist(),
+                    "peak_sigma": np.round(real["evidence"]["peak_sigma"], 3).tolist(),
+                    "curve_tuned": curve_tuned(real["evidence"], thr).tolist()},
         },
     }
     figs: dict[str, Any] = {}
@@ -964,17 +968,48 @@ def _neuron_deg(ev: dict, thr: dict) -> dict[int, float]:
     return {int(u): float(ev["preferred_orientation"][u]) for u in np.where(det)[0]}
 
 
+TUNING_CRITERIA = ("peak_sigma", "curve_line_ratio", "circular_variance", "secondary_peak_ratio")
+
+
+def curve_tuned(ev: dict, thr: dict) -> np.ndarray:
+    """[U] units that pass criteria 1-3 alone (strong, curve over line, unimodal): curve-tuned,
+    whether or not they survive the invariance and discrimination tests of the full census."""
+    crit = criterion(ev, thr)
+    return np.logical_and.reduce([crit[k] for k in TUNING_CRITERIA])
+
+
+def covering_neurons(f: int, f_deg: float, dec_al: dict, real_ev: dict, tuned: np.ndarray,
+                     tolerance_deg: float, min_share: float = 0.1) -> list[int]:
+    """The feature's top decoder neurons (share >= min_share) that are curve-tuned on their own
+    at an orientation within tolerance of the feature's: a gap such a feature "fills" is
+    already covered by a neuron that only the strict census rejected."""
+    out = []
+    for n, sh in zip(dec_al["top_neurons"][f], dec_al["top_shares"][f]):
+        if sh >= min_share and tuned[n] and _circ_diff(
+                real_ev["preferred_orientation"][n], f_deg) <= tolerance_deg:
+            out.append(int(n))
+    return out
+
+
 def feature_novelty(f_ev: dict, f_thr: dict, real_ev: dict, n_thr: dict, dec_al: dict,
                     enc_al: dict | None, max_share: float, min_gap_deg: float,
-                    rnd: list[tuple[dict, dict]] = ()) -> dict:
+                    rnd: list[tuple[dict, dict]] = (), tol: float = 15.0) -> dict:
     """Copies and new detectors among census features at (f_thr, n_thr), the coverage that the
-    new ones alone give, and the random-direction null's count of "new" detectors."""
+    new ones alone give, the new ones in gaps that no curve-tuned top neuron of their own
+    already covers (`n_new_in_gaps_uncovered`), and the random-direction null's count of "new"
+    detectors."""
     neuron_deg = _neuron_deg(real_ev, n_thr)
     units = np.where(criterion(f_ev, f_thr)["detected"])[0].tolist()
     copy = N.is_copy(dec_al, enc_al, max_share)
     new = [u for u in units if not copy[u]]
     new_deg = [float(f_ev["preferred_orientation"][u]) for u in new]
     cov = coverage(list(neuron_deg.values()), new_deg, min_gap_deg)
+    tuned = curve_tuned(real_ev, n_thr)
+    in_gap = set(cov["features_in_neuron_gaps_deg"])
+    covered = {u: covering_neurons(u, d, dec_al, real_ev, tuned, tol)
+               for u, d in zip(new, new_deg) if d in in_gap}
+    uncovered_deg = [d for u, d in zip(new, new_deg) if u in covered and not covered[u]]
+    tuned_deg = [float(real_ev["preferred_orientation"][n]) for n in np.where(tuned)[0]]
     rnd_new = []
     for r_ev, r_al in rnd:
         r_units = np.where(criterion(r_ev, f_thr)["detected"])[0]
@@ -985,6 +1020,12 @@ def feature_novelty(f_ev: dict, f_thr: dict, real_ev: dict, n_thr: dict, dec_al:
             "new_in_neuron_gaps_deg": cov["features_in_neuron_gaps_deg"],
             "largest_gap_neurons_deg": cov["largest_gap_neurons_deg"],
             "largest_gap_neurons_plus_new_deg": cov["largest_gap_combined_deg"],
+            "new_in_gaps_covered_by": {int(u): c for u, c in covered.items()},
+            "n_new_in_gaps_uncovered": len(uncovered_deg),
+            "largest_gap_neurons_plus_uncovered_new_deg": orientation_gaps(
+                list(neuron_deg.values()) + uncovered_deg)[0][1],
+            "n_curve_tuned_neurons": int(tuned.sum()),
+            "largest_gap_curve_tuned_neurons_deg": orientation_gaps(tuned_deg)[0][1],
             "random_directions_new": rnd_new,
             "new_fdr": (mean_rnd / len(new) if new else (0.0 if not mean_rnd else math.inf))
             if mean_rnd is not None else None}
@@ -992,7 +1033,7 @@ def feature_novelty(f_ev: dict, f_thr: dict, real_ev: dict, n_thr: dict, dec_al:
 
 def band_summary(grid: list[dict], real_ev: dict, base: dict, min_gap_deg: float,
                  f_ev: dict | None = None, dec_al=None, enc_al=None, max_share: float = 0.6,
-                 rnd=()) -> dict:
+                 rnd=(), tol: float = 15.0) -> dict:
     """Largest neuron gap (and, given features, new detectors and gap filling) at every grid
     point of the FDR band, with min/median/max over the band."""
     rows = []
@@ -1006,9 +1047,9 @@ def band_summary(grid: list[dict], real_ev: dict, base: dict, min_gap_deg: float
         row["largest_gap_neurons_deg"] = orientation_gaps(neuron_deg)[0][1]
         if f_ev is not None:
             nov = feature_novelty(f_ev, thr, real_ev, thr, dec_al, enc_al, max_share,
-                                  min_gap_deg, rnd)
+                                  min_gap_deg, rnd, tol)
             row.update({k: nov[k] for k in ("n_detected", "n_copies", "n_new",
-                                            "n_new_in_neuron_gaps",
+                                            "n_new_in_neuron_gaps", "n_new_in_gaps_uncovered",
                                             "largest_gap_neurons_plus_new_deg",
                                             "random_directions_new")})
         rows.append(row)
@@ -1019,7 +1060,7 @@ def band_summary(grid: list[dict], real_ev: dict, base: dict, min_gap_deg: float
                 "max": float(np.max(v))} if v else None
 
     keys = ["real", "largest_gap_neurons_deg"] + (
-        ["n_detected", "n_copies", "n_new", "n_new_in_neuron_gaps",
+        ["n_detected", "n_copies", "n_new", "n_new_in_neuron_gaps", "n_new_in_gaps_uncovered",
          "largest_gap_neurons_plus_new_deg"] if f_ev is not None else [])
     return {"n_points": len(rows), "points": rows, **{f"{k}_range": span(k) for k in keys}}
 
@@ -1137,10 +1178,12 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
             d["passes_in_null"] = None  # random directions have no counterpart of a feature
             d["novelty"] = rec
         nov = feature_novelty(f_ev, f_thr, real["evidence"], thr, dec_al, enc_al,
-                              ccfg.copy_min_share, min_gap, rnd_nov)
+                              ccfg.copy_min_share, min_gap, rnd_nov, ccfg.cover_tolerance_deg)
         by_share = {f"{s:g}": {k: v for k, v in feature_novelty(
-            f_ev, f_thr, real["evidence"], thr, dec_al, enc_al, s, min_gap, rnd_nov).items()
-            if k not in ("new", "new_in_neuron_gaps_deg")} for s in ccfg.copy_share_grid}
+            f_ev, f_thr, real["evidence"], thr, dec_al, enc_al, s, min_gap, rnd_nov,
+            ccfg.cover_tolerance_deg).items()
+            if k not in ("new", "new_in_neuron_gaps_deg", "new_in_gaps_covered_by")}
+            for s in ccfg.copy_share_grid}
         tc_real = part["tc_real"]
         new_units = set(nov["new"])
         new_records = []
@@ -1163,7 +1206,8 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
                                 "tuning_sigma": d["tuning_sigma"], "neurons": neurons})
         if grid:
             band_f = band_summary(grid, real["evidence"], result["criterion"]["configured"],
-                                  min_gap, f_ev, dec_al, enc_al, ccfg.copy_min_share, rnd_nov)
+                                  min_gap, f_ev, dec_al, enc_al, ccfg.copy_min_share, rnd_nov,
+                                  ccfg.cover_tolerance_deg)
         result["features"] = {
             "n_units": int(feats[key].shape[1]),
             "response": key,
@@ -1172,6 +1216,12 @@ def run_census(model, layer: str, cfg, unit_std=None, unit_mean=None, sae=None,
             "n_new": nov["n_new"],
             "copy_min_share": ccfg.copy_min_share,
             "new_fdr_random_directions": nov["new_fdr"],
+            "n_new_in_gaps_uncovered": nov["n_new_in_gaps_uncovered"],
+            "new_in_gaps_covered_by": nov["new_in_gaps_covered_by"],
+            "largest_gap_neurons_plus_uncovered_new_deg":
+                nov["largest_gap_neurons_plus_uncovered_new_deg"],
+            "n_curve_tuned_neurons": nov["n_curve_tuned_neurons"],
+            "largest_gap_curve_tuned_neurons_deg": nov["largest_gap_curve_tuned_neurons_deg"],
             "random_directions_new": nov["random_directions_new"],
             "by_copy_threshold": by_share,
             "alignment": N.alignment_summary(dec_al, enc_al),

@@ -587,7 +587,8 @@ SUMMARY_COLUMNS = (
     "explained_variance", "mse", "cosine", "l2_ratio", "dead_frac", "dense_frac", "kl_sae",
     "kl_zero", "kl_mean", "agreement_sae", "frac_recovered_zero", "frac_recovered_mean",
     "n_vectors", "n_splice_images", "loss_flatness", "curve_features", "copies", "new",
-    "new_in_neuron_gaps", "largest_gap_neurons_deg", "largest_gap_with_new_deg", "new_fdr",
+    "new_in_neuron_gaps", "new_in_gaps_uncovered", "largest_gap_neurons_deg",
+    "largest_gap_with_new_deg", "largest_gap_curve_tuned_deg", "new_fdr",
     "frac_more_selective", "frac_more_selective_random",
 )
 
@@ -655,6 +656,8 @@ def summary_row(m: dict) -> dict:
                 "new": cur.get("n_new"), "new_in_neuron_gaps": cur.get("n_features_in_neuron_gaps"),
                 "largest_gap_neurons_deg": cur.get("largest_gap_neurons_deg"),
                 "largest_gap_with_new_deg": cur.get("largest_gap_combined_deg"),
+                "new_in_gaps_uncovered": cur.get("n_new_in_gaps_uncovered"),
+                "largest_gap_curve_tuned_deg": cur.get("largest_gap_curve_tuned_neurons_deg"),
                 "new_fdr": cur.get("new_fdr"),
                 "frac_more_selective": poly.get("frac_more_selective"),
                 "frac_more_selective_random": poly.get("frac_more_selective_random")})
@@ -968,6 +971,11 @@ def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: 
     return {"path": str(path), "figures": figures, "n_neuron_detectors": res["neurons"]["n_detected"],
             "n_feature_detectors": feats.get("n_detected"), "n_copies": feats.get("n_copies"),
             "n_new": feats.get("n_new"), "new_fdr": feats.get("new_fdr_random_directions"),
+            "n_new_in_gaps_uncovered": feats.get("n_new_in_gaps_uncovered"),
+            "largest_gap_uncovered_new_deg": feats.get(
+                "largest_gap_neurons_plus_uncovered_new_deg"),
+            "largest_gap_curve_tuned_neurons_deg": feats.get(
+                "largest_gap_curve_tuned_neurons_deg"),
             "band": {k: v for k, v in band.items() if k.endswith("_range") or k == "n_points"},
             **{k: res["coverage"].get(k) for k in ("largest_gap_neurons_deg",
                                                    "largest_gap_combined_deg",

@@ -838,8 +838,10 @@ FINDINGS_COLUMNS = (
     ("loss_flatness", "loss drop, last 25%"), ("curve_features", "curve features"),
     ("copies", "copies"), ("new", "new"), ("new_fdr", "new: random-dir. FDR"),
     ("new_in_neuron_gaps", "new in neuron gaps"),
+    ("new_in_gaps_uncovered", "…not covered by a curve-tuned top neuron"),
     ("largest_gap_neurons_deg", "largest gap, neurons"),
     ("largest_gap_with_new_deg", "largest gap, neurons + new"),
+    ("largest_gap_curve_tuned_deg", "largest gap, curve-tuned neurons (criteria 1-3)"),
     ("frac_more_selective", "features more selective than their neuron"),
     ("frac_more_selective_random", "same, random dictionary"),
 )

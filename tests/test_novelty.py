@@ -115,6 +115,8 @@ def test_a_mixture_of_two_curve_neurons_45_degrees_apart_is_new_and_fills_their_
     new = res["features"]["new_features"][0]
     assert new["feature"] == 1 and {n["neuron"] for n in new["neurons"][:2]} == {0, 1}
     assert len(new["tuning_sigma"]) == len(new["neurons"][0]["tuning_sigma"])
+    # Its two neurons are curve-tuned, but 20-25° away: the gap it fills is not covered.
+    assert res["features"]["n_new_in_gaps_uncovered"] == 1
     # With the copy rule loosened to 0.5 the mixture becomes a "copy": the grid says so.
     assert res["features"]["by_copy_threshold"]["0.5"]["n_new"] == 0
     assert json.dumps(res)
@@ -151,3 +153,30 @@ def test_a_random_dictionary_on_real_mixed3b_gives_no_new_detectors_beyond_the_f
     assert f["n_copies"] == 0  # random directions are never axis-aligned
     assert f["n_new"] <= cfg.max_fdr * n_neurons, f["n_new"]
     assert f["alignment"]["decoder"]["p90"] < 0.1
+
+
+def test_a_new_feature_next_to_a_curve_tuned_neuron_of_its_own_does_not_fill_a_gap():
+    """A feature that is mostly one curve-tuned neuron the strict census rejected (at the same
+    orientation) is "new" by the share rule, but the gap it seems to fill is already covered."""
+    real_ev = {"preferred_orientation": np.array([0.0, 90.0, 335.0, 180.0]),
+               "peak_sigma": np.array([20.0, 20.0, 20.0, 20.0]),
+               "curve_line_ratio": np.array([3.0, 3.0, 3.0, 3.0]),
+               "circular_variance": np.array([0.3, 0.3, 0.3, 0.3]),
+               "secondary_peak_ratio": np.array([0.1, 0.1, 0.1, 0.1]),
+               # neuron 2 fails the invariance test: no census detector at 335°
+               "invariance_dtheta": np.array([0.0, 0.0, 0.0, 0.0]),
+               "invariance_corr": np.array([0.99, 0.99, 0.93, 0.99]),
+               "invariance_retention": np.ones(4), "corner_ratio": np.full(4, 3.0),
+               "shifted_line_ratio": np.full(4, 3.0)}
+    cfg = C.CurvesConfig()
+    thr = C.thresholds_of(cfg)
+    f_ev = {k: v[[2, 2]].copy() for k, v in real_ev.items()}
+    f_ev["invariance_corr"] = np.array([0.99, 0.99])
+    f_ev["preferred_orientation"] = np.array([340.0, 300.0])
+    dec = np.array([[0.0, 0.0, 0.75, 0.66], [0.66, 0.0, 0.0, 0.75]])  # both under 0.6 share
+    nov = C.feature_novelty(f_ev, thr, real_ev, thr, N.axis_alignment(dec), None, 0.6, 30.0)
+    assert nov["n_new"] == 2 and nov["n_new_in_neuron_gaps"] == 2
+    assert nov["new_in_gaps_covered_by"] == {0: [2], 1: []}
+    assert nov["n_new_in_gaps_uncovered"] == 1
+    assert nov["largest_gap_curve_tuned_neurons_deg"] < nov["largest_gap_neurons_deg"]
+

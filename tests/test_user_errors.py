@@ -125,3 +125,143 @@ def test_image_folder_where_nothing_is_readable_ends_with_exit_2_and_the_list(tm
     out = cli("stage=cache", "data=imagefolder", f"data.root={tmp_path / 'images'}",
               "data.num_workers=0", f"paths.root={tmp_path}", *TINY)
     assert_user_error(out, "holds no vectors")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Every failure a user can cause: one `error:` line, exit code 2
+
+
+@pytest.fixture(scope="module")
+def trained(clean_cache, tmp_path_factory):
+    """paths.root with the clean cache and one finished tiny training run."""
+    root = tmp_path_factory.mktemp("trained")
+    shutil.copytree(clean_cache / "cache", root / "cache")
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+@pytest.fixture
+def run_root(trained, tmp_path):
+    """A private copy of `trained` and its one run folder."""
+    shutil.copytree(trained, tmp_path / "r")
+    (run_dir,) = [p for p in (tmp_path / "r" / "sae").iterdir() if p.is_dir()]
+    return tmp_path / "r", run_dir
+
+
+def test_corrupt_checkpoint_is_named_with_the_fix(run_root):
+    root, run_dir = run_root
+    weights = run_dir / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    assert_user_error(out, str(weights), "damaged", "rerun")
+
+
+def test_run_name_reused_with_other_settings_is_an_error_naming_the_key(run_root):
+    root, run_dir = run_root
+    out = cli("stage=train", f"paths.root={root}", f"train.run_name={run_dir.name}",
+              "train.lr=0.01", *TINY)
+    assert_user_error(out, str(run_dir), "different settings", "train.run_name")
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """make(path) -> the same folder, read-only (a read-only bind mount as root, chmod else)."""
+    mounts = []
+
+    def make(src: Path) -> Path:
+        if os.geteuid() != 0:
+            for p in [src, *src.rglob("*")]:
+                p.chmod(p.stat().st_mode & ~0o222)
+            return src
+        dst = tmp_path / f"ro-{len(mounts)}"
+        dst.mkdir()
+        for cmd in (["mount", "--bind", str(src), str(dst)],
+                    ["mount", "-o", "remount,ro,bind", str(dst)]):
+            if subprocess.run(cmd, capture_output=True).returncode:
+                pytest.skip("cannot make a read-only bind mount here")
+            mounts.append(dst)
+        return dst
+
+    yield make
+    for dst in dict.fromkeys(reversed(mounts)):
+        subprocess.run(["umount", "-l", str(dst)], capture_output=True)
+
+
+def test_read_only_artifacts_give_the_real_error_not_a_cleanup_failure(run_root, read_only,
+                                                                      tmp_path):
+    root, run_dir = run_root
+    (run_dir / "eval").mkdir()  # an earlier evaluation's folder: the writes inside it fail
+    ro = read_only(root)
+    # The run folder elsewhere: evaluate itself meets the read-only artifacts.
+    out = cli("stage=evaluate", f"paths.root={ro}", f"hydra.run.dir={tmp_path / 'hy'}", *TINY)
+    assert_user_error(out, f"cannot write {ro / 'sae' / run_dir.name / 'eval'}",
+                      "point paths.root elsewhere")
+    # Everything read-only: Hydra's run folder is refused before Hydra tries to create it.
+    out = cli("stage=evaluate", f"paths.root={ro}", *TINY)
+    assert_user_error(out, "cannot create the run folder", "not writable")
+
+
+def test_report_skips_a_broken_run_folder_with_a_warning_and_builds_the_rest(run_root):
+    root, run_dir = run_root
+    good = run_dir.with_name(run_dir.name + "-copy")
+    shutil.copytree(run_dir, good)
+    (run_dir / "config.json").write_text("{ not json")
+    out = cli("stage=report", f"paths.root={root}", *TINY, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"warning: skipping run {run_dir}" in out.stderr
+    assert "config.json" in out.stderr
+    assert f"1 run(s): {good.name}" in out.stdout
+    assert good.name in (root / "report" / "index.html").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# 4-5. W&B: missing credentials are an error, no network never hangs, WANDB_MODE is honoured
+
+
+def wandb_env(tmp_path, **extra):
+    """No W&B key anywhere (empty netrc, no WANDB_API_KEY, no WANDB_MODE) unless given."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "NETRC": str(netrc), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+            **extra}
+
+
+def cli_env(env, *args, timeout=120):
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_online_logger_without_credentials_is_an_error_with_the_fix(root):
+    out = cli_env(wandb_env(root), "stage=cache", f"paths.root={root}", *TINY, "logger=wandb")
+    assert_user_error(out, "needs W&B credentials", "wandb login", "WANDB_API_KEY",
+                      "logger=wandb_offline")
+
+
+def test_online_logger_without_network_falls_back_to_offline_within_seconds(root):
+    import time
+
+    from sae_vision.tracker import _base_url, reachable
+
+    if reachable(_base_url()):
+        pytest.skip("this machine can reach W&B; the no-network path needs it unreachable")
+    env = wandb_env(root, WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567")
+    t0 = time.perf_counter()
+    out = cli_env(env, "stage=cache", f"paths.root={root}", *TINY, "logger=wandb")
+    elapsed = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert elapsed < 60, f"took {elapsed:.0f} s"  # W&B's own init timeout alone is 90 s
+    assert "cannot be reached; logging offline instead" in out.stderr
+    (offline,) = list((root / "runs" / "cache").glob("*/wandb/offline-run-*"))
+    assert f"`wandb sync {offline}`" in out.stderr
+    assert list(offline.glob("run-*.wandb"))
+
+
+def test_wandb_mode_from_the_environment_is_honoured_and_the_conflict_stated(root):
+    out = cli_env(wandb_env(root, WANDB_MODE="offline"), "stage=cache", f"paths.root={root}",
+                  *TINY)  # TINY says logger=disabled
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "WANDB_MODE=offline from the environment overrides logger.mode=disabled" in out.stderr
+    assert list((root / "runs" / "cache").glob("*/wandb/offline-run-*/run-*.wandb"))

@@ -73,7 +73,12 @@ def _quote_run_globs(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    from sae_vision.callbacks import unknown_override
+
     sys.argv = _quote_run_globs(sys.argv)
+    if (why := unknown_override(sys.argv[1:], os.path.join(os.path.dirname(__file__), "conf"))):
+        print(f"error: {why}", file=sys.stderr)
+        sys.exit(2)
     # `stage` has no default, which stops Hydra from composing its --help page: show the help
     # as composed for one stage (the page lists every stage anyway).
     if {"--help", "-h"} & set(sys.argv) and not any(a.startswith("stage=") for a in sys.argv):

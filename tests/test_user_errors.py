@@ -265,3 +265,24 @@ def test_wandb_mode_from_the_environment_is_honoured_and_the_conflict_stated(roo
     assert out.returncode == 0, out.stderr[-3000:]
     assert "WANDB_MODE=offline from the environment overrides logger.mode=disabled" in out.stderr
     assert list((root / "runs" / "cache").glob("*/wandb/offline-run-*/run-*.wandb"))
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Keys that do not exist are refused, with or without +, naming the closest valid key
+
+
+@pytest.mark.parametrize("arg", ["sae.l1_coef=3", "+sae.l1_coef=3", "++sae.l1_coef=3"])
+def test_unknown_key_is_refused_with_or_without_plus_naming_the_closest(arg, tmp_path):
+    out = cli("stage=train", arg, f"paths.root={tmp_path}", "logger=disabled", timeout=120)
+    assert_user_error(out, "unknown config key 'sae.l1_coef'", "did you mean sae.l1_coeff?")
+    assert not (tmp_path / "sae").exists()  # nothing trained
+
+
+def test_valid_keys_groups_and_hydra_settings_pass_the_key_check():
+    from sae_vision.callbacks import unknown_override
+
+    ok = ["stage=train", "layer=mixed3a", "sae=relu_l1", "sae.l1_coeff=1,3", "+experiment=demo",
+          "hydra/launcher=local", "hydra.run.dir=/tmp/x", "seed=3", "cache.layers=[a,b]", "-m",
+          "debug=tiny", "~logger.tags"]
+    assert unknown_override(ok, REPO / "conf") is None
+    assert "did you mean train.n_steps?" in unknown_override(["train.n_stepz=3"], REPO / "conf")

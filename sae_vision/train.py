@@ -16,6 +16,7 @@ Run folder `artifacts/sae/<run_name>/`:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -870,6 +871,11 @@ def run(cfg, tracker=None) -> TrainResult:
                             run_dir, name, s_hash, device, rank, world, make_sae, load_sae)
     finally:
         if created_pg:
+            # The DDP wrapper sits in a reference cycle, so only the cyclic GC frees it, and with
+            # it the gloo process group its reducer holds: at any later moment, or at interpreter
+            # exit while the peer is already gone (rank 1 aborted with "terminate called without
+            # an active exception"). Free it now, while the group and the peer are alive.
+            gc.collect()
             # Ranks leave together: tearing gloo down while a peer still talks aborts the process.
             with contextlib.suppress(Exception):
                 dist.barrier()

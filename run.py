@@ -5,7 +5,9 @@ It only composes the config, validates it, opens the tracker and calls the stage
 
 from __future__ import annotations
 
+import errno
 import importlib
+import os
 import sys
 
 import hydra
@@ -23,6 +25,16 @@ register_configs()
 
 # Errors a user can fix from the command line: print the message, not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+# OS errors that mean "this folder cannot be written": read-only, no permission, disk full.
+WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+
+
+def fail(message: str) -> None:
+    """One `error:` line and exit code 2; a traceback only with HYDRA_FULL_ERROR=1."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -52,8 +64,12 @@ def main(dcfg: DictConfig):
         with open_tracker(cfg.logger, out_dir, to_plain(cfg), job_type=cfg.stage.name) as tracker:
             result = stage.run(cfg, tracker)
     except (*USER_ERRORS, CacheError, RunLocked, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        fail(f"cannot write {e.filename or 'a file'}: {e.strerror}; make it writable (or free "
+             "space), or point paths.root elsewhere")
     return result
 
 
@@ -73,7 +89,12 @@ if __name__ == "__main__":
     # until the run ends. Line buffering writes each message as it happens.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
+    from sae_vision.callbacks import unknown_override
+
     sys.argv = _quote_run_globs(sys.argv)
+    if (why := unknown_override(sys.argv[1:], os.path.join(os.path.dirname(__file__), "conf"))):
+        print(f"error: {why}", file=sys.stderr)
+        sys.exit(2)
     # `stage` has no default, which stops Hydra from composing its --help page: show the help
     # as composed for one stage (the page lists every stage anyway).
     if {"--help", "-h"} & set(sys.argv) and not any(a.startswith("stage=") for a in sys.argv):

@@ -47,6 +47,29 @@ def memory_rate(data: TrainData, batch_size: int, device: str, n_batches: int) -
             "vectors_per_s": n_batches * batch_size / elapsed, "batch_size": batch_size}
 
 
+def verify_cost(cache_dir: Path, shards: list[str], trainer_samples_per_s: float) -> dict:
+    """Seconds to sha256 the shards (the check on first open) against reading them once
+    (decode, no shuffle) and against training one epoch over them."""
+    from sae_vision.shards import load_cache_meta, read_shard, sha256_file
+
+    by_name = {s["name"]: s for s in load_cache_meta(cache_dir)["shards"]}
+    for name in shards:  # warm the page cache, so both timings read from memory alike
+        sha256_file(cache_dir / name)
+    t0 = time.perf_counter()
+    for name in shards:
+        assert sha256_file(cache_dir / name) == by_name[name]["sha256"], name
+    verify_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n = sum(len(rec["acts.npy"]) for name in shards for rec in read_shard(cache_dir / name))
+    read_s = time.perf_counter() - t0
+    train_s = n / trainer_samples_per_s
+    n_bytes = sum(by_name[s]["bytes"] for s in shards)
+    return {"shards": len(shards), "bytes": n_bytes, "vectors": n, "verify_s": verify_s,
+            "read_epoch_s": read_s, "train_epoch_s": train_s,
+            "verify_mb_per_s": n_bytes / 2**20 / verify_s,
+            "verify_vs_read_epoch": verify_s / read_s, "verify_vs_train_epoch": verify_s / train_s}
+
+
 def bench_loader(cache_dir: Path, meta: dict, data: TrainData, batch_size: int, device: str,
                  trainer_samples_per_s: float, max_seconds: float, progress,
                  shuffle_buffer: int | None = None) -> dict:
@@ -66,7 +89,9 @@ def bench_loader(cache_dir: Path, meta: dict, data: TrainData, batch_size: int, 
     memory = memory_rate(data, batch_size, device, n_batches=max(8, 2 * n_train // batch_size))
     load = {"vectors": n_train, "seconds": data.load_s,
             "vectors_per_s": n_train / max(data.load_s, 1e-9)}
-    return {"stream": stream, "memory": memory, "load_vectors": load,
+    progress("loader: sha256 of every training shard vs reading and training an epoch")
+    verify = verify_cost(Path(cache_dir), train_shards, trainer_samples_per_s)
+    return {"stream": stream, "memory": memory, "load_vectors": load, "verify": verify,
             "trainer_samples_per_s": trainer_samples_per_s,
             "stream_headroom": stream["vectors_per_s"] / trainer_samples_per_s,
             "memory_headroom": memory["vectors_per_s"] / trainer_samples_per_s,

@@ -38,6 +38,9 @@ GOALS: dict[str, tuple[float, str, str]] = {
     "relu_l1_vs_roofline": (0.6, "ge", "our ReLU-L1 samples/s / 6-GEMM dense roofline"),
     "loader_stream_headroom": (5.0, "ge", "stream_vectors vectors/s / trainer samples/s"),
     "loader_memory_headroom": (5.0, "ge", "in-memory batches vectors/s / trainer samples/s"),
+    "verify_vs_read_epoch": (float("nan"), "info",
+                             "sha256 of every shard (once per process) / reading them once"),
+    "verify_vs_train_epoch": (1.0, "le", "sha256 of every shard / one training epoch over them"),
     "train_stream_vs_memory": (float("nan"), "info",
                                "train.run streaming (subprocess) / in-memory trainer samples/s"),
     "train_rss_growth_4x": (1.10, "le", "peak RSS streaming a 4x cache / 1x cache"),
@@ -190,6 +193,8 @@ def run_benchmarks(device: str, sizes: Sizes, out_dir: Path, parts: tuple[str, .
         run["loader"] = lo
         ratios["loader_stream_headroom"] = lo["stream_headroom"]
         ratios["loader_memory_headroom"] = lo["memory_headroom"]
+        ratios["verify_vs_read_epoch"] = lo["verify"]["verify_vs_read_epoch"]
+        ratios["verify_vs_train_epoch"] = lo["verify"]["verify_vs_train_epoch"]
 
     if "memory" in parts:
         mem = memory.bench_memory(data.train_ND, data.layer, work, sizes.mem_small_vectors,
@@ -353,6 +358,12 @@ def markdown_table(run: dict) -> str:
         row("4", "Loader: in-memory batches vs trainer consumption, vectors/s",
             _f(lo["memory"]["vectors_per_s"]), _f(lo["trainer_samples_per_s"]),
             "loader_memory_headroom")
+        v = lo["verify"]
+        row("4", f"Shard check: sha256 of {v['shards']} shards ({v['bytes'] / 2**20:.0f} MiB, "
+            f"{v['verify_mb_per_s']:.0f} MiB/s) vs reading them once, s",
+            f"{v['verify_s']:.3f}", f"{v['read_epoch_s']:.3f}", "verify_vs_read_epoch")
+        row("4", "Shard check vs one training epoch over the same shards, s",
+            f"{v['verify_s']:.3f}", f"{v['train_epoch_s']:.3f}", "verify_vs_train_epoch")
     if "train_stream_vs_memory" in r:
         mt = run["memory"]["train"]
         stream = (mt["small"]["samples_per_s"] + mt["large"]["samples_per_s"]) / 2

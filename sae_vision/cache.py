@@ -35,6 +35,7 @@ from sae_vision.shards import (
     pid_alive,
     shard_complete,
     shard_name,
+    shard_problem,
 )
 from sae_vision.tracker import Tracker, disabled
 
@@ -211,12 +212,24 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     layers = _layers(cfg)
     dirs = {layer: paths.cache_dir(cfg, layer) if len(layers) == 1 or not cfg.cache.dir
             else Path(cfg.cache.dir) / layer for layer in layers}
-    if all((d / METADATA).exists() for d in dirs.values()):
+    if cfg.cache.verify and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise ValueError("cache.verify=true runs in one process; run it without torchrun")
+    bad = _damaged_shards(dirs, full=cfg.cache.verify)
+    if not bad and all((d / METADATA).exists() for d in dirs.values()):
         metas = {la: load_cache_meta(d) for la, d in dirs.items()}
-        logger.info(f"[cache] reusing complete cache(s): {', '.join(map(str, dirs.values()))}")
+        for d, m in zip(dirs.values(), metas.values()):
+            _refuse_empty(d, m)
+        checked = (f" (verified {sum(len(m['shards']) for m in metas.values())} shard(s))"
+                   if cfg.cache.verify else "")
+        logger.info(f"[cache] reusing complete cache(s){checked}: {', '.join(map(str, dirs.values()))}")
         return CacheResult({la: str(d) for la, d in dirs.items()},
                            next(iter(metas.values()))["n_images"],
                            {la: m["n_vectors"] for la, m in metas.items()}, 0.0, True)
+    for path, problem in bad:
+        # Only the damaged files go; the shard is rewritten below from the same images.
+        logger.info(f"[cache] {path} is {problem}: rewriting it")
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
 
     model = load_model(cfg.model)
     device = next(model.parameters()).device
@@ -304,11 +317,53 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     metas = _finalize_when_complete(cfg, model, dirs, n_shards, n_total, rank)
     for la, d in dirs.items():
         logger.info(f"[cache] wrote {d} ({metas[la]['n_vectors'] if la in metas else '?'} vectors)")
+    for la, m in metas.items():
+        _refuse_empty(dirs[la], m)
     result = CacheResult({la: str(d) for la, d in dirs.items()}, n_total,
                          {la: m["n_vectors"] for la, m in metas.items()}, rate, False)
     tracker.summary({"cache/images_per_s": rate, **{f"cache/{la}/n_vectors": v
                                                     for la, v in result.n_vectors.items()}})
     return result
+
+
+def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]:
+    """(tar path, problem) of every damaged shard: against metadata.json in a finished cache,
+    against its sidecar in an unfinished one. `full` hashes every shard; otherwise only the
+    cheap checks run (present, size, sidecar agrees)."""
+    bad = []
+    for d in dirs.values():
+        if (d / METADATA).exists():
+            entries = load_cache_meta(d)["shards"]
+        elif full:  # an unfinished cache: its complete shards are checked against their sidecars
+            entries = []
+            for side in sorted(d.glob("shard-*.json")):
+                try:
+                    entries.append(json.loads(side.read_text()))
+                except (OSError, ValueError):
+                    bad.append((side.with_suffix(".tar"), f"without a readable sidecar {side.name}"))
+            entries = [e for e in entries if shard_complete(d, e["index"])]
+        else:
+            continue  # resuming checks sizes already
+        if full:
+            logger.info(f"[cache] verifying {len(entries)} shard(s) of {d}")
+        for entry in entries:
+            problem = shard_problem(d, entry, full=full)
+            if problem:
+                bad.append((d / entry["name"], problem))
+    return bad
+
+
+def _refuse_empty(cache_dir: Path, meta: dict) -> None:
+    """A cache without a single vector is an error, naming what went wrong with the images."""
+    if meta["n_vectors"] > 0:
+        return
+    skipped = meta.get("skipped", [])
+    first = "; ".join(f"{s['source']}: {s['error']}" for s in skipped[:3])
+    raise CacheError(
+        f"the cache {cache_dir} holds no vectors: {meta.get('n_images_requested', '?')} image(s) "
+        f"tried, {len(skipped)} unreadable (first: {first or 'none'}); the full list is under "
+        f"`skipped` in {cache_dir / METADATA}. Point data.root at readable images, delete "
+        f"{cache_dir} and rerun stage=cache")
 
 
 def _geometry(model, layer):
@@ -360,8 +415,17 @@ def _finalize_when_complete(cfg: Config, model, dirs: dict[str, Path], n_shards:
             raise CacheError(f"timed out waiting for shards {missing[:10]}")
         time.sleep(0.5)
     for la, d in dirs.items():
+        extra = _meta_extra(cfg, la, model, n_shards, n_total)
         if (d / METADATA).exists():
             metas[la] = json.loads((d / METADATA).read_text())
-        else:
-            metas[la] = finalize_cache(d, n_shards, _meta_extra(cfg, la, model, n_shards, n_total))
+            sides = [json.loads((d / shard_name(s)).with_suffix(".json").read_text())
+                     for s in range(n_shards)]
+            if all(e["sha256"] == si["sha256"] and e["bytes"] == si["bytes"]
+                   for e, si in zip(metas[la]["shards"], sides)):
+                continue  # a repaired shard came out byte-identical: metadata.json stays as is
+            # Not deterministic here (e.g. another GPU): record the rewritten shards' bytes.
+            logger.warning(f"[cache] rewritten shard(s) of {d} differ from the recorded bytes; "
+                  "rewriting metadata.json")
+            extra["created"] = metas[la].get("created", extra["created"])
+        metas[la] = finalize_cache(d, n_shards, extra)
     return metas

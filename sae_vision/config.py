@@ -103,6 +103,7 @@ class CacheConfig:
     batch_size: int = 32  # images per forward pass
     layers: Optional[list[str]] = None  # several layers in one pass; default [layer.name]
     dir: Optional[str] = None  # explicit cache folder (overrides the content-hash name)
+    verify: bool = False  # check every shard's sha256 and rewrite the damaged ones
 
 
 @dataclass

@@ -743,7 +743,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
                                    holdout_shards=tuple(s["name"] for s in o_meta["shards"]))
         check_dims(info, o_meta)
         cache_meta = o_meta
-        print(f"[evaluate] {info.name}: on other data, cache {o_dir} ({o_meta['n_vectors']} "
+        logger.info(f"[evaluate] {info.name}: on other data, cache {o_dir} ({o_meta['n_vectors']} "
               f"vectors); results go to eval/{tag}/, the in-distribution ones stay as they are")
     mc = _model_config(cfg, cache_meta)
     device = _device(mc.device)
@@ -790,11 +790,11 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     no_images = cache_meta.get("source") == "array"  # imported arrays: no images behind them
     if no_images and (ev.splice or ev.curves):
         skipped = [n for n, on in (("splice", ev.splice), ("curve census", ev.curves)) if on]
-        print(f"[evaluate] note: {info.name}'s cache {info.cache_dir} was imported from arrays "
+        logger.info(f"[evaluate] note: {info.name}'s cache {info.cache_dir} was imported from arrays "
               f"(data=array), so there are no images: skipping the {' and the '.join(skipped)}")
         m["skipped"] = {n: "no images behind an imported array cache" for n in skipped}
     if ev.splice and other is not None and not no_images:
-        print(f"[evaluate] note: the splice runs on the run's own held-out images only; "
+        logger.info(f"[evaluate] note: the splice runs on the run's own held-out images only; "
               f"skipping it on {info.cache_dir}")
         m.setdefault("skipped", {})["splice"] = "not run on other data"
     if ev.splice and not no_images and other is None:

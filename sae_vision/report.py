@@ -124,6 +124,22 @@ def load_run(run_dir: Path, cfg: Config) -> RunRecord:
                      eval_files=files)
 
 
+def _load_runs(run_dirs: list[Path], cfg: Config) -> list[RunRecord]:
+    """Every readable run; a broken run folder is skipped with a warning, not the whole report."""
+    from sae_vision.shards import CacheError
+
+    records = []
+    for d in run_dirs:
+        try:
+            records.append(load_run(d, cfg))
+        except (ValueError, KeyError, OSError, CacheError) as e:
+            print(f"warning: skipping run {d}: {e}", file=sys.stderr)
+    if not records:
+        raise ValueError(f"none of the {len(run_dirs)} run(s) could be read (see the warnings "
+                         "above); retrain them with stage=train")
+    return records
+
+
 # --------------------------------------------------------------------------------------------
 # Reading curves.json and polysemantic.json (written by sae_vision.curves through evaluate)
 
@@ -762,7 +778,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     fig_dir = out / "figures"
     fig_dir.mkdir()
     device = _device(cfg)
-    records = sorted((load_run(d, cfg) for d in run_dirs), key=_order)
+    records = sorted(_load_runs(run_dirs, cfg), key=_order)
     logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
 
     by_cache: dict[str, list[RunRecord]] = {}

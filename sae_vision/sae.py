@@ -884,10 +884,22 @@ def save_sae(sae: SAE, run_dir: str | os.PathLike, meta: dict) -> None:
     os.replace(tmp_c, run_dir / CONFIG_FILE)
 
 
-def load_sae(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SAE, dict]:
-    """Read a run folder written by save_sae; returns (sae in eval mode, meta)."""
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a damaged file is a ValueError naming it and the fix."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is damaged and cannot be read ({err}); delete it (or its checkpoint folder) "
+            "and rerun the stage that wrote it"
+        ) from err
+
+
+def load_sae(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SAE, dict]:
+    """Read a run folder written by save_sae; returns (sae in eval mode, meta)."""
     run_dir = Path(run_dir)
     weights_path, config_path = run_dir / WEIGHTS_FILE, run_dir / CONFIG_FILE
     missing = [p.name for p in (weights_path, config_path) if not p.is_file()]
@@ -909,7 +921,7 @@ def load_sae(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> 
             f"{config_path}: n_features={config['n_features']} but the sae config "
             f"gives {sae.n_features}"
         )
-    tensors = load_file(str(weights_path))
+    tensors = load_checkpoint_file(weights_path)
     expected = sae.state_dict()
     for name in ("jump_bandwidth", "l1_log_ctrl"):  # buffers newer than some checkpoints
         if name in expected and name not in tensors:

@@ -12,6 +12,7 @@ ones at a few MB/s; individual vectors are shuffled in memory instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -91,7 +92,9 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # On a read-only or full disk the cleanup fails too; the write's error is the one to see.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
 
 

@@ -16,6 +16,7 @@ Run folder `artifacts/sae/<run_name>/`:
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from sae_vision import paths
 from sae_vision.config import (
@@ -650,7 +651,9 @@ def save_train_state(dir_path: Path, state: dict) -> None:
 
 def load_train_state(dir_path: Path) -> dict:
     """Inverse of save_train_state."""
-    tensors = load_file(str(dir_path / "train_state.safetensors"))
+    from sae_vision.sae import load_checkpoint_file
+
+    tensors = load_checkpoint_file(dir_path / "train_state.safetensors")
     info = json.loads((dir_path / "train_state.json").read_text())
     if info.get("format") != STATE_FORMAT:
         raise RuntimeError(f"{dir_path}/train_state.json has format {info.get('format')}, "
@@ -900,6 +903,11 @@ def run(cfg, tracker=None) -> TrainResult:
                             run_dir, name, s_hash, device, rank, world, make_sae, load_sae)
     finally:
         if created_pg:
+            # The DDP wrapper sits in a reference cycle, so only the cyclic GC frees it, and with
+            # it the gloo process group its reducer holds: at any later moment, or at interpreter
+            # exit while the peer is already gone (rank 1 aborted with "terminate called without
+            # an active exception"). Free it now, while the group and the peer are alive.
+            gc.collect()
             # Ranks leave together: tearing gloo down while a peer still talks aborts the process.
             with contextlib.suppress(Exception):
                 dist.barrier()
@@ -917,7 +925,7 @@ def _finished_result(run_dir: Path, s_hash: str, n_steps: int) -> TrainResult | 
     cfg_json = json.loads((run_dir / "config.json").read_text())
     info = cfg_json.get("meta", {})
     if info.get("settings_hash") != s_hash:
-        raise RuntimeError(f"run folder {run_dir} holds a run with different settings; choose "
+        raise ValueError(f"run folder {run_dir} holds a run with different settings; choose "
                            "another train.run_name or delete the folder")
     if info.get("step") != n_steps:
         return None
@@ -937,7 +945,7 @@ def _train(cfg, log: LogFn, cache: Path, meta: dict, d_in: int, train_shards, ho
     if ckpt is not None:
         prev = json.loads((ckpt / "config.json").read_text())
         if prev.get("meta", {}).get("settings_hash") != s_hash:
-            raise RuntimeError(f"run folder {run_dir} holds a run with different settings; "
+            raise ValueError(f"run folder {run_dir} holds a run with different settings; "
                                "choose another train.run_name or delete the folder")
         loaded, _ = load_sae(ckpt)
         sae.load_state_dict(loaded.state_dict())

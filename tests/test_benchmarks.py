@@ -83,6 +83,17 @@ def _synthetic_cache(cache_dir: Path, n_vectors: int = 3072, dim: int = 64) -> P
     return cache_dir
 
 
+def test_shard_check_cost_is_measured_against_reading_and_training_an_epoch(tmp_path):
+    from benchmarks.loader import verify_cost
+
+    cache = _synthetic_cache(tmp_path / "cache")
+    names = sorted(p.name for p in cache.glob("shard-*.tar"))
+    v = verify_cost(cache, names, trainer_samples_per_s=1e5)
+    assert v["shards"] == len(names) and v["vectors"] > 0
+    assert v["verify_s"] > 0 and v["read_epoch_s"] > 0
+    assert v["verify_vs_train_epoch"] == pytest.approx(v["verify_s"] / (v["vectors"] / 1e5))
+
+
 @needs_peer
 def test_bench_on_a_given_cache_reports_training_and_loader_ratios(tmp_path, capsys):
     from benchmarks.run import main
@@ -94,7 +105,8 @@ def test_bench_on_a_given_cache_reports_training_and_loader_ratios(tmp_path, cap
     run = json.loads((out / "results.json").read_text())["runs"]["cpu"]
     want = {"topk_vs_peer_throughput", "topk_fvu_peer_over_ours", "relu_l1_vs_peer_throughput",
             "relu_l1_fvu_peer_over_ours", "topk_vs_roofline", "topk_vs_encoder_bound",
-            "relu_l1_vs_roofline", "loader_stream_headroom", "loader_memory_headroom"}
+            "relu_l1_vs_roofline", "loader_stream_headroom", "loader_memory_headroom",
+            "verify_vs_read_epoch", "verify_vs_train_epoch"}
     assert want <= set(run["ratios"]), want - set(run["ratios"])
     assert all(math.isfinite(v) and v > 0 for v in run["ratios"].values()), run["ratios"]
     assert run["train"]["topk"]["peer"]["l0"] == pytest.approx(8.0, abs=0.5)  # k=8 in quick

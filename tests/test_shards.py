@@ -184,3 +184,29 @@ def test_object_array_in_a_shard_is_not_unpickled(tmp_path):
     with pytest.raises(S.CacheError, match="shard-000000.tar"):
         S.load_vectors(cache_dir)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    ("truncate", "truncated"), ("delete", "missing"), ("grow", "grown"), ("flip", "corrupt"),
+    ("sidecar", "at odds with its sidecar"),
+])
+def test_every_kind_of_damaged_shard_is_named_with_the_repair_command(tmp_path, damage, problem):
+    S.write_cache(tmp_path, _chunks(), {"dim": 8, "dtype": "float16"}, chunks_per_shard=2)
+    assert len(S.load_vectors(tmp_path)) == 300  # checked once, clean
+    tar = tmp_path / "shard-000001.tar"
+    blob = tar.read_bytes()
+    if damage == "truncate":
+        tar.write_bytes(blob[:3000])
+    elif damage == "delete":
+        tar.unlink()
+    elif damage == "grow":
+        plant_member(tar, "000001-00000.txt", b"x" * 20_000)
+    elif damage == "flip":  # same size, a few bytes in the middle of the vectors
+        mid = len(blob) // 2
+        tar.write_bytes(blob[:mid] + bytes(b ^ 0xFF for b in blob[mid:mid + 4]) + blob[mid + 4:])
+    else:
+        side = tar.with_suffix(".json")
+        side.write_text(json.dumps({**json.loads(side.read_text()), "sha256": "0" * 64}))
+    assert S.shard_problem(tmp_path, S.load_cache_meta(tmp_path)["shards"][1]).startswith(problem)
+    with pytest.raises(S.CacheError, match=rf"shard-000001.tar is {problem}.*cache.verify=true"):
+        S.load_vectors(tmp_path)

@@ -13,7 +13,9 @@ import pytest
 from test_shards import _OpenOnUnpickle, plant_member, rehash
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["debug=tiny", "logger=disabled", "model.device=cpu", "layer=mixed3a"]
+# Four shards of six images, so one repair run can meet four kinds of damage at once.
+TINY = ["debug=tiny", "logger=disabled", "model.device=cpu", "layer=mixed3a",
+        "cache.images_per_shard=6", "cache.batch_size=6"]
 
 
 def cli(*args, timeout=300, env=None):
@@ -36,7 +38,7 @@ def assert_user_error(out, *needles):
 
 @pytest.fixture(scope="module")
 def clean_cache(tmp_path_factory):
-    """paths.root holding one finished tiny cache built by the real stage (3 shards)."""
+    """paths.root holding one finished tiny cache built by the real stage (4 shards)."""
     root = tmp_path_factory.mktemp("clean")
     out = cli("stage=cache", f"paths.root={root}", *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -66,3 +68,221 @@ def test_planted_pickle_member_never_runs_and_train_names_shard_and_member(root)
     out = cli("stage=train", f"paths.root={root}", *TINY)
     assert not marker.exists(), "stage=train executed a pickle from a shard"
     assert_user_error(out, "shard-000000.tar", "000000-00000.pyd", "cache.verify=true")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Damaged shards are named with the repair command, and the repair is byte-exact
+
+
+def damage(d: Path) -> None:
+    """Truncate shard 0, delete shard 1, grow shard 2 by an appended member, flip bytes in 3."""
+    tar = d / "shard-000000.tar"
+    tar.write_bytes(tar.read_bytes()[:6000])
+    (d / "shard-000001.tar").unlink()
+    plant_member(d / "shard-000002.tar", "000002-00000.txt", b"appended" * 4000)
+    tar = d / "shard-000003.tar"
+    blob = bytearray(tar.read_bytes())
+    mid = len(blob) // 2
+    blob[mid:mid + 8] = bytes(b ^ 0xFF for b in blob[mid:mid + 8])
+    tar.write_bytes(bytes(blob))
+
+
+def test_cache_verify_rewrites_exactly_the_damaged_shards_byte_for_byte(clean_cache, root):
+    d, clean = cache_dir_of(root), cache_dir_of(clean_cache)
+    damage(d)
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert_user_error(out, "shard-000000.tar is truncated", "cache.verify=true")
+    untouched = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    out = cli("stage=cache", "cache.verify=true", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for i, problem in enumerate(["truncated", "missing", "grown", "corrupt"]):
+        assert f"shard-00000{i}.tar is {problem}" in out.stdout, out.stdout
+    want = sorted(p.name for p in clean.iterdir())
+    assert sorted(p.name for p in d.iterdir()) == want  # no temporaries or locks left behind
+    for name in want:
+        assert (d / name).read_bytes() == (clean / name).read_bytes(), name
+    assert (d / "metadata.json").stat().st_mtime_ns == untouched["metadata.json"]
+    # Verifying a sound cache rewrites nothing.
+    out = cli("stage=cache", "cache.verify=true", f"paths.root={root}", *TINY)
+    assert out.returncode == 0 and "verified 4 shard(s)" in out.stdout, out.stdout
+    assert "rewriting" not in out.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# 3. A cache with no vectors is an error
+
+
+def test_image_folder_where_nothing_is_readable_ends_with_exit_2_and_the_list(tmp_path):
+    images = tmp_path / "images" / "class0"
+    images.mkdir(parents=True)
+    for i in range(5):
+        (images / f"broken-{i}.jpg").write_bytes(b"not a jpeg " * (i + 1))
+    out = cli("stage=cache", "data=imagefolder", f"data.root={tmp_path / 'images'}",
+              "data.num_workers=0", f"paths.root={tmp_path}", *TINY)
+    assert_user_error(out, "holds no vectors", "5 image(s) tried, 5 unreadable",
+                      "class0/broken-0.jpg", "`skipped` in", "metadata.json")
+    # Rerunning does not reuse the empty cache silently.
+    out = cli("stage=cache", "data=imagefolder", f"data.root={tmp_path / 'images'}",
+              "data.num_workers=0", f"paths.root={tmp_path}", *TINY)
+    assert_user_error(out, "holds no vectors")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Every failure a user can cause: one `error:` line, exit code 2
+
+
+@pytest.fixture(scope="module")
+def trained(clean_cache, tmp_path_factory):
+    """paths.root with the clean cache and one finished tiny training run."""
+    root = tmp_path_factory.mktemp("trained")
+    shutil.copytree(clean_cache / "cache", root / "cache")
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return root
+
+
+@pytest.fixture
+def run_root(trained, tmp_path):
+    """A private copy of `trained` and its one run folder."""
+    shutil.copytree(trained, tmp_path / "r")
+    (run_dir,) = [p for p in (tmp_path / "r" / "sae").iterdir() if p.is_dir()]
+    return tmp_path / "r", run_dir
+
+
+def test_corrupt_checkpoint_is_named_with_the_fix(run_root):
+    root, run_dir = run_root
+    weights = run_dir / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    assert_user_error(out, str(weights), "damaged", "rerun")
+
+
+def test_run_name_reused_with_other_settings_is_an_error_naming_the_key(run_root):
+    root, run_dir = run_root
+    out = cli("stage=train", f"paths.root={root}", f"train.run_name={run_dir.name}",
+              "train.lr=0.01", *TINY)
+    assert_user_error(out, str(run_dir), "different settings", "train.run_name")
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """make(path) -> the same folder, read-only (a read-only bind mount as root, chmod else)."""
+    mounts = []
+
+    def make(src: Path) -> Path:
+        if os.geteuid() != 0:
+            for p in [src, *src.rglob("*")]:
+                p.chmod(p.stat().st_mode & ~0o222)
+            return src
+        dst = tmp_path / f"ro-{len(mounts)}"
+        dst.mkdir()
+        for cmd in (["mount", "--bind", str(src), str(dst)],
+                    ["mount", "-o", "remount,ro,bind", str(dst)]):
+            if subprocess.run(cmd, capture_output=True).returncode:
+                pytest.skip("cannot make a read-only bind mount here")
+            mounts.append(dst)
+        return dst
+
+    yield make
+    for dst in dict.fromkeys(reversed(mounts)):
+        subprocess.run(["umount", "-l", str(dst)], capture_output=True)
+
+
+def test_read_only_artifacts_give_the_real_error_not_a_cleanup_failure(run_root, read_only,
+                                                                      tmp_path):
+    root, run_dir = run_root
+    (run_dir / "eval").mkdir()  # an earlier evaluation's folder: the writes inside it fail
+    ro = read_only(root)
+    # The run folder elsewhere: evaluate itself meets the read-only artifacts.
+    out = cli("stage=evaluate", f"paths.root={ro}", f"hydra.run.dir={tmp_path / 'hy'}", *TINY)
+    assert_user_error(out, f"cannot write {ro / 'sae' / run_dir.name / 'eval'}",
+                      "point paths.root elsewhere")
+    # Everything read-only: Hydra's run folder is refused before Hydra tries to create it.
+    out = cli("stage=evaluate", f"paths.root={ro}", *TINY)
+    assert_user_error(out, "cannot create the run folder", "not writable")
+
+
+def test_report_skips_a_broken_run_folder_with_a_warning_and_builds_the_rest(run_root):
+    root, run_dir = run_root
+    good = run_dir.with_name(run_dir.name + "-copy")
+    shutil.copytree(run_dir, good)
+    (run_dir / "config.json").write_text("{ not json")
+    out = cli("stage=report", f"paths.root={root}", *TINY, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"warning: skipping run {run_dir}" in out.stderr
+    assert "config.json" in out.stderr
+    assert f"1 run(s): {good.name}" in out.stdout
+    assert good.name in (root / "report" / "index.html").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# 4-5. W&B: missing credentials are an error, no network never hangs, WANDB_MODE is honoured
+
+
+def wandb_env(tmp_path, **extra):
+    """No W&B key anywhere (empty netrc, no WANDB_API_KEY, no WANDB_MODE) unless given."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "NETRC": str(netrc), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+            **extra}
+
+
+def cli_env(env, *args, timeout=120):
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_online_logger_without_credentials_is_an_error_with_the_fix(root):
+    out = cli_env(wandb_env(root), "stage=cache", f"paths.root={root}", *TINY, "logger=wandb")
+    assert_user_error(out, "needs W&B credentials", "wandb login", "WANDB_API_KEY",
+                      "logger=wandb_offline")
+
+
+def test_online_logger_without_network_falls_back_to_offline_within_seconds(root):
+    import time
+
+    from sae_vision.tracker import _base_url, reachable
+
+    if reachable(_base_url()):
+        pytest.skip("this machine can reach W&B; the no-network path needs it unreachable")
+    env = wandb_env(root, WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567")
+    t0 = time.perf_counter()
+    out = cli_env(env, "stage=cache", f"paths.root={root}", *TINY, "logger=wandb")
+    elapsed = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert elapsed < 60, f"took {elapsed:.0f} s"  # W&B's own init timeout alone is 90 s
+    assert "cannot be reached; logging offline instead" in out.stderr
+    (offline,) = list((root / "runs" / "cache").glob("*/wandb/offline-run-*"))
+    assert f"`wandb sync {offline}`" in out.stderr
+    assert list(offline.glob("run-*.wandb"))
+
+
+def test_wandb_mode_from_the_environment_is_honoured_and_the_conflict_stated(root):
+    out = cli_env(wandb_env(root, WANDB_MODE="offline"), "stage=cache", f"paths.root={root}",
+                  *TINY)  # TINY says logger=disabled
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "WANDB_MODE=offline from the environment overrides logger.mode=disabled" in out.stderr
+    assert list((root / "runs" / "cache").glob("*/wandb/offline-run-*/run-*.wandb"))
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Keys that do not exist are refused, with or without +, naming the closest valid key
+
+
+@pytest.mark.parametrize("arg", ["sae.l1_coef=3", "+sae.l1_coef=3", "++sae.l1_coef=3"])
+def test_unknown_key_is_refused_with_or_without_plus_naming_the_closest(arg, tmp_path):
+    out = cli("stage=train", arg, f"paths.root={tmp_path}", "logger=disabled", timeout=120)
+    assert_user_error(out, "unknown config key 'sae.l1_coef'", "did you mean sae.l1_coeff?")
+    assert not (tmp_path / "sae").exists()  # nothing trained
+
+
+def test_valid_keys_groups_and_hydra_settings_pass_the_key_check():
+    from sae_vision.callbacks import unknown_override
+
+    ok = ["stage=train", "layer=mixed3a", "sae=relu_l1", "sae.l1_coeff=1,3", "+experiment=demo",
+          "hydra/launcher=local", "hydra.run.dir=/tmp/x", "seed=3", "cache.layers=[a,b]", "-m",
+          "debug=tiny", "~logger.tags"]
+    assert unknown_override(ok, REPO / "conf") is None
+    assert "did you mean train.n_steps?" in unknown_override(["train.n_stepz=3"], REPO / "conf")

@@ -429,7 +429,11 @@ def test_polysemantic_analysis_writes_its_json_beside_the_metrics(env):
     assert Path(m["polysemantic"]["path"]) == Path(res.run_dirs[0]) / "eval" / "polysemantic.json"
     assert poly["layer"] == LAYER and len(poly["neurons"]) == 480
     assert poly["n_vectors"] == m["reconstruction"]["n_vectors"]  # held-out vectors only
-    assert 0.0 <= m["polysemantic"]["p_feature_more_selective"] <= 1.0
+    assert 0.0 <= m["polysemantic"]["frac_more_selective"] <= 1.0
+    assert 0.0 <= m["polysemantic"]["frac_more_selective_random"] <= 1.0
+    for row in poly["neurons"]:  # shares of a neuron lie in [0, 1] and sum to at most 1
+        assert all(0.0 <= f["share"] <= 1.0 for f in row["features"])
+        assert row["share_sum"] <= 1.0 + 1e-3
 
 
 @pytest.mark.slow

@@ -1000,8 +1000,7 @@ def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log,
     codes_NF, pre_NF, recon_ND = torch.cat(codes), torch.cat(pre), torch.cat(recon)
     l0 = float((codes_NF > 0).sum(1).float().mean())
     ccfg = cfg.curves
-    base = P.random_dictionary_baseline(acts_ND, codes_NF.shape[1], round(l0),
-                                        min_share=ccfg.polysemantic_min_share)
+    base = P.random_dictionary_baseline(acts_ND, codes_NF.shape[1], round(l0))
     res = P.polysemantic_report(acts_ND, codes_NF, pre_NF, recon_ND, sae.W_dec.detach().cpu(),
                                 scale=float(getattr(sae, "input_scale", 1.0)),
                                 min_share=ccfg.polysemantic_min_share,

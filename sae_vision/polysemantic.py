@@ -184,9 +184,11 @@ def polysemantic_report(acts_ND: torch.Tensor, codes_NF: torch.Tensor, pre_NF: t
 
 
 def random_dictionary_baseline(acts_ND: torch.Tensor, n_features: int, k: int, seed: int = 0,
-                               min_share: float = 0.05, top_k: int = 5) -> dict:
+                               min_share: float = 0.0, top_k: int = 5) -> dict:
     """The same comparison for a random dictionary: unit directions as encoder and decoder,
-    codes = TopK(ReLU(centred projections)) with the SAE's mean L0 as k."""
+    codes = TopK(ReLU(centred projections)) with the SAE's mean L0 as k. A random dictionary
+    spreads every neuron over many features, so its own features are its top_k by share
+    (min_share 0): otherwise no neuron would have any and the baseline would be undefined."""
     g = torch.Generator().manual_seed(int(seed))
     d = acts_ND.shape[1]
     dirs_FD = torch.randn(n_features, d, generator=g, dtype=torch.float64)

@@ -61,6 +61,9 @@ def test_baseline_helper_matches_chance_on_unprivileged_data():
     x, _, _ = _rotated_sparse_sources(seed=3)
     b = P.random_dictionary_baseline(x, n_features=64, k=4, seed=0)
     assert 0.3 <= b["mean_frac_more_selective"] <= 0.7
+    # A wide random dictionary spreads every neuron thin; it is still scored, never undefined.
+    wide = P.random_dictionary_baseline(x, n_features=1024, k=8, seed=1)
+    assert wide["n_neurons_scored"] == x.shape[1] and wide["mean_frac_more_selective"] is not None
 
 
 def test_report_is_well_formed_and_r2_is_a_true_r2():

@@ -248,7 +248,7 @@ def _finish_simple(writer: ShardWriter) -> None:
 # --------------------------------------------------------------------------------------------
 # Reading
 
-# The only members a shard may hold, and how each is decoded. webdataset's default `.decode()`
+# The only members a shard may hold, and how each is decoded. webdataset's default decode step
 # would unpickle .pyd/.pkl/.pickle and torch.load .pth members: a shard from a colleague or a
 # shared filesystem could run code. Nothing else is ever decoded.
 MEMBERS = ("acts.npy", "pos.npy", "src.json")

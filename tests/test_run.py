@@ -9,6 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from sae_vision.config import Config, check_config, register_configs
+from sae_vision.data import resolve_data_root
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -33,8 +34,26 @@ def test_every_experiment_composes_and_validates(experiment, stage):
     if experiment == "paper":
         overrides.append("data.root=/data/imagenet/train")
     cfg = compose_cfg(overrides)
+    if cfg.data.name == "imagefolder":  # as run.py does before validating
+        cfg.data.root = resolve_data_root(cfg.data.root)
     check_config(cfg)
     assert cfg.experiment == experiment and cfg.stage.name == stage
+
+
+def test_study_data_root_resolves_explicit_then_env_then_shared_sample(monkeypatch, tmp_path):
+    from sae_vision import data
+
+    monkeypatch.delenv(data.DATA_ENV, raising=False)
+    shared = data.resolve_data_root(None)
+    if data.SHARED_SAMPLE.is_dir():  # this workplace: ../shared/data/imagenet-sample
+        assert shared == str(data.SHARED_SAMPLE)
+    else:
+        assert shared is None
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    assert data.resolve_data_root(None) == str(tmp_path)
+    assert data.resolve_data_root("/explicit") == "/explicit"
+    cfg = compose_cfg(["experiment=imagenet_sample", "stage=cache"])
+    assert cfg.data.name == "imagefolder" and cfg.paths.root == "artifacts/study"
 
 
 @pytest.mark.parametrize("group,option,field,value", [

@@ -114,7 +114,7 @@ class SAEConfig:
     k: int = 32  # active features per vector: exact (topk), batch mean (batchtopk), target (others)
     l1_coeff: float = 5.0  # sparsity coefficient (relu_l1: lambda; jumprelu: L0 coefficient)
     l1_warmup_frac: float = 0.05  # fraction of training over which lambda ramps up linearly
-    l0_control: bool = True  # relu_l1/jumprelu: steer lambda so the mean L0 reaches k (false: fixed)
+    l0_control: bool = False  # relu_l1/jumprelu: steer lambda so the mean L0 reaches k (conf/sae/jumprelu.yaml: true)
     aux_k: Optional[int] = None  # dead features in the AuxK loss (topk family); None: D/2; 0: off
     aux_coeff: float = 1 / 32  # weight of the AuxK loss
     jumprelu_threshold: Optional[float] = None  # initial θ (scaled units); None: from the 1st batch

@@ -29,3 +29,14 @@ def bvlc_model(weights_dir):
     return load_model(
         ModelConfig(family="googlenet_bvlc", weights_dir=str(weights_dir), device="cpu")
     )
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices gain nothing from threads, and lose a lot on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

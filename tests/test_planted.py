@@ -36,14 +36,6 @@ def planted():
     return pl, train_ND, held_ND, scale
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _train(arch: str, planted, before=None):
     pl, train_ND, held_ND, scale = planted
     # relu_l1 ships the paper's fixed λ; its L0 target is asked for with l0_control.

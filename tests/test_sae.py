@@ -387,15 +387,6 @@ RECOVERY = {  # arch: (config overrides, steps, required mean max cosine similar
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices gain nothing from threads, and lose a lot on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _recovery(arch):
     overrides, steps, need = RECOVERY[arch]
     dirs, sample = _planted_data()

@@ -35,12 +35,9 @@ RECOVERY_THRESHOLD = 0.95  # mean max cosine; a random 256-atom dictionary in 64
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Single-threaded torch for exact, steady CPU numbers; restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread(one_thread):
+    """Single-threaded torch (conftest's one_thread) for exact, steady CPU numbers."""
     yield
-    torch.set_num_threads(before)
 
 
 def planted_dictionary(n: int, d: int = PLANTED_DIM, n_true: int = 128, p_active: float = 4 / 128,

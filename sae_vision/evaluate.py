@@ -624,7 +624,7 @@ def training_summary(run_dir: Path, n_train_vectors: int | None) -> dict:
         for key in ("loss", "fvu"):
             a, b = window(key, 0.70, 0.75), window(key, 0.95, 1.0)
             if a is not None and b is not None and b > 0:
-                out[f"{key}_flatness" if key != "loss" else "loss_flatness"] = (a - b) / b
+                out[f"{key}_flatness"] = (a - b) / b
     return out
 
 

@@ -586,7 +586,7 @@ SUMMARY_COLUMNS = (
     "run", "layer", "arch", "n_features", "expansion", "l1_coeff", "k", "seed", "l0", "fvu",
     "explained_variance", "mse", "cosine", "l2_ratio", "dead_frac", "dense_frac", "kl_sae",
     "kl_zero", "kl_mean", "agreement_sae", "frac_recovered_zero", "frac_recovered_mean",
-    "n_vectors", "n_splice_images", "loss_flatness", "curve_features", "copies", "new",
+    "n_vectors", "n_splice_images", "loss_flatness", "loss_decay_gain", "curve_features", "copies", "new",
     "new_in_neuron_gaps", "new_in_gaps_uncovered", "largest_gap_neurons_deg",
     "largest_gap_with_new_deg", "largest_gap_curve_tuned_deg", "new_fdr",
     "frac_more_selective", "frac_more_selective_random",
@@ -595,8 +595,12 @@ SUMMARY_COLUMNS = (
 
 def training_summary(run_dir: Path, n_train_vectors: int | None) -> dict:
     """How far training got: vectors seen, epochs, and how flat the loss and FVU curves are at
-    the end (`loss_flatness`: relative drop of the mean loss from the window ending at 75% of
-    training to the last 5% of steps; a few percent or less means the curve has levelled off)."""
+    the end. The schedule ends with a linear learning-rate decay to 0 (`train.decay_frac`), and
+    a decaying step flattens any curve by construction, so flatness is read before it:
+    `loss_flatness` is the relative drop of the mean loss from 55-65% of the constant-rate phase
+    to its last 10% (a few percent or less: the curve has levelled off at that rate), and
+    `loss_decay_gain` the further drop from there to the last 5% of all steps (what the decay
+    adds). The same two for the FVU."""
     path = Path(run_dir) / "train_log.jsonl"
     rows = []
     if path.is_file():
@@ -621,10 +625,16 @@ def training_summary(run_dir: Path, n_train_vectors: int | None) -> dict:
             v = [r[key] for r in rows if key in r and lo * last < r["step"] <= hi * last]
             return float(np.mean(v)) if v else None
 
+        decay_frac = float(tcfg.get("decay_frac", 0.2) or 0.0)
+        flat_end = 1.0 - decay_frac  # the decay starts here (fraction of the last logged step)
         for key in ("loss", "fvu"):
-            a, b = window(key, 0.70, 0.75), window(key, 0.95, 1.0)
+            a, b = window(key, 0.55 * flat_end, 0.65 * flat_end), window(key, 0.9 * flat_end,
+                                                                           flat_end)
+            c = window(key, 0.95, 1.0)
             if a is not None and b is not None and b > 0:
                 out[f"{key}_flatness"] = (a - b) / b
+            if b is not None and c is not None and c > 0 and decay_frac > 0:
+                out[f"{key}_decay_gain"] = (b - c) / c
     return out
 
 
@@ -650,6 +660,7 @@ def summary_row(m: dict) -> dict:
         "frac_recovered_mean": spl.get("frac_recovered_mean"),
         "n_vectors": rec.get("n_vectors"), "n_splice_images": spl.get("n_images"),
         "loss_flatness": (m.get("training") or {}).get("loss_flatness"),
+        "loss_decay_gain": (m.get("training") or {}).get("loss_decay_gain"),
     }
     cur, poly = m.get("curves") or {}, m.get("polysemantic") or {}
     row.update({"curve_features": cur.get("n_feature_detectors"), "copies": cur.get("n_copies"),

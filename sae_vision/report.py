@@ -851,7 +851,8 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
 FINDINGS_COLUMNS = (
     ("arch", "arch"), ("n_features", "F"), ("l0", "L0"), ("fvu", "FVU"),
     ("frac_recovered_zero", "splice KL recovered"), ("epochs", "epochs"),
-    ("loss_flatness", "loss drop, last 25%"), ("curve_features", "curve features"),
+    ("loss_flatness", "loss drop, end of full-lr phase"),
+    ("loss_decay_gain", "loss drop, lr decay"), ("curve_features", "curve features"),
     ("copies", "copies"), ("new", "new"), ("new_fdr", "new: random-dir. FDR"),
     ("new_in_neuron_gaps", "new in neuron gaps"),
     ("new_in_gaps_uncovered", "…not covered by a curve-tuned top neuron"),
@@ -890,7 +891,7 @@ def findings_markdown(rows: list[dict]) -> str:
         if v is None:
             return "–"
         if key in ("frac_recovered_zero", "frac_more_selective", "frac_more_selective_random",
-                   "loss_flatness"):
+                   "loss_flatness", "loss_decay_gain"):
             return f"{100 * v:.1f}%"
         if key.endswith("_deg"):
             return f"{v:.0f}°"

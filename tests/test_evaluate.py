@@ -452,3 +452,28 @@ def test_curve_census_writes_curves_json_and_coverage_into_the_metrics(env):
     assert m["curves"]["n_neuron_detectors"] == census["neurons"]["n_detected"]
     assert "largest_gap_neurons_deg" in m["curves"]
     assert Path(m["files"]["curves_coverage_png"]).is_file()
+
+
+def _write_run_log(run_dir, losses, n_steps=100, decay_frac=0.2):
+    run_dir.mkdir(parents=True)
+    cfg = {"meta": {"config": {"train": {"n_steps": n_steps, "batch_size": 10,
+                                         "decay_frac": decay_frac}}}}
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    (run_dir / "train_log.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": v, "fvu": v / 100}) + "\n" for s, v in losses))
+
+
+def test_training_summary_reads_flatness_before_the_lr_decay(tmp_path):
+    from sae_vision.evaluate import training_summary
+
+    # Converged at full rate (flat at 10 from step 30), then the decay lowers it to 9.
+    plateau = [(s, 10.0 if s <= 80 else 10.0 - (s - 80) / 20) for s in range(5, 101, 5)]
+    _write_run_log(tmp_path / "flat", [(s, 50.0 if s < 30 else v) for s, v in plateau])
+    flat = training_summary(tmp_path / "flat", n_train_vectors=250)
+    assert flat["epochs"] == pytest.approx(4.0)
+    assert abs(flat["loss_flatness"]) < 1e-9  # the decay's drop is not read as "still falling"
+    assert flat["loss_decay_gain"] == pytest.approx((10.0 - 9.0) / 9.0)  # last 5%: step 100
+    # Still falling at full rate: the flatness says so.
+    falling = [(s, 100.0 - s) for s in range(5, 101, 5)]
+    _write_run_log(tmp_path / "falling", falling)
+    assert training_summary(tmp_path / "falling", None)["loss_flatness"] > 0.2

@@ -120,6 +120,22 @@ def selectivity_comparison(sel_neurons_D: torch.Tensor, sel_features_F: torch.Te
             "n_neurons_scored": len(scored), "n_pairs": pairs}
 
 
+def split_selectivity(rows: list[dict]) -> dict:
+    """The selectivity comparison separated into copies and splits, from polysemantic_report's
+    per-neuron rows. A neuron with one own feature is *copied* (a sharpened copy can read its
+    channel more selectively, which is not a split); one with two or more is *split*, the
+    paper's claim being that those features are more monosemantic than the neuron. Each group's
+    score is the mean over its neurons of the fraction of own features more selective."""
+    out: dict = {}
+    for name, keep in (("split", lambda n: n >= 2), ("single", lambda n: n == 1)):
+        scored = [r["frac_features_more_selective"] for r in rows
+                  if keep(len(r.get("features") or []))
+                  and r.get("frac_features_more_selective") is not None]
+        out[f"n_neurons_{name}"] = len(scored)
+        out[f"frac_more_selective_{name}"] = float(np.mean(scored)) if scored else None
+    return out
+
+
 def _dist(v: torch.Tensor) -> dict:
     v = v[torch.isfinite(v)].double()
     if len(v) == 0:
@@ -173,6 +189,7 @@ def polysemantic_report(acts_ND: torch.Tensor, codes_NF: torch.Tensor, pre_NF: t
         "kurtosis": {"neurons": _dist(k_n), "features": _dist(k_f)},
         "top_mass_codes": {"neurons": _dist(tm_n), "features": _dist(tm_f), "top_frac": top_frac},
         "r2": _dist(r2), "n_effective_features": _dist(dec["n_effective"]),
+        "copies_vs_splits": split_selectivity(rows),
     }
     if baseline is not None:
         summary["random_dictionary"] = {

@@ -860,6 +860,9 @@ FINDINGS_COLUMNS = (
     ("largest_gap_with_new_deg", "largest gap, neurons + new"),
     ("largest_gap_curve_tuned_deg", "largest gap, curve-tuned neurons (criteria 1-3)"),
     ("frac_more_selective", "features more selective than their neuron"),
+    ("n_neurons_split", "neurons split into ≥ 2 features"),
+    ("frac_more_selective_split", "…their features more selective"),
+    ("frac_more_selective_single", "…same, neurons with one feature (copies)"),
     ("frac_more_selective_random", "same, random dictionary"),
 )
 
@@ -875,6 +878,10 @@ def findings_rows(records: list[RunRecord]) -> list[dict]:
             continue
         row = summary_row(r.metrics)
         row["epochs"] = (r.metrics.get("training") or {}).get("epochs")
+        if r.poly and r.poly.get("neurons"):
+            from sae_vision.polysemantic import split_selectivity
+
+            row.update(split_selectivity(r.poly["neurons"]))
         band = _get(r.metrics, "curves", "band", default={}) or {}
         for k in ("n_new_in_neuron_gaps_range", "largest_gap_neurons_deg_range",
                   "largest_gap_neurons_plus_new_deg_range", "n_new_range"):
@@ -891,7 +898,8 @@ def findings_markdown(rows: list[dict]) -> str:
         if v is None:
             return "–"
         if key in ("frac_recovered_zero", "frac_more_selective", "frac_more_selective_random",
-                   "loss_flatness", "loss_decay_gain"):
+                   "loss_flatness", "loss_decay_gain", "frac_more_selective_split",
+                   "frac_more_selective_single"):
             return f"{100 * v:.1f}%"
         if key.endswith("_deg"):
             return f"{v:.0f}°"

@@ -1,6 +1,8 @@
 """The polysemanticity measures are well defined: shares in [0, 1] summing to at most 1, and a
 selectivity comparison at chance for a random dictionary and clearly above for the true one."""
 
+import numpy as np
+import pytest
 import torch
 
 from sae_vision import polysemantic as P
@@ -81,3 +83,22 @@ def test_report_is_well_formed_and_r2_is_a_true_r2():
     # A perfect reconstruction has R² = 1; the zero reconstruction R² <= 0.
     assert min(r["r2"] for r in rep["neurons"]) > 0.999
     assert float(P.neuron_r2(x, torch.zeros_like(x)).max()) <= 0.0
+
+
+def test_split_selectivity_separates_copies_from_splits():
+    from sae_vision.polysemantic import split_selectivity
+
+    rows = [  # two copied neurons (one more selective copy each), one split into three features
+        {"features": [{"feature": 0}], "frac_features_more_selective": 1.0},
+        {"features": [{"feature": 1}], "frac_features_more_selective": 1.0},
+        {"features": [{"feature": 2}, {"feature": 3}, {"feature": 4}],
+         "frac_features_more_selective": 1 / 3},
+        {"features": [], "frac_features_more_selective": None},  # nothing reads it: unscored
+    ]
+    out = split_selectivity(rows)
+    assert out["n_neurons_single"] == 2 and out["frac_more_selective_single"] == 1.0
+    assert out["n_neurons_split"] == 1
+    assert out["frac_more_selective_split"] == pytest.approx(1 / 3)
+    # The pooled mean (what the summary's headline reports) hides that the split scored low.
+    pooled = np.mean([r["frac_features_more_selective"] for r in rows[:3]])
+    assert pooled > 0.7 > out["frac_more_selective_split"]

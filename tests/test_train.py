@@ -382,12 +382,11 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_final_loss(p
     assert steps == list(range(25, 201, 25))  # no duplicated log lines from the killed session
 
 
-# Slow, and in `make test-all` only, for its time: torchrun starts two more interpreters that
-# each import torch (70 s for an empty two-process gloo script on the loaded 2-core machine).
-# Its old teardown abort ("terminate called without an active exception" on rank 1) came from
-# the DDP wrapper's reference cycle keeping the gloo group alive until a later GC or exit;
-# train.run now collects it before the barrier and destroy_process_group.
-@pytest.mark.slow
+# In `make test` again: torchrun starts two more interpreters that each import torch (about a
+# minute on the loaded 2-core machine). Its old teardown abort ("terminate called without an
+# active exception" on rank 1) came from the DDP wrapper's reference cycle keeping the gloo group
+# alive until a later GC or exit; train.run now collects it before the barrier and
+# destroy_process_group.
 def test_two_process_gloo_ddp_run_matches_one_process_and_saves_once(planted, tmp_path):
     cache_dir, _ = planted
     kw = dict(n_steps=30, ckpt_every=1000, log_every=10, dead_window=1024)

@@ -7,7 +7,8 @@ vectors in the same number (equal samples seen) and is scored on the same held-o
   - recovered: the fraction of atoms whose best cosine exceeds 0.9;
   - held-out FVU (against the held-out mean) and L0; samples/s of training.
 Ours run through train_loop with the shipped conf/sae/<arch>.yaml and TrainConfig defaults
-(schedule included), with only k, the step count and the dictionary size set by the benchmark.
+(schedule included), with only k, the step count and the dictionary size set by the benchmark,
+and relu_l1's sae.l0_control on (lambda steered to L0 = k), since the comparison is at equal L0.
 The peer, overcomplete's TopKSAE, gets its inputs centred (the training mean subtracted) and
 scaled, as its documentation expects: it has no decoder bias, so uncentred post-ReLU inputs
 would make its latents spend themselves on the data mean.
@@ -58,7 +59,10 @@ def train_ours(arch: str, train_ND, held_ND, atoms, n_features: int, k: int, bat
     from sae_vision.train import MemoryBatches, train_loop
 
     d_in = train_ND.shape[1]
-    scfg = shipped_sae_config(arch, k=k, n_features=n_features)
+    # The goal compares at equal L0. relu_l1 ships a fixed, sweepable lambda (the paper's recipe),
+    # whose L0 depends on the data; its documented sae.l0_control steers lambda to L0 = k instead.
+    extra = {"l0_control": True} if arch == "relu_l1" else {}
+    scfg = shipped_sae_config(arch, k=k, n_features=n_features, **extra)
     tcfg = TrainConfig(n_steps=n_steps, batch_size=batch, log_every=n_steps,
                        ckpt_every=n_steps, device="cpu")
     scale = math.sqrt(d_in) / float(train_ND.norm(dim=1).mean())

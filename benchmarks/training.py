@@ -278,15 +278,14 @@ def gemm_party(kind: str, batch_size: int, d_in: int, n_features: int, k: int, n
 
 
 def _fvu_at_l0(points: list[dict], l0: float) -> float | None:
-    """FVU at L0 by linear interpolation in log L0 between the two nearest runs (None if < 2)."""
+    """FVU at L0 by linear interpolation in log L0 between the two runs that bracket it (None if
+    fewer than 2 runs or if they do not bracket l0: a straight line extrapolated in log L0 can
+    run below 0, and the caller then falls back to the nearest run, flagged as unbracketed)."""
     pts = sorted((p["l0"], p["fvu"]) for p in points if p["l0"] > 0)
-    if len(pts) < 2:
+    if len(pts) < 2 or not pts[0][0] <= l0 <= pts[-1][0]:
         return None
-    lo = max((p for p in pts if p[0] <= l0), default=pts[0], key=lambda p: p[0])
-    hi = min((p for p in pts if p[0] >= l0), default=pts[-1], key=lambda p: p[0])
-    if lo == hi:  # outside the bracket: extrapolate from the two nearest
-        near = sorted(pts, key=lambda p: abs(math.log(p[0] / l0)))[:2]
-        lo, hi = sorted(near)
+    lo = max((p for p in pts if p[0] <= l0), key=lambda p: p[0])
+    hi = min((p for p in pts if p[0] >= l0), key=lambda p: p[0])
     if hi[0] == lo[0]:
         return lo[1]
     t = (math.log(l0) - math.log(lo[0])) / (math.log(hi[0]) - math.log(lo[0]))

@@ -52,7 +52,7 @@ demo: setup ## Whole pipeline on the embedded demo photos: cache, train sweep, e
 	$(RUN) experiment=demo stage=report $(ARGS)
 	@echo "open artifacts/report/index.html"
 
-study: setup ## The paper's findings on real ImageNet photos (../shared/data/imagenet-sample or DATA_ROOT=...; ~1 h on 2 cores)
+study: setup ## The paper's findings on real ImageNet photos (../shared/data/imagenet-sample or DATA_ROOT=...; 79 min on a shared 2-core CPU)
 	$(RUN) experiment=imagenet_sample stage=cache $(STUDY_DATA) $(ARGS)
 	$(RUN) -m experiment=imagenet_sample stage=train $(STUDY_DATA) $(ARGS)
 	$(RUN) experiment=imagenet_sample stage=evaluate $(STUDY_DATA) $(ARGS)

@@ -860,10 +860,10 @@ FINDINGS_COLUMNS = (
     ("largest_gap_with_new_deg", "largest gap, neurons + new"),
     ("largest_gap_curve_tuned_deg", "largest gap, curve-tuned neurons (criteria 1-3)"),
     ("frac_more_selective", "features more selective than their neuron"),
+    ("frac_more_selective_random", "same, random dictionary"),
     ("n_neurons_split", "neurons split into ≥ 2 features"),
     ("frac_more_selective_split", "…their features more selective"),
     ("frac_more_selective_single", "…same, neurons with one feature (copies)"),
-    ("frac_more_selective_random", "same, random dictionary"),
 )
 
 

@@ -586,8 +586,8 @@ SUMMARY_COLUMNS = (
     "run", "layer", "arch", "n_features", "expansion", "l1_coeff", "k", "seed", "l0", "fvu",
     "explained_variance", "mse", "cosine", "l2_ratio", "dead_frac", "dense_frac", "kl_sae",
     "kl_zero", "kl_mean", "agreement_sae", "frac_recovered_zero", "frac_recovered_mean",
-    "n_vectors", "n_splice_images", "loss_flatness", "loss_decay_gain", "curve_features", "copies", "new",
-    "new_in_neuron_gaps", "new_in_gaps_uncovered", "largest_gap_neurons_deg",
+    "n_vectors", "n_splice_images", "loss_flatness", "loss_decay_gain", "curve_features",
+    "copies", "new", "new_in_neuron_gaps", "new_in_gaps_uncovered", "largest_gap_neurons_deg",
     "largest_gap_with_new_deg", "largest_gap_curve_tuned_deg", "new_fdr",
     "frac_more_selective", "frac_more_selective_random",
 )
@@ -755,7 +755,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         check_dims(info, o_meta)
         cache_meta = o_meta
         logger.info(f"[evaluate] {info.name}: on other data, cache {o_dir} ({o_meta['n_vectors']} "
-              f"vectors); results go to eval/{tag}/, the in-distribution ones stay as they are")
+                    f"vectors); results go to eval/{tag}/, the in-distribution ones stay as they are")
     mc = _model_config(cfg, cache_meta)
     device = _device(mc.device)
     sae = sae.to(device).eval()
@@ -802,11 +802,11 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     if no_images and (ev.splice or ev.curves):
         skipped = [n for n, on in (("splice", ev.splice), ("curve census", ev.curves)) if on]
         logger.info(f"[evaluate] note: {info.name}'s cache {info.cache_dir} was imported from arrays "
-              f"(data=array), so there are no images: skipping the {' and the '.join(skipped)}")
+                    f"(data=array), so there are no images: skipping the {' and the '.join(skipped)}")
         m["skipped"] = {n: "no images behind an imported array cache" for n in skipped}
     if ev.splice and other is not None and not no_images:
         logger.info(f"[evaluate] note: the splice runs on the run's own held-out images only; "
-              f"skipping it on {info.cache_dir}")
+                    f"skipping it on {info.cache_dir}")
         m.setdefault("skipped", {})["splice"] = "not run on other data"
     if ev.splice and not no_images and other is None:
         model = session.model(mc)

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -34,14 +33,9 @@ import torch
 from sae_vision import metrics as M
 from sae_vision import paths
 from sae_vision.config import ALL_LAYER_DIMS, Config, DataConfig, ModelConfig, to_plain
+from sae_vision.io import atomic_write, drop_stale_tmp, save_fig, to_json, write_json
 from sae_vision.progress import Progress, track
-from sae_vision.shards import (
-    iter_chunks,
-    load_cache_meta,
-    pid_alive,
-    split_shards,
-    write_json_atomic,
-)
+from sae_vision.shards import iter_chunks, load_cache_meta, split_shards
 from sae_vision.tracker import Tracker, disabled
 
 CHECKPOINT = "sae.safetensors"
@@ -478,23 +472,6 @@ def _plt():
     return plt
 
 
-def _save_fig(fig, path: Path) -> Path:
-    """Save atomically (a killed run never leaves half a PNG)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def drop_stale_tmp(folder: Path) -> None:
-    """Remove temporary files left by a killed evaluation (their writer's pid is gone)."""
-    for tmp in folder.glob(".*.tmp*"):
-        m = re.search(r"\.(\d+)\.tmp", tmp.name)
-        if m and not pid_alive(int(m.group(1))):
-            tmp.unlink(missing_ok=True)
-
-
 def plot_density(hist: dict, title: str, path: Path) -> Path:
     """Bar chart of the log10 feature-density histogram, with the dead count in the legend."""
     plt = _plt()
@@ -507,7 +484,7 @@ def plot_density(hist: dict, title: str, path: Path) -> Path:
     ax.set_ylabel("features")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_l0(l0_hist: list[int], mean_l0: float, title: str, path: Path) -> Path:
@@ -520,7 +497,7 @@ def plot_l0(l0_hist: list[int], mean_l0: float, title: str, path: Path) -> Path:
     ax.set_ylabel("vectors")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_frontier(rows: list[dict], y_key: str, y_label: str, path: Path) -> Path | None:
@@ -546,28 +523,11 @@ def plot_frontier(rows: list[dict], y_key: str, y_label: str, path: Path) -> Pat
     ax.set_title(f"Sparsity-fidelity frontier: L0 vs {y_label}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _clean(obj):
-    """JSON-safe: NaN/Inf become null, tensors and numpy scalars become numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _clean(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _clean(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -681,14 +641,12 @@ def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path, list[Pat
     drop_stale_tmp(out_dir)
     rows = sorted(rows, key=lambda r: (str(r["layer"]), str(r["arch"]), r["l0"] or 0))
     csv_path, json_path = out_dir / "summary.csv", out_dir / "summary.json"
-    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(SUMMARY_COLUMNS), extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_COLUMNS})
-    os.replace(tmp, csv_path)
-    write_json_atomic(json_path, _clean({"columns": list(SUMMARY_COLUMNS), "rows": rows}))
+    write_json(json_path, {"columns": list(SUMMARY_COLUMNS), "rows": rows})
     figs = [plot_frontier(rows, "fvu", "FVU", out_dir / "frontier_l0_fvu.png"),
             plot_frontier(rows, "kl_sae", "splice KL (nats)", out_dir / "frontier_l0_kl.png")]
     return csv_path, json_path, [p for p in figs if p is not None]
@@ -786,14 +744,13 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     m["training"] = training_summary(run_dir, n_train)
     files: dict[str, Path] = {}
     hist = M.log_density_histogram(density.density(), density.n)
-    write_json_atomic(out_dir / "density_hist.json", _clean(
-        {**hist, "density": density.density().tolist()}))
+    write_json(out_dir / "density_hist.json", {**hist, "density": density.density().tolist()})
     files["density_hist_json"] = out_dir / "density_hist.json"
     files["density_hist_png"] = plot_density(
         hist, f"{info.name}: log10 feature density", out_dir / "density_hist.png")
     l0_counts = l0_hist[: l0_max + 1].tolist()
-    write_json_atomic(out_dir / "l0_hist.json", {"counts": l0_counts,
-                                                 **rec["reconstruction"]["l0_quantiles"]})
+    write_json(out_dir / "l0_hist.json", {"counts": l0_counts,
+                                          **rec["reconstruction"]["l0_quantiles"]})
     files["l0_hist_json"] = out_dir / "l0_hist.json"
     files["l0_hist_png"] = plot_l0(l0_counts, rec["reconstruction"]["l0"],
                                    f"{info.name}: L0 distribution", out_dir / "l0_hist.png")
@@ -849,11 +806,11 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     m["eval_seconds"] = time.perf_counter() - t0
     m["files"] = {k: str(v) for k, v in files.items()}
     metrics_path = out_dir / "metrics.json"
-    write_json_atomic(metrics_path, _clean(m))
+    write_json(metrics_path, m)
     files["metrics"] = metrics_path
     m["files"] = {k: str(v) for k, v in files.items()}
     _print_headline(m)
-    return _clean(m)
+    return to_json(m)
 
 
 def _data_overrides() -> list[str]:
@@ -1018,7 +975,7 @@ def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log,
                                 top_frac=ccfg.selectivity_top_frac, baseline=base)
     res = {"run": info.name, "layer": info.layer, "n_vectors": len(acts_ND), **res}
     path = out_dir / "polysemantic.json"
-    write_json_atomic(path, _clean(res))
+    write_json(path, res)
     s = res["summary"]
     out = {"path": str(path), "n_vectors": len(acts_ND),
            "frac_more_selective": s["mean_frac_own_features_more_selective"],
@@ -1084,7 +1041,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> EvalResult:
     if len(run_dirs) > 1 or is_set:
         rows = [summary_row(m) for m in results.values()]
         csv_path, json_path, figs = write_summary(rows, paths.sae_root(cfg) / SUMMARY_DIR)
-        tracker.log_table("eval/summary", [_clean(r) for r in rows])
+        tracker.log_table("eval/summary", [to_json(r) for r in rows])
         for p in figs:
             tracker.log_image(f"eval/{p.stem}", p)
         written += [str(csv_path), str(json_path)] + [str(p) for p in figs]

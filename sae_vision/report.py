@@ -38,6 +38,7 @@ import torch
 
 from sae_vision import paths
 from sae_vision.config import Config, to_plain
+from sae_vision.io import copy_file, to_json, write_json, write_text
 from sae_vision.progress import Progress, track
 from sae_vision.tracker import Tracker, disabled
 
@@ -292,24 +293,14 @@ def unit_records(ex, crops: dict, chosen: set[int], curve: dict[int, dict], fv: 
 # Writing files
 
 
-def _clean(obj):
-    from sae_vision.evaluate import _clean as clean
-
-    return clean(obj)
-
-
 def write_js(path: Path, var: str, key: str | None, obj) -> Path:
     """A data script: window.VAR = obj, or window.VAR[key] = obj (loadable from file://)."""
-    blob = json.dumps(_clean(obj), separators=(",", ":"), allow_nan=False)
+    blob = json.dumps(to_json(obj), separators=(",", ":"), allow_nan=False)
     if key is None:
         text = f"window.{var}={blob};\n"
     else:
         text = f"window.{var}=window.{var}||{{}};window.{var}[{json.dumps(key)}]={blob};\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text(path, text)
 
 
 def copy_figure(src: str | Path | None, fig_dir: Path, name: str) -> str | None:
@@ -318,7 +309,7 @@ def copy_figure(src: str | Path | None, fig_dir: Path, name: str) -> str | None:
         return None
     fig_dir.mkdir(parents=True, exist_ok=True)
     dst = fig_dir / f"{slugify(name)}{Path(src).suffix}"
-    shutil.copyfile(src, dst)
+    copy_file(src, dst)
     return f"{fig_dir.name}/{dst.name}"
 
 
@@ -823,12 +814,12 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
         "generated": generated, "page_size": PAGE_SIZE, "browsers": browsers,
         "runs": [{k: v for k, v in row.items()} for row in rows]})
     index = out / "index.html"
-    index.write_text(html_page(title, generated, sections))
+    write_text(index, html_page(title, generated, sections))
 
     # Tracker: the tables and the figures.
-    tracker.log_table("report/summary", [_clean(r) for r in rows])
+    tracker.log_table("report/summary", [to_json(r) for r in rows])
     if census_rows:
-        tracker.log_table("report/curve_census", _clean(census_rows))
+        tracker.log_table("report/curve_census", to_json(census_rows))
     for rel in figures:
         tracker.log_image(f"report/{Path(rel).stem}", out / rel)
 
@@ -836,7 +827,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     tracker.summary({"report/n_runs": len(records), "report/n_cards": n_cards})
     findings = write_findings(records, out)
     if findings:
-        tracker.log_table("report/findings", _clean(findings_rows(records)))
+        tracker.log_table("report/findings", to_json(findings_rows(records)))
         logger.info(findings_markdown(findings_rows(records)))
     written = [index, out / "data" / "report.js", manifest_path, *findings]
     for p in written:
@@ -908,15 +899,12 @@ def findings_markdown(rows: list[dict]) -> str:
 
 def write_findings(records: list[RunRecord], out: Path) -> list[Path]:
     """findings.json and findings.md beside the report (nothing when no run is evaluated)."""
-    from sae_vision.shards import write_json_atomic
-
     rows = findings_rows(records)
     if not rows:
         return []
     json_path, md_path = out / "findings.json", out / "findings.md"
-    write_json_atomic(json_path, _clean({"columns": [k for k, _ in FINDINGS_COLUMNS],
-                                         "rows": rows}))
-    md_path.write_text(findings_markdown(rows))
+    write_json(json_path, {"columns": [k for k, _ in FINDINGS_COLUMNS], "rows": rows})
+    write_text(md_path, findings_markdown(rows))
     return [json_path, md_path]
 
 
@@ -964,7 +952,7 @@ def _featurevis(cfg: Config, cache_meta: dict, layer: str, recs: list[RunRecord]
         dst = out / "featurevis" / name
         dst.mkdir(parents=True, exist_ok=True)
         for u, p in pngs.items():
-            shutil.copyfile(p, dst / f"u{u}.png")
+            copy_file(p, dst / f"u{u}.png")
         done[name] = set(pngs)
         logger.info(f"[report] feature vis: {len(ids)} units of {name} "
                     f"({time.perf_counter() - t:.1f} s)")
@@ -975,8 +963,6 @@ def _featurevis(cfg: Config, cache_meta: dict, layer: str, recs: list[RunRecord]
 def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], out: Path,
                    index: Path) -> Path:
     """artifacts/reproduce.json: what was run (experiment, caches, runs, evaluations, report)."""
-    from sae_vision.shards import write_json_atomic
-
     root = Path(cfg.paths.root)
     summary = paths.sae_root(cfg) / "summary"
     runs = []
@@ -1006,5 +992,5 @@ def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], ou
         "config": to_plain(cfg),
     }
     path = root / "reproduce.json"
-    write_json_atomic(path, _clean(manifest))
+    write_json(path, manifest)
     return path

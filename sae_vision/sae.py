@@ -866,6 +866,8 @@ def save_sae(sae: SAE, run_dir: str | os.PathLike, meta: dict) -> None:
     """Write run_dir/sae.safetensors and run_dir/config.json (atomically, via temp files)."""
     from safetensors.torch import save_file
 
+    from sae_vision.io import atomic_write, write_json
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
@@ -877,11 +879,10 @@ def save_sae(sae: SAE, run_dir: str | os.PathLike, meta: dict) -> None:
         "sae": asdict(sae.cfg),
         "meta": meta,
     }
-    tmp_w, tmp_c = run_dir / (WEIGHTS_FILE + ".tmp"), run_dir / (CONFIG_FILE + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION)})
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    os.replace(tmp_w, run_dir / WEIGHTS_FILE)
-    os.replace(tmp_c, run_dir / CONFIG_FILE)
+    # Weights first, so a reader never pairs a new config.json with older weights.
+    with atomic_write(run_dir / WEIGHTS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+    write_json(run_dir / CONFIG_FILE, config, indent=2, sort_keys=True)
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -24,7 +24,6 @@ import os
 import queue
 import shlex
 import shutil
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from sae_vision import paths
+from sae_vision import io, paths
 from sae_vision.config import (
     SAEConfig,
     TrainConfig,
@@ -644,9 +643,9 @@ def save_train_state(dir_path: Path, state: dict) -> None:
     for extra in ("run", "seed"):
         if extra in state:
             info[extra] = state[extra]
-    _atomic(dir_path / "train_state.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic(dir_path / "train_state.json",
-            lambda p: p.write_text(json.dumps(info, indent=1, default=_json_default)))
+    with io.atomic_write(dir_path / "train_state.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    io.write_json(dir_path / "train_state.json", info, strict=False)
 
 
 def load_train_state(dir_path: Path) -> dict:
@@ -675,28 +674,6 @@ def load_train_state(dir_path: Path) -> dict:
     }
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, (tuple, set)):
-        return list(o)
-    if torch.is_tensor(o):
-        return o.tolist()
-    return str(o)
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=_json_default)))
-
-
 # --------------------------------------------------------------------------------------------
 # Run folder: lock, checkpoints, resume
 
@@ -708,34 +685,22 @@ CKPT_FILES = ("sae.safetensors", "config.json", "train_state.safetensors", "trai
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the run folder; a second live writer fails fast.
 
-    flock is released by the kernel when the holder dies (even by SIGKILL), so a killed run
-    never leaves a stale lock behind.
+    The lock is io's flock, which the kernel releases when the holder dies (even by SIGKILL),
+    so a killed run never leaves a stale lock behind.
     """
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir / ".lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = io.try_lock(lock_path)
+    if lock is None:
+        raise RunLocked(f"run folder {run_dir} is being written by another live run "
+                        f"({io.holder_of(lock_path) or 'unknown process'}); wait for it to finish "
+                        "(this command will then return its result) or set train.run_name")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = ""
-            with contextlib.suppress(OSError):
-                holder = Path(lock_path).read_text().strip()
-            raise RunLocked(f"run folder {run_dir} is being written by another live run "
-                            f"({holder or 'unknown process'}); wait for it to finish (this "
-                            "command will then return its result) or set train.run_name") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        # We hold the lock, so staging folders and temp files here belong to a killed run.
-        for stale in [*run_dir.glob(".staging-*"), *(run_dir / "checkpoints").glob(".staging-*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-        for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob("*/.*.tmp")]:
-            stale.unlink(missing_ok=True)
+        # We hold the lock, so temporaries and staged checkpoints here belong to a killed run.
+        for folder in (run_dir, run_dir / "checkpoints"):
+            io.drop_stale_tmp(folder, any_pid=True)
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -747,39 +712,22 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:  # filesystems without hard links
-        shutil.copy2(src, tmp)
-    os.replace(tmp, dst)
-
-
 def write_checkpoint(run_dir: Path, sae, step: int, meta: dict, train_state: dict) -> Path:
     """Commit a checkpoint: write into a staging folder, rename it to checkpoints/step-N, then
     point the run folder's top-level files at it and drop older checkpoints."""
     from sae_vision.sae import save_sae
 
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
-    staging = root / f".staging-{step:07d}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_sae(sae, staging, meta)
-    save_train_state(staging, train_state)
-    for f in CKPT_FILES:
-        with open(staging / f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():  # a rerun of a step that was already committed
-        shutil.rmtree(final)
-    os.rename(staging, final)
+    # Staged whole under a temporary name, fsynced, then renamed: a step-N folder is complete.
+    with io.atomic_write(final) as staging:
+        staging.mkdir()
+        save_sae(sae, staging, meta)
+        save_train_state(staging, train_state)
     # The top level follows; sae.safetensors first so a reader never pairs a new config.json
     # with older weights.
     for f in CKPT_FILES:
-        _link_or_copy(final / f, run_dir / f)
+        io.copy_file(final / f, run_dir / f, link=True)
     for old in root.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
@@ -1016,7 +964,7 @@ def _train(cfg, log: LogFn, cache: Path, meta: dict, d_in: int, train_shards, ho
     metrics = {**metrics, "run_name": name, "layer": cfg.layer.name, "arch": scfg.arch,
                "n_features": int(sae.n_features), "d_in": d_in}
     if rank == 0:
-        _write_json(run_dir / "train_metrics.json", metrics)
+        io.write_json(run_dir / "train_metrics.json", metrics)
     result = TrainResult(run_dir, run_dir / "sae.safetensors", metrics)
     if rank == 0:
         _print_paths(result)
@@ -1033,7 +981,7 @@ def _truncate_log(log_path: Path, start_step: int) -> None:
         with contextlib.suppress(json.JSONDecodeError):
             if json.loads(line).get("step", 0) <= start_step:
                 keep.append(line)
-    _atomic(log_path, lambda p: p.write_text("".join(s + "\n" for s in keep)))
+    io.write_text(log_path, "".join(s + "\n" for s in keep))
 
 
 def _evaluate_command(cfg, run_name: str) -> str:

@@ -4,7 +4,6 @@ dimension checks before any work, run selection, held-out images, the sweep summ
 import csv
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -397,15 +396,6 @@ def test_demo_cache_trained_saes_beat_zero_ablation_and_trace_the_frontier(tmp_p
         m = json.loads((tmp_path / "sae" / r["run"] / "eval" / "metrics.json").read_text())
         assert m["splice"]["images"] == "holdout_shards"
         assert not set(m["splice"]["image_ids"]) & set(range(32))  # 4 of 5 shards trained on
-
-
-def test_temporary_files_of_a_killed_evaluation_are_removed(tmp_path):
-    dead = tmp_path / ".metrics.json.999999999.tmp"  # no such pid: its writer was killed
-    live = tmp_path / f".density_hist.{os.getpid()}.tmp.png"  # a writer still running
-    for p in (dead, live):
-        p.write_text("half")
-    evaluate.drop_stale_tmp(tmp_path)
-    assert not dead.exists() and live.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -72,7 +72,8 @@ class PendingWrite:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = temp_path(self.path)
-        _remove(self.tmp)
+        if self.tmp.exists() or self.tmp.is_symlink():  # left by an earlier process with our pid
+            _remove(self.tmp)
 
     def commit(self) -> Path:
         """fsync the temporary (every file of a staged folder) and rename it into place."""
@@ -102,13 +103,6 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         pending.abort()
         raise
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write bytes atomically."""
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -31,7 +31,8 @@ import torch
 
 from sae_vision import io
 from sae_vision.config import SAEConfig
-from sae_vision.sae import make_sae, save_sae
+from sae_vision.checkpoint import save_sae
+from sae_vision.sae import make_sae
 from sae_vision.shards import ShardWriter
 
 d = Path(sys.argv[1])

@@ -43,9 +43,10 @@ def main(dcfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
 
     from sae_vision import progress
+    from sae_vision.checkpoint import RunLocked
+    from sae_vision.loop import TrainingDiverged
     from sae_vision.shards import CacheError
     from sae_vision.tracker import open_tracker
-    from sae_vision.train import RunLocked, TrainingDiverged
 
     cfg: Config = OmegaConf.to_object(dcfg)
     try:
@@ -55,14 +56,17 @@ def main(dcfg: DictConfig):
             cfg.data.root = resolve_data_root(cfg.data.root)
         check_config(cfg)
         progress.configure(cfg.logger.progress_every_s)
-        ignored = unused_overrides(cfg.stage.name, list(HydraConfig.get().overrides.task))
+        overrides = list(HydraConfig.get().overrides.task)
+        ignored = unused_overrides(cfg.stage.name, overrides)
         if ignored:
             print(f"warning: stage={cfg.stage.name} does not use {' '.join(ignored)}; these "
                   "overrides have no effect here", file=sys.stderr)
         stage = importlib.import_module(f"sae_vision.{cfg.stage.name}")
         out_dir = HydraConfig.get().runtime.output_dir
         with open_tracker(cfg.logger, out_dir, to_plain(cfg), job_type=cfg.stage.name) as tracker:
-            result = stage.run(cfg, tracker)
+            # train and evaluate print (or act on) the command line's overrides; Hydra stays here.
+            extra = {"overrides": overrides} if cfg.stage.name in ("train", "evaluate") else {}
+            result = stage.run(cfg, tracker, **extra)
     except (*USER_ERRORS, CacheError, RunLocked, TrainingDiverged) as e:
         fail(str(e))
     except OSError as e:

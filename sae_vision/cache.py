@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_vision import paths
+from sae_vision import io, paths
 from sae_vision.config import ARRAY_LAYER, Config, check_layer, to_plain
 from sae_vision.data import Item, collate_items, iter_webdataset, make_images
 from sae_vision.progress import Progress
@@ -32,7 +32,6 @@ from sae_vision.shards import (
     ShardWriter,
     finalize_cache,
     load_cache_meta,
-    pid_alive,
     shard_complete,
     shard_name,
     shard_problem,
@@ -86,39 +85,6 @@ def sample_positions(norms_HW: torch.Tensor, sampling: str, k: int, mask_HW: tor
         raise ValueError(f"cache.sampling={sampling!r}; choose all, uniform or norm_weighted")
     pick = torch.multinomial(w, k, replacement=False, generator=gen)
     return idx[pick.sort().values]
-
-
-# --------------------------------------------------------------------------------------------
-# Locks: a shard is claimed by exactly one live process
-
-
-def claim(lock_path: Path) -> bool:
-    """Atomically create lock_path (O_EXCL); steal it only if its owner process is dead."""
-    for _ in range(2):
-        try:
-            fd = os.open(lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {os.uname().nodename}")
-            return True
-        except FileExistsError:
-            try:
-                pid_s, host = lock_path.read_text().split()
-                stale = host == os.uname().nodename and not pid_alive(int(pid_s))
-            except (OSError, ValueError):
-                stale = True  # half-written lock: its writer died between create and write
-            if not stale:
-                return False
-            lock_path.unlink(missing_ok=True)
-    return False
-
-
-def lock_alive(lock_path: Path) -> bool:
-    """True when lock_path exists and its owner process is still running."""
-    try:
-        pid_s, host = lock_path.read_text().split()
-    except (OSError, ValueError):
-        return False
-    return host != os.uname().nodename or pid_alive(int(pid_s))
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,13 +229,13 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
         # One lock per shard, in the first layer's folder: every layer's shard is written together.
         lock = dirs[layers[0]] / f"{shard_name(shard)}.lock"
         with ExitStack() as stack:
-            if not claim(lock):
+            held = io.try_lock(lock)
+            if held is None:
                 logger.info(f"[cache] shard {shard} is being written by another process; skipping it")
                 continue
-            stack.callback(lock.unlink, missing_ok=True)
+            stack.callback(held.release)
             for d in dirs.values():  # we own the shard now: temps left by a killed run are stale
-                for stale in d.glob(f".{shard_name(shard).replace('.tar', '')}.*tmp"):
-                    stale.unlink(missing_ok=True)
+                io.drop_stale_tmp(d, any_pid=True, name=shard_name(shard).replace(".tar", ""))
             writers = {la: ShardWriter(dirs[la], shard, dims[la], cfg.cache.dtype) for la in layers}
             try:
                 skipped, seen = [], []
@@ -405,7 +371,7 @@ def _finalize_when_complete(cfg: Config, model, dirs: dict[str, Path], n_shards:
         # Another process (a second rank or a concurrent run) holds the missing shards.
         missing = [s for s in range(n_shards) if not all(shard_complete(d, s)
                                                         for d in dirs.values())]
-        live = [s for s in missing if any(lock_alive(d / f"{shard_name(s)}.lock")
+        live = [s for s in missing if any(io.lock_held(d / f"{shard_name(s)}.lock")
                                           for d in dirs.values())]
         if not live:
             raise CacheError(

@@ -95,6 +95,7 @@ import torch.nn as nn
 from sae_vision import novelty as N
 from sae_vision import stimuli as S
 from sae_vision.config import CurvesConfig
+from sae_vision.io import save_fig, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -1509,8 +1510,6 @@ def figure_evidence(ev: dict, nulls: dict[str, list[dict]], thr: dict, what: str
 
 def write_census(out_dir, result: dict, figs: dict) -> dict[str, str]:
     """Write curves.json and the PNG figures into out_dir; return their paths."""
-    import matplotlib.pyplot as plt
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, str] = {}
@@ -1526,32 +1525,8 @@ def write_census(out_dir, result: dict, figs: dict) -> dict[str, str]:
     for name, args in figs.items():
         fig = makers[name](args)
         p = out / f"curves_{name}.png"
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
+        save_fig(fig, p, tight=False)
         paths[name] = str(p)
     result = {**result, "files": {**paths, "json": str(out / "curves.json")}}
     write_json(out / "curves.json", result)
     return result["files"]
-
-
-def write_json(path, obj) -> None:
-    """Write a JSON-able object (numpy/torch values allowed) atomically."""
-    import json
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    tmp.replace(path)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, torch.Tensor):
-        return o.tolist()
-    if isinstance(o, np.bool_):
-        return bool(o)
-    raise TypeError(type(o))

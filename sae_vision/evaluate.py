@@ -16,14 +16,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import glob as globlib
 import json
 import logging
 import math
-import os
-import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,20 +30,24 @@ import torch
 
 from sae_vision import metrics as M
 from sae_vision import paths
-from sae_vision.config import ALL_LAYER_DIMS, Config, DataConfig, ModelConfig, to_plain
+from sae_vision.config import Config, DataConfig, ModelConfig
+from sae_vision.io import atomic_write, drop_stale_tmp, save_fig, to_json, write_json
 from sae_vision.progress import Progress, track
-from sae_vision.shards import (
-    iter_chunks,
-    load_cache_meta,
-    pid_alive,
-    split_shards,
-    write_json_atomic,
+from sae_vision.runs import (
+    CONFIG_FILE,
+    EVAL_DIR,
+    SUMMARY_DIR,
+    TRAIN_LOG,
+    RunInfo,
+    check_dims,
+    check_weights,
+    data_config,
+    model_config,
+    resolve_runs,
+    run_info,
 )
+from sae_vision.shards import iter_chunks, load_cache_meta
 from sae_vision.tracker import Tracker, disabled
-
-CHECKPOINT = "sae.safetensors"
-RUN_CONFIG = "config.json"
-SUMMARY_DIR = "summary"
 
 logger = logging.getLogger(__name__)
 
@@ -61,165 +62,6 @@ class EvalResult:
     summary_csv_path: str | None = None
     summary_json_path: str | None = None
     frontier_paths: tuple[str, ...] = ()
-
-
-# --------------------------------------------------------------------------------------------
-# Selecting runs
-
-
-def is_run_dir(path: Path) -> bool:
-    """A run folder holds a checkpoint and its config.json."""
-    return (path / CHECKPOINT).is_file() and (path / RUN_CONFIG).is_file()
-
-
-def _runs_under(folder: Path) -> list[Path]:
-    """Run folders below `folder`; a run's own checkpoints/step-N copies are not runs."""
-    runs = []
-    for dirpath, dirnames, _ in os.walk(folder):
-        here = Path(dirpath)
-        if is_run_dir(here):
-            runs.append(here)
-            dirnames.clear()
-        else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != SUMMARY_DIR]
-    return sorted(runs)
-
-
-def _available(root: Path) -> str:
-    names = [str(p.relative_to(root)) for p in _runs_under(root)] if root.is_dir() else []
-    if not names:
-        return f"there are no runs under {root} yet; train one with `python run.py stage=train`"
-    shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
-    return f"runs under {root}: {shown}"
-
-
-def resolve_runs(cfg: Config, spec: str | None = None) -> tuple[list[Path], bool]:
-    """Run folders selected by cfg.sae.run, and whether the selector names a set (glob/sweep).
-
-    `sae.run` may be: unset (the run that `stage=train` would write for this config), a run name
-    under paths.sae_root(cfg) or a path, `glob(pattern)` or a plain glob (relative to sae_root
-    unless absolute), or a folder holding several runs (a sweep).
-    """
-    root = paths.sae_root(cfg)
-    spec = cfg.sae.run if spec is None else spec
-    derived = spec is None or str(spec).strip() == ""
-    if derived:
-        d_in = ALL_LAYER_DIMS.get(cfg.layer.name, cfg.layer.dim)
-        spec = paths.run_name(cfg, d_in)
-    spec = str(spec).strip()
-    if spec.startswith("glob(") and spec.endswith(")"):
-        pattern, is_glob = spec[5:-1].strip().strip("'\""), True
-    else:
-        pattern, is_glob = spec, any(c in spec for c in "*?[")
-    if is_glob:
-        base = "" if os.path.isabs(pattern) else str(root)
-        hits = sorted(Path(p) for p in globlib.glob(os.path.join(base, pattern)))
-        runs: list[Path] = []
-        for hit in hits:
-            if is_run_dir(hit):
-                runs.append(hit)
-            elif hit.is_dir() and hit.name != SUMMARY_DIR:
-                runs += _runs_under(hit)
-        runs = sorted(dict.fromkeys(runs))
-        if not runs:
-            raise ValueError(f"sae.run={spec!r} matches no SAE run; {_available(root)}")
-        return runs, True
-    for cand in (root / spec, Path(spec)):
-        if is_run_dir(cand):
-            return [cand], False
-        if cand.is_dir():
-            runs = _runs_under(cand)
-            if runs:
-                return runs, True
-    if derived:
-        raise ValueError(f"sae.run is unset, so evaluate looked for the run that stage=train "
-                         f"writes for these settings ({spec}), and it does not exist; pass "
-                         f"sae.run=<run name>, a glob such as sae.run='{cfg.layer.name}-*', or a "
-                         f"sweep folder; {_available(root)}")
-    raise ValueError(f"sae.run={spec!r} is not an SAE run folder (one holding {CHECKPOINT} and "
-                     f"{RUN_CONFIG}) nor a folder of runs; {_available(root)}")
-
-
-# --------------------------------------------------------------------------------------------
-# Reading what a run recorded
-
-
-def _lookup(meta: dict, dotted: str, default=None):
-    """meta['a']['b'] for 'a.b', else the same under meta['config'] (the run's resolved config)."""
-    for base in (meta, meta.get("config")):
-        node: Any = base
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return node
-    return default
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """The facts about one run that evaluation needs, read from its config.json."""
-
-    run_dir: Path
-    name: str
-    layer: str
-    cache_dir: Path
-    holdout_shards: tuple[str, ...]
-    train_shards: tuple[str, ...]
-    arch: str
-    n_features: int
-    d_in: int
-    hparams: dict
-
-
-def run_info(run_dir: Path, sae, meta: dict, cfg: Config, cache_meta: dict | None = None
-             ) -> RunInfo:
-    """Layer, cache and held-out shards of a run (recorded values first, then the config's)."""
-    layer = meta.get("layer") or _lookup(meta, "layer.name") or cfg.layer.name
-    cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else Path(
-        meta.get("cache_dir") or paths.cache_dir(cfg, layer))
-    holdout, train = meta.get("holdout_shards"), meta.get("train_shards")
-    if holdout is None and cache_meta is not None:
-        # A run that did not record its split: recompute train's deterministic one.
-        frac = _lookup(meta, "train.holdout_frac", cfg.train.holdout_frac)
-        train, holdout = split_shards(cache_meta, float(frac))
-    hp = {
-        "arch": getattr(sae, "arch", None) or _lookup(meta, "sae.arch"),
-        "n_features": int(getattr(sae, "n_features", 0) or _lookup(meta, "n_features", 0)),
-        "expansion": _lookup(meta, "sae.expansion"),
-        "k": _lookup(meta, "sae.k"),
-        "l1_coeff": _lookup(meta, "sae.l1_coeff"),
-        "seed": _lookup(meta, "train.seed"),
-        "n_steps": _lookup(meta, "train.n_steps"),
-    }
-    return RunInfo(run_dir=run_dir, name=run_dir.name, layer=str(layer), cache_dir=cache_dir,
-                   holdout_shards=tuple(holdout or ()), train_shards=tuple(train or ()),
-                   arch=str(hp["arch"]), n_features=hp["n_features"], d_in=int(sae.d_in),
-                   hparams=hp)
-
-
-def check_dims(info: RunInfo, cache_meta: dict, requested_layer: str | None = None) -> None:
-    """Refuse, before any work, an SAE whose d_in does not fit the layer or its cache."""
-    same = [la for la, d in ALL_LAYER_DIMS.items() if d == info.d_in]
-    hint = (f"layers with {info.d_in} channels: {', '.join(same)}" if same
-            else f"no InceptionV1 layer has {info.d_in} channels")
-    if requested_layer is not None and requested_layer != info.layer:
-        raise ValueError(
-            f"SAE run {info.name} was trained on layer {info.layer!r} (d_in={info.d_in}) but "
-            f"layer={requested_layer!r} ({ALL_LAYER_DIMS.get(requested_layer, '?')} channels) "
-            f"was requested; pass layer={info.layer} or choose a run trained on "
-            f"{requested_layer}")
-    layer_dim = ALL_LAYER_DIMS.get(info.layer)
-    if layer_dim is not None and layer_dim != info.d_in:
-        raise ValueError(
-            f"SAE run {info.name} has d_in={info.d_in} but layer {info.layer!r} has {layer_dim} "
-            f"channels; evaluate it at a layer of width {info.d_in} ({hint}) or retrain it "
-            f"with layer={info.layer}")
-    cache_dim = int(cache_meta["dim"])
-    if cache_dim != info.d_in:
-        raise ValueError(
-            f"SAE run {info.name} has d_in={info.d_in} but the activation cache {info.cache_dir} "
-            f"(layer {cache_meta.get('layer')!r}) has dim {cache_dim}; point cache.dir at the "
-            f"cache the run was trained on ({hint}) or retrain the SAE on this cache")
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,7 +263,7 @@ def splice_image_ids(cache_meta: dict, info: RunInfo, n_images: int, fallback: D
 
     Returns (data config to load them with, ids, how) where `how` names the rule that chose them.
     """
-    data_cfg = _data_config(cache_meta, fallback)
+    data_cfg = data_config(cache_meta, fallback)
     ids = holdout_image_ids(cache_meta, info.holdout_shards, info.train_shards)
     if ids:
         return data_cfg, pick_evenly(ids, n_images), "holdout_shards"
@@ -444,27 +286,6 @@ def splice_images(cache_meta: dict, info: RunInfo, n_images: int, fallback: Data
     return images, got, how
 
 
-def _data_config(cache_meta: dict, fallback: DataConfig) -> DataConfig:
-    """The DataConfig that produced the cache (its image indices refer to that source)."""
-    rec = cache_meta.get("data")
-    base = to_plain(fallback) if not dataclasses.is_dataclass(fallback) else dataclasses.asdict(
-        fallback)
-    if isinstance(rec, dict):
-        base.update({k: v for k, v in rec.items() if k in base})
-    return DataConfig(**base)
-
-
-def _model_config(cfg: Config, cache_meta: dict) -> ModelConfig:
-    """cfg.model with the network identity taken from the cache that the SAE was trained on."""
-    mc = ModelConfig(**{k: v for k, v in to_plain(cfg.model).items()
-                        if k in {f.name for f in dataclasses.fields(ModelConfig)}})
-    rec = (cache_meta.get("settings") or {}).get("model") or {}
-    ident = {k: rec[k] for k in ("family", "name", "pretrained", "weights_path") if k in rec}
-    if not ident and cache_meta.get("model") in ("googlenet_bvlc", "inceptionv1", "timm"):
-        ident = {"family": cache_meta["model"], "name": cache_meta.get("model_name", mc.name)}
-    return dataclasses.replace(mc, **ident)
-
-
 # --------------------------------------------------------------------------------------------
 # Figures and files
 
@@ -476,23 +297,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save_fig(fig, path: Path) -> Path:
-    """Save atomically (a killed run never leaves half a PNG)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def drop_stale_tmp(folder: Path) -> None:
-    """Remove temporary files left by a killed evaluation (their writer's pid is gone)."""
-    for tmp in folder.glob(".*.tmp*"):
-        m = re.search(r"\.(\d+)\.tmp", tmp.name)
-        if m and not pid_alive(int(m.group(1))):
-            tmp.unlink(missing_ok=True)
 
 
 def plot_density(hist: dict, title: str, path: Path) -> Path:
@@ -507,7 +311,7 @@ def plot_density(hist: dict, title: str, path: Path) -> Path:
     ax.set_ylabel("features")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_l0(l0_hist: list[int], mean_l0: float, title: str, path: Path) -> Path:
@@ -520,7 +324,7 @@ def plot_l0(l0_hist: list[int], mean_l0: float, title: str, path: Path) -> Path:
     ax.set_ylabel("vectors")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def plot_frontier(rows: list[dict], y_key: str, y_label: str, path: Path) -> Path | None:
@@ -546,28 +350,11 @@ def plot_frontier(rows: list[dict], y_key: str, y_label: str, path: Path) -> Pat
     ax.set_title(f"Sparsity-fidelity frontier: L0 vs {y_label}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save_fig(fig, path)
+    return save_fig(fig, path)
 
 
 def _finite(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def _clean(obj):
-    """JSON-safe: NaN/Inf become null, tensors and numpy scalars become numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _clean(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _clean(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -601,7 +388,7 @@ def training_summary(run_dir: Path, n_train_vectors: int | None) -> dict:
     to its last 10% (a few percent or less: the curve has levelled off at that rate), and
     `loss_decay_gain` the further drop from there to the last 5% of all steps (what the decay
     adds). The same two for the FVU."""
-    path = Path(run_dir) / "train_log.jsonl"
+    path = Path(run_dir) / TRAIN_LOG
     rows = []
     if path.is_file():
         for line in path.read_text().splitlines():
@@ -609,7 +396,7 @@ def training_summary(run_dir: Path, n_train_vectors: int | None) -> dict:
                 rows.append(json.loads(line))
     cfg_json = {}
     with contextlib.suppress(OSError, json.JSONDecodeError):
-        cfg_json = json.loads((Path(run_dir) / "config.json").read_text())
+        cfg_json = json.loads((Path(run_dir) / CONFIG_FILE).read_text())
     tcfg = (cfg_json.get("meta", {}).get("config") or {}).get("train") or {}
     n_steps, batch = tcfg.get("n_steps"), tcfg.get("batch_size")
     out: dict = {"n_steps": n_steps, "batch_size": batch}
@@ -681,14 +468,12 @@ def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path, list[Pat
     drop_stale_tmp(out_dir)
     rows = sorted(rows, key=lambda r: (str(r["layer"]), str(r["arch"]), r["l0"] or 0))
     csv_path, json_path = out_dir / "summary.csv", out_dir / "summary.json"
-    tmp = csv_path.with_name(f".{csv_path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(SUMMARY_COLUMNS), extrasaction="ignore")
         writer.writeheader()
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_COLUMNS})
-    os.replace(tmp, csv_path)
-    write_json_atomic(json_path, _clean({"columns": list(SUMMARY_COLUMNS), "rows": rows}))
+    write_json(json_path, {"columns": list(SUMMARY_COLUMNS), "rows": rows})
     figs = [plot_frontier(rows, "fvu", "FVU", out_dir / "frontier_l0_fvu.png"),
             plot_frontier(rows, "kl_sae", "splice KL (nats)", out_dir / "frontier_l0_kl.png")]
     return csv_path, json_path, [p for p in figs if p is not None]
@@ -712,6 +497,7 @@ class _Session:
         self.baselines: dict[tuple, dict] = {}
         self.images: dict[tuple, tuple] = {}
         self.census_memo: dict = {}  # the neuron census of one (model, layer, data), reused
+        self.data_overrides: list[str] = []  # the command line's data overrides (other_data)
 
     def model(self, mc: ModelConfig):
         key = json.dumps(dataclasses.asdict(mc), sort_keys=True)
@@ -726,7 +512,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
                  name: str | None = None, requested_layer: str | None = None,
                  prefix: str = "eval/") -> dict:
     """Full evaluation of one run; writes <run_dir>/eval/ and returns its metrics dict."""
-    from sae_vision.sae import load_sae
+    from sae_vision.checkpoint import load_sae
 
     def log(metrics: dict) -> None:  # the science stages log under this run's prefix
         tracker.log({f"{prefix}{k}": v for k, v in metrics.items()})
@@ -745,7 +531,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         logger.info(f"[evaluate] note: {info.name} is a mid-training checkpoint (step "
               f"{meta.get('step')} of {meta.get('n_steps')})")
     ev = cfg.eval
-    other = other_data(cfg, info)
+    other = other_data(cfg, info, session.data_overrides)
     n_train = sum(s["n_vectors"] for s in cache_meta["shards"]
                   if s["name"] in set(info.train_shards))  # the run's own training set
     if other is not None:  # another dataset: every vector of its cache, results in their folder
@@ -756,13 +542,13 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         cache_meta = o_meta
         logger.info(f"[evaluate] {info.name}: on other data, cache {o_dir} ({o_meta['n_vectors']} "
                     f"vectors); results go to eval/{tag}/, the in-distribution ones stay as they are")
-    mc = _model_config(cfg, cache_meta)
+    mc = model_config(cfg, cache_meta)
     device = _device(mc.device)
     sae = sae.to(device).eval()
     logger.info(f"[evaluate] {info.name}: layer {info.layer}, {info.arch}, d_in={info.d_in}, "
           f"F={info.n_features}, held-out shards {list(info.holdout_shards)}")
 
-    out_dir = run_dir / "eval" if other is None else run_dir / "eval" / other[2]
+    out_dir = run_dir / EVAL_DIR if other is None else run_dir / EVAL_DIR / other[2]
     out_dir.mkdir(parents=True, exist_ok=True)
     drop_stale_tmp(out_dir)
     held = (a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards))
@@ -786,14 +572,13 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     m["training"] = training_summary(run_dir, n_train)
     files: dict[str, Path] = {}
     hist = M.log_density_histogram(density.density(), density.n)
-    write_json_atomic(out_dir / "density_hist.json", _clean(
-        {**hist, "density": density.density().tolist()}))
+    write_json(out_dir / "density_hist.json", {**hist, "density": density.density().tolist()})
     files["density_hist_json"] = out_dir / "density_hist.json"
     files["density_hist_png"] = plot_density(
         hist, f"{info.name}: log10 feature density", out_dir / "density_hist.png")
     l0_counts = l0_hist[: l0_max + 1].tolist()
-    write_json_atomic(out_dir / "l0_hist.json", {"counts": l0_counts,
-                                                 **rec["reconstruction"]["l0_quantiles"]})
+    write_json(out_dir / "l0_hist.json", {"counts": l0_counts,
+                                          **rec["reconstruction"]["l0_quantiles"]})
     files["l0_hist_json"] = out_dir / "l0_hist.json"
     files["l0_hist_png"] = plot_l0(l0_counts, rec["reconstruction"]["l0"],
                                    f"{info.name}: L0 distribution", out_dir / "l0_hist.png")
@@ -810,7 +595,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         m.setdefault("skipped", {})["splice"] = "not run on other data"
     if ev.splice and not no_images and other is None:
         model = session.model(mc)
-        _check_weights(model, cache_meta, info)
+        check_weights(model, cache_meta, info)
         data_cfg, want, how = splice_image_ids(cache_meta, info, ev.n_splice_images, cfg.data)
         # Layers cached from the same images share them; each layer has its own baselines.
         img_key = (json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), tuple(want))
@@ -837,7 +622,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
             ev.batch_size, ev.polysemantic_vectors)))
     if want_curves:
         model = session.model(mc)
-        _check_weights(model, cache_meta, info)
+        check_weights(model, cache_meta, info)
         m["curves"] = _curves(cfg, sae, info, model, out_dir, log,
                               census_inputs(cfg, info, cache_meta, session), held_ND,
                               session.census_memo)
@@ -849,32 +634,27 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     m["eval_seconds"] = time.perf_counter() - t0
     m["files"] = {k: str(v) for k, v in files.items()}
     metrics_path = out_dir / "metrics.json"
-    write_json_atomic(metrics_path, _clean(m))
+    write_json(metrics_path, m)
     files["metrics"] = metrics_path
     m["files"] = {k: str(v) for k, v in files.items()}
     _print_headline(m)
-    return _clean(m)
+    return to_json(m)
 
 
-def _data_overrides() -> list[str]:
-    """The command line's data.*/data= overrides (empty outside a Hydra run)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        task = list(HydraConfig.get().overrides.task)
-    except Exception:  # noqa: BLE001 - no Hydra app running (library use, tests)
-        return []
-    return [o for o in task if o.lstrip("+~").split("=")[0].split(".")[0] == "data"]
+def data_overrides(overrides: Sequence[str]) -> list[str]:
+    """The data.*/data= overrides among a command line's overrides."""
+    return [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] == "data"]
 
 
-def other_data(cfg: Config, info: RunInfo) -> tuple[Path, dict, str] | None:
+def other_data(cfg: Config, info: RunInfo, overrides: Sequence[str] = ()
+               ) -> tuple[Path, dict, str] | None:
     """(cache dir, its metadata, a folder name) of the data to evaluate on, if not the run's own.
 
     `eval.cache` names it (a cache key under paths.root/cache, or a folder); otherwise data
     overrides on the command line (e.g. `data=imagefolder data.root=...`) name the cache that
     `stage=cache` builds for them at the run's layer. Results go under eval/on-<key>/.
+    `overrides` are the command line's data overrides (see data_overrides).
     """
-    overrides = _data_overrides()
     if cfg.eval.cache:
         spec = str(cfg.eval.cache)
         d = Path(spec) if Path(spec).is_dir() else Path(cfg.paths.root) / "cache" / spec
@@ -900,19 +680,9 @@ def other_data(cfg: Config, info: RunInfo) -> tuple[Path, dict, str] | None:
     return d, meta, f"on-{meta.get('key') or d.name}"
 
 
-def _check_weights(model, cache_meta: dict, info: RunInfo) -> None:
-    """Splicing into a different network than the one cached would be silently wrong."""
-    have, want = getattr(model, "weights_sha256", None), cache_meta.get("weights_sha256")
-    if have and want and have != want:
-        raise ValueError(
-            f"the model loaded for the splice (weights sha256 {have[:12]}) is not the one that "
-            f"produced the cache {info.cache_dir} ({want[:12]}); set model.weights_path to the "
-            "weights used for stage=cache")
-
-
 def _stability(cfg: Config, sae, run_dir: Path, compare: str) -> dict:
     """Hungarian matching of this run's decoder atoms against another run's (another seed)."""
-    from sae_vision.sae import load_sae
+    from sae_vision.checkpoint import load_sae
 
     others, _ = resolve_runs(cfg, compare)
     if len(others) != 1:
@@ -1018,7 +788,7 @@ def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log,
                                 top_frac=ccfg.selectivity_top_frac, baseline=base)
     res = {"run": info.name, "layer": info.layer, "n_vectors": len(acts_ND), **res}
     path = out_dir / "polysemantic.json"
-    write_json_atomic(path, _clean(res))
+    write_json(path, res)
     s = res["summary"]
     out = {"path": str(path), "n_vectors": len(acts_ND),
            "frac_more_selective": s["mean_frac_own_features_more_selective"],
@@ -1057,11 +827,16 @@ def _log_run(tracker: Tracker, m: dict, prefix: str) -> None:
         for i, c in enumerate(hist["counts"])])
 
 
-def run(cfg: Config, tracker: Tracker | None = None) -> EvalResult:
-    """Evaluate the run(s) selected by cfg.sae.run; write eval/ folders and a sweep summary."""
+def run(cfg: Config, tracker: Tracker | None = None,
+        overrides: Sequence[str] = ()) -> EvalResult:
+    """Evaluate the run(s) selected by cfg.sae.run; write eval/ folders and a sweep summary.
+
+    `overrides` are the command line's (run.py passes them): data overrides there select other
+    data to evaluate on (see other_data)."""
     tracker = tracker or disabled()
     run_dirs, is_set = resolve_runs(cfg)
     session = _Session()
+    session.data_overrides = data_overrides(overrides)
     results: dict[str, dict] = {}
     metric_paths = []
     single = len(run_dirs) == 1 and not is_set
@@ -1084,7 +859,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> EvalResult:
     if len(run_dirs) > 1 or is_set:
         rows = [summary_row(m) for m in results.values()]
         csv_path, json_path, figs = write_summary(rows, paths.sae_root(cfg) / SUMMARY_DIR)
-        tracker.log_table("eval/summary", [_clean(r) for r in rows])
+        tracker.log_table("eval/summary", [to_json(r) for r in rows])
         for p in figs:
             tracker.log_image(f"eval/{p.stem}", p)
         written += [str(csv_path), str(json_path)] + [str(p) for p in figs]

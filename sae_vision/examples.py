@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_vision.io import atomic_write
+
 # Positions are packed into one int64 so a merge gathers one tensor instead of three.
 _Y_BITS = _X_BITS = 16
 NO_POS = -1  # code of an empty slot (fewer activating vectors than slots so far)
@@ -280,7 +282,8 @@ def save_crops(positions: Iterable[tuple[int, int, int]], items: Iterable[object
             crop = crop_receptive_field(image, geometry, y, x)
             name = f"i{idx}_y{y}_x{x}.jpg"
             if not (out_dir / name).exists():  # names are positions, so a crop is written once
-                thumbnail(crop.pixels_3SS, thumb_px).save(out_dir / name, quality=90)
+                with atomic_write(out_dir / name) as tmp:  # never half a crop, never skipped
+                    thumbnail(crop.pixels_3SS, thumb_px).save(tmp, format="JPEG", quality=90)
             out[(idx, y, x)] = {"file": name, "clipped": crop.clipped}
     for idx, yxs in by_image.items():
         out.update({(idx, y, x): {"error": f"image {idx} is not in the data source"} for y, x in yxs})

@@ -13,7 +13,6 @@ Results are cached on disk, keyed by the model weights, layer, dictionary, steps
 from __future__ import annotations
 
 import functools
-import json
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from sae_vision.config import content_hash
+from sae_vision.io import atomic_write, write_json
 
 
 def _lucent():
@@ -213,10 +213,9 @@ def visualise(model, layer: str, unit_ids: Sequence[int], cache_root: str | Path
                               batch_size=batch_size, seed=seed)
         for u, img in zip(todo, images):
             arr = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-            tmp = paths[u].with_suffix(".tmp.png")
-            Image.fromarray(arr).save(tmp)
-            tmp.replace(paths[u])  # a killed run never leaves a half-written image behind
-        (folder / "key.json").write_text(json.dumps({
+            with atomic_write(paths[u]) as tmp:  # a killed run never leaves half an image
+                Image.fromarray(arr).save(tmp, format="PNG")
+        write_json(folder / "key.json", {
             "weights": getattr(model, "weights_sha256", None), "layer": layer, "run": run,
-            "steps": steps, "size": size, "seed": seed}, indent=1))
+            "steps": steps, "size": size, "seed": seed})
     return paths

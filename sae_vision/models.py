@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sae_vision.config import ALL_LAYER_DIMS, MODELS, ModelConfig, check_layer
+from sae_vision.io import atomic_write
 
 WEIGHTS_ENV = "SAE_VISION_WEIGHTS_DIR"
 WEIGHT_FILES = {"googlenet_bvlc": "bvlc_googlenet.npz", "inceptionv1": "inception5h.pth"}
@@ -285,9 +286,8 @@ def _download_googlenet(dst: Path) -> Path:
             a = a.reshape(o, kh, kw, i).transpose(0, 3, 1, 2)
         arrays[key] = np.ascontiguousarray(a.reshape(t.shape), dtype=np.float32)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.stem}.{os.getpid()}.npz")  # atomic: readers never see half a file
-    np.savez(tmp, **arrays)
-    os.replace(tmp, dst)
+    with atomic_write(dst) as tmp, open(tmp, "wb") as f:  # readers never see half a file
+        np.savez(f, **arrays)
     return dst
 
 

@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from sae_vision import paths
+from sae_vision import paths, runs
 from sae_vision.config import Config, to_plain
+from sae_vision.io import copy_file, to_json, write_json, write_text
 from sae_vision.progress import Progress, track
 from sae_vision.tracker import Tracker, disabled
 
@@ -69,7 +70,7 @@ class RunRecord:
     slug: str
     sae: Any
     meta: dict
-    info: Any  # evaluate.RunInfo
+    info: runs.RunInfo
     metrics: dict | None
     curves: dict | None
     poly: dict | None
@@ -87,17 +88,15 @@ def slugify(name: str) -> str:
 
 def find_runs(cfg: Config) -> list[Path]:
     """The runs to report: those `sae.run` selects, or every run under sae_root."""
-    from sae_vision import evaluate
-
     root = paths.sae_root(cfg)
-    if not (root.is_dir() and evaluate._runs_under(root)):
+    if not (root.is_dir() and runs.runs_under(root)):
         raise FileNotFoundError(
             f"no SAE runs under {root}: there is nothing to report yet. Train first, e.g. "
             "`python run.py stage=train` (then `stage=evaluate`), or run the whole demo with "
             "`make demo`")
     if cfg.sae.run:
-        return evaluate.resolve_runs(cfg)[0]
-    return evaluate._runs_under(root)
+        return runs.resolve_runs(cfg)[0]
+    return runs.runs_under(root)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -109,14 +108,13 @@ def _read_json(path: Path) -> dict | None:
 
 def load_run(run_dir: Path, cfg: Config) -> RunRecord:
     """Checkpoint, recorded facts and every evaluation output of one run."""
-    from sae_vision import evaluate
-    from sae_vision.sae import load_sae
+    from sae_vision.checkpoint import load_sae
     from sae_vision.shards import load_cache_meta
 
     sae, meta = load_sae(run_dir)
-    info = evaluate.run_info(run_dir, sae, meta, cfg)
-    info = evaluate.run_info(run_dir, sae, meta, cfg, load_cache_meta(info.cache_dir))
-    ev = run_dir / "eval"
+    info = runs.run_info(run_dir, sae, meta, cfg)
+    info = runs.run_info(run_dir, sae, meta, cfg, load_cache_meta(info.cache_dir))
+    ev = run_dir / runs.EVAL_DIR
     files = {p.name: p for p in sorted(ev.glob("*")) if p.is_file()} if ev.is_dir() else {}
     return RunRecord(run_dir=run_dir, name=run_dir.name, slug=slugify(run_dir.name), sae=sae.eval(),
                      meta=meta, info=info, metrics=_read_json(ev / "metrics.json"),
@@ -197,7 +195,7 @@ def curve_files(r: RunRecord) -> dict[str, Path]:
             continue
         path = Path(p)
         if not path.is_file():  # the run folder may have moved: look beside curves.json
-            path = r.run_dir / "eval" / path.name
+            path = r.run_dir / runs.EVAL_DIR / path.name
         if path.is_file():
             out[name] = path
     return out
@@ -292,24 +290,14 @@ def unit_records(ex, crops: dict, chosen: set[int], curve: dict[int, dict], fv: 
 # Writing files
 
 
-def _clean(obj):
-    from sae_vision.evaluate import _clean as clean
-
-    return clean(obj)
-
-
 def write_js(path: Path, var: str, key: str | None, obj) -> Path:
     """A data script: window.VAR = obj, or window.VAR[key] = obj (loadable from file://)."""
-    blob = json.dumps(_clean(obj), separators=(",", ":"), allow_nan=False)
+    blob = json.dumps(to_json(obj), separators=(",", ":"), allow_nan=False)
     if key is None:
         text = f"window.{var}={blob};\n"
     else:
         text = f"window.{var}=window.{var}||{{}};window.{var}[{json.dumps(key)}]={blob};\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-    return path
+    return write_text(path, text)
 
 
 def copy_figure(src: str | Path | None, fig_dir: Path, name: str) -> str | None:
@@ -318,7 +306,7 @@ def copy_figure(src: str | Path | None, fig_dir: Path, name: str) -> str | None:
         return None
     fig_dir.mkdir(parents=True, exist_ok=True)
     dst = fig_dir / f"{slugify(name)}{Path(src).suffix}"
-    shutil.copyfile(src, dst)
+    copy_file(src, dst)
     return f"{fig_dir.name}/{dst.name}"
 
 
@@ -594,10 +582,9 @@ def _device(cfg: Config) -> torch.device:
 
 def _geometry(cfg: Config, cache_meta: dict, layer: str):
     """Receptive-field geometry of the layer the cache was built from (no weights for Lucid nets)."""
-    from sae_vision import evaluate
     from sae_vision.models import load_model, lucid_geometry
 
-    mc = evaluate._model_config(cfg, cache_meta)
+    mc = runs.model_config(cfg, cache_meta)
     size = int(cache_meta.get("image_size") or cfg.data.image_size)
     if mc.family != "timm":
         return lucid_geometry(layer, size)
@@ -621,7 +608,6 @@ def _layer_browsers(cfg: Config, cache_dir: str, cache_meta: dict, recs: list[Ru
     One pass over the cache collects the examples of all of them; crops are written once per
     distinct position; feature visualisations are rendered when report.featurevis is on.
     """
-    from sae_vision import evaluate
     from sae_vision.examples import collect_examples, iter_images, save_crops
     from sae_vision.shards import iter_chunks
 
@@ -657,7 +643,7 @@ def _layer_browsers(cfg: Config, cache_dir: str, cache_meta: dict, recs: list[Ru
     positions = {(i, y, x) for name, units in chosen.items() for u in units
                  for which in ("top", "random") for _, i, y, x in ex[name].examples(u, which)}
     crop_sub = f"crops/{slugify(cache_meta.get('key') or Path(cache_dir).name)}/"
-    data_cfg = evaluate._data_config(cache_meta, cfg.data)
+    data_cfg = runs.data_config(cache_meta, cfg.data)
     try:
         images = {p[0] for p in positions}
         crops = save_crops(positions, track(iter_images(data_cfg, images), "report crops",
@@ -823,12 +809,12 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
         "generated": generated, "page_size": PAGE_SIZE, "browsers": browsers,
         "runs": [{k: v for k, v in row.items()} for row in rows]})
     index = out / "index.html"
-    index.write_text(html_page(title, generated, sections))
+    write_text(index, html_page(title, generated, sections))
 
     # Tracker: the tables and the figures.
-    tracker.log_table("report/summary", [_clean(r) for r in rows])
+    tracker.log_table("report/summary", [to_json(r) for r in rows])
     if census_rows:
-        tracker.log_table("report/curve_census", _clean(census_rows))
+        tracker.log_table("report/curve_census", to_json(census_rows))
     for rel in figures:
         tracker.log_image(f"report/{Path(rel).stem}", out / rel)
 
@@ -836,7 +822,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     tracker.summary({"report/n_runs": len(records), "report/n_cards": n_cards})
     findings = write_findings(records, out)
     if findings:
-        tracker.log_table("report/findings", _clean(findings_rows(records)))
+        tracker.log_table("report/findings", to_json(findings_rows(records)))
         logger.info(findings_markdown(findings_rows(records)))
     written = [index, out / "data" / "report.js", manifest_path, *findings]
     for p in written:
@@ -916,15 +902,12 @@ def findings_markdown(rows: list[dict]) -> str:
 
 def write_findings(records: list[RunRecord], out: Path) -> list[Path]:
     """findings.json and findings.md beside the report (nothing when no run is evaluated)."""
-    from sae_vision.shards import write_json_atomic
-
     rows = findings_rows(records)
     if not rows:
         return []
     json_path, md_path = out / "findings.json", out / "findings.md"
-    write_json_atomic(json_path, _clean({"columns": [k for k, _ in FINDINGS_COLUMNS],
-                                         "rows": rows}))
-    md_path.write_text(findings_markdown(rows))
+    write_json(json_path, {"columns": [k for k, _ in FINDINGS_COLUMNS], "rows": rows})
+    write_text(md_path, findings_markdown(rows))
     return [json_path, md_path]
 
 
@@ -942,22 +925,22 @@ def _order(r: RunRecord) -> tuple:
 def _featurevis(cfg: Config, cache_meta: dict, layer: str, recs: list[RunRecord], neuron_id: str,
                 chosen: dict[str, list[int]], out: Path, model_cache: dict) -> dict[str, set[int]]:
     """Render (or reuse) visualisations of the first featurevis_max chosen units per dictionary."""
-    from sae_vision import evaluate, featurevis
+    from sae_vision import featurevis
     from sae_vision.models import load_model
     from sae_vision.shards import sha256_file
 
     rc = cfg.report
-    mc = evaluate._model_config(cfg, cache_meta)
+    mc = runs.model_config(cfg, cache_meta)
     mkey = json.dumps(to_plain(mc), sort_keys=True)
     if mkey not in model_cache:
         model_cache.clear()
         model_cache[mkey] = load_model(mc)
     model = model_cache[mkey]
-    evaluate._check_weights(model, cache_meta, recs[0].info)
+    runs.check_weights(model, cache_meta, recs[0].info)
     cache_root = Path(cfg.paths.root) / "featurevis"
     done: dict[str, set[int]] = {}
     jobs = [(neuron_id, None, "neurons")] + [
-        (r.slug, r.sae, f"{r.name}:{sha256_file(r.run_dir / 'sae.safetensors')[:16]}")
+        (r.slug, r.sae, f"{r.name}:{sha256_file(r.run_dir / runs.WEIGHTS_FILE)[:16]}")
         for r in recs]
     bar = Progress("report feature vis", sum(len(chosen[n][: rc.featurevis_max]) for n, _, _ in jobs),
                    "unit")
@@ -972,7 +955,7 @@ def _featurevis(cfg: Config, cache_meta: dict, layer: str, recs: list[RunRecord]
         dst = out / "featurevis" / name
         dst.mkdir(parents=True, exist_ok=True)
         for u, p in pngs.items():
-            shutil.copyfile(p, dst / f"u{u}.png")
+            copy_file(p, dst / f"u{u}.png")
         done[name] = set(pngs)
         logger.info(f"[report] feature vis: {len(ids)} units of {name} "
                     f"({time.perf_counter() - t:.1f} s)")
@@ -983,8 +966,6 @@ def _featurevis(cfg: Config, cache_meta: dict, layer: str, recs: list[RunRecord]
 def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], out: Path,
                    index: Path) -> Path:
     """artifacts/reproduce.json: what was run (experiment, caches, runs, evaluations, report)."""
-    from sae_vision.shards import write_json_atomic
-
     root = Path(cfg.paths.root)
     summary = paths.sae_root(cfg) / "summary"
     runs = []
@@ -993,9 +974,9 @@ def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], ou
         runs.append({
             "name": r.name, "dir": str(r.run_dir), "layer": r.info.layer, "arch": r.info.arch,
             "n_features": r.info.n_features, "hparams": r.info.hparams,
-            "cache_dir": str(r.info.cache_dir), "checkpoint": str(r.run_dir / "sae.safetensors"),
-            "train_metrics": str(r.run_dir / "train_metrics.json")
-            if (r.run_dir / "train_metrics.json").exists() else None,
+            "cache_dir": str(r.info.cache_dir), "checkpoint": str(r.run_dir / runs.WEIGHTS_FILE),
+            "train_metrics": str(r.run_dir / runs.TRAIN_METRICS)
+            if (r.run_dir / runs.TRAIN_METRICS).exists() else None,
             "evaluated": r.metrics is not None, "eval_files": ev,
             "headline": {k: evaluate_row.get(k) for k in ("l0", "fvu", "dead_frac", "kl_sae")}
             if (evaluate_row := (summary_rows([r])[0] if r.metrics else None)) else None,
@@ -1014,5 +995,5 @@ def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], ou
         "config": to_plain(cfg),
     }
     path = root / "reproduce.json"
-    write_json_atomic(path, _clean(manifest))
+    write_json(path, manifest)
     return path

@@ -1,4 +1,4 @@
-"""Sparse autoencoders applied per spatial position (a 1x1-conv SAE), plus their checkpoints.
+"""Sparse autoencoders applied per spatial position (a 1x1-conv SAE); checkpoints: checkpoint.py.
 
 Four architectures share one module, chosen by `SAEConfig.arch`:
   relu_l1    f = ReLU(x W_enc + b_enc); loss = ||x - x̂||² + λ Σ_i f_i ||W_dec,i||   (Anthropic, Apr 2024)
@@ -24,12 +24,9 @@ Trainer protocol (see `SAE.forward`):
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
-from dataclasses import asdict, fields
-from pathlib import Path
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -38,9 +35,6 @@ from torch import Tensor, nn
 
 from sae_vision.config import ARCHS, SAEConfig, n_features_of, to_plain
 
-WEIGHTS_FILE = "sae.safetensors"
-CONFIG_FILE = "config.json"
-FORMAT_VERSION = 1
 CONSTRAINED_ARCHS = ("topk", "batchtopk", "jumprelu")  # unit-norm decoder rows
 THRESHOLD_EMA = 0.05  # batchtopk: weight of each batch's minimum positive code in the threshold EMA
 RELU_L1_DEC_NORM = 0.1  # Anthropic (Apr 2024): decoder rows start as random directions of norm 0.1
@@ -856,89 +850,3 @@ def resample_dead(
                 if isinstance(value, Tensor) and value.shape == param.shape:
                     value[index] = 0.0
     return dead
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints: safetensors + JSON, reloadable without Hydra and without pickle
-
-
-def save_sae(sae: SAE, run_dir: str | os.PathLike, meta: dict) -> None:
-    """Write run_dir/sae.safetensors and run_dir/config.json (atomically, via temp files)."""
-    from safetensors.torch import save_file
-
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
-    config = {
-        "format_version": FORMAT_VERSION,
-        "arch": sae.arch,
-        "d_in": sae.d_in,
-        "n_features": sae.n_features,
-        "sae": asdict(sae.cfg),
-        "meta": meta,
-    }
-    tmp_w, tmp_c = run_dir / (WEIGHTS_FILE + ".tmp"), run_dir / (CONFIG_FILE + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION)})
-    tmp_c.write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-    os.replace(tmp_w, run_dir / WEIGHTS_FILE)
-    os.replace(tmp_c, run_dir / CONFIG_FILE)
-
-
-def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file; a damaged file is a ValueError naming it and the fix."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{path} is damaged and cannot be read ({err}); delete it (or its checkpoint folder) "
-            "and rerun the stage that wrote it"
-        ) from err
-
-
-def load_sae(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[SAE, dict]:
-    """Read a run folder written by save_sae; returns (sae in eval mode, meta)."""
-    run_dir = Path(run_dir)
-    weights_path, config_path = run_dir / WEIGHTS_FILE, run_dir / CONFIG_FILE
-    missing = [p.name for p in (weights_path, config_path) if not p.is_file()]
-    if missing:
-        raise ValueError(
-            f"{run_dir} is not an SAE run folder: missing {', '.join(missing)} "
-            f"(save_sae writes {WEIGHTS_FILE} and {CONFIG_FILE})"
-        )
-    try:
-        config = json.loads(config_path.read_text())
-        cfg = _as_sae_config(config["sae"])
-        d_in = int(config["d_in"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{config_path} is not a valid SAE config: {err!r}") from err
-    with torch.random.fork_rng(devices=[]):  # loading must not move the caller's RNG stream
-        sae = make_sae(cfg, d_in)
-    if "n_features" in config and int(config["n_features"]) != sae.n_features:
-        raise ValueError(
-            f"{config_path}: n_features={config['n_features']} but the sae config "
-            f"gives {sae.n_features}"
-        )
-    tensors = load_checkpoint_file(weights_path)
-    expected = sae.state_dict()
-    for name in ("jump_bandwidth", "l1_log_ctrl"):  # buffers newer than some checkpoints
-        if name in expected and name not in tensors:
-            tensors[name] = expected[name].clone()
-    if set(tensors) != set(expected):
-        raise ValueError(
-            f"{weights_path}: tensors {sorted(tensors)} do not match arch "
-            f"{cfg.arch!r}, which needs {sorted(expected)}"
-        )
-    for name, want in expected.items():
-        if tuple(tensors[name].shape) != tuple(want.shape):
-            raise ValueError(
-                f"{weights_path}: {name} has shape {tuple(tensors[name].shape)} but "
-                f"the config (d_in={d_in}, n_features={sae.n_features}) needs "
-                f"{tuple(want.shape)}"
-            )
-    with torch.no_grad():
-        for name, tensor in sae.state_dict().items():
-            tensor.copy_(tensors[name])  # copy_ keeps W_enc's [F, D]-major layout
-    return sae.to(device).eval(), config.get("meta", {})

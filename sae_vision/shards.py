@@ -12,7 +12,6 @@ ones at a few MB/s; individual vectors are shuffled in memory instead.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+
+from sae_vision.io import PendingWrite, write_json
 
 METADATA = "metadata.json"
 FORMAT_VERSION = 1
@@ -70,34 +71,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (used to tell live writers from dead ones)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write JSON to a temporary name, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        # On a read-only or full disk the cleanup fails too; the write's error is the one to see.
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
 # --------------------------------------------------------------------------------------------
 # Writing
 
@@ -109,7 +82,8 @@ class ShardWriter:
         self.dir = Path(cache_dir)
         self.index, self.dim, self.dtype = index, dim, dtype
         self.path = self.dir / shard_name(index)
-        self.tmp = self.dir / f".{self.path.name}.{os.getpid()}.tmp"
+        self._pending = PendingWrite(self.path)
+        self.tmp = self._pending.tmp
         self._stream = open(self.tmp, "wb")
         # A fixed mtime makes the tar a pure function of its records: a rewritten shard is
         # byte-identical to the original, so its recorded sha256 still holds.
@@ -143,8 +117,6 @@ class ShardWriter:
     def finish(self, image_range: tuple[int, int], n_images: int, skipped: list[dict]) -> dict:
         """Close, fsync and publish the tar, then its sidecar; returns the sidecar dict."""
         self._tar.close()  # also closes the underlying stream
-        with open(self.tmp, "rb+") as f:
-            os.fsync(f.fileno())
         info = {
             "name": self.path.name,
             "index": self.index,
@@ -158,8 +130,8 @@ class ShardWriter:
             "norm_sum": self.norm_sum,
             "skipped": skipped,
         }
-        os.replace(self.tmp, self.path)
-        write_json_atomic(self.path.with_suffix(".json"), info)
+        self._pending.commit()
+        write_json(self.path.with_suffix(".json"), info, strict=False)
         return info
 
     def abort(self) -> None:
@@ -168,7 +140,7 @@ class ShardWriter:
             self._tar.close()
         except Exception:  # noqa: BLE001 - best effort on an already-failing path
             pass
-        self.tmp.unlink(missing_ok=True)
+        self._pending.abort()
 
 
 def shard_complete(cache_dir: str | os.PathLike, index: int) -> bool:
@@ -214,7 +186,7 @@ def finalize_cache(cache_dir: str | os.PathLike, n_shards: int, meta_extra: dict
         "shards": [{k: i[k] for k in ("name", "n_vectors", "n_images", "image_range", "bytes",
                                       "sha256")} for i in infos],
     }
-    write_json_atomic(d / METADATA, meta)
+    write_json(d / METADATA, meta, strict=False)
     return meta
 
 

@@ -37,8 +37,15 @@ class Tracker:
         return getattr(self._run, "dir", None) if self._run is not None else None
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        """Log scalar metrics (and W&B objects) at a step."""
+        """Log scalar metrics (and W&B objects) at a step; a numpy array becomes a histogram."""
         if self._run is not None:
+            import numpy as np
+
+            if any(isinstance(v, np.ndarray) for v in metrics.values()):
+                import wandb
+
+                metrics = {k: wandb.Histogram(v) if isinstance(v, np.ndarray) else v
+                           for k, v in metrics.items()}
             self._run.log(metrics, step=step)
 
     def log_image(self, key: str, png_path: str | os.PathLike, step: int | None = None) -> None:

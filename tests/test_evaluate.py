@@ -4,7 +4,6 @@ dimension checks before any work, run selection, held-out images, the sweep summ
 import csv
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -12,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from sae_vision import cache, evaluate, shards
+from sae_vision import cache, evaluate, runs, shards
+from sae_vision.checkpoint import load_sae, save_sae
 from sae_vision.config import Config, LoggerConfig, SAEConfig, to_plain
-from sae_vision.sae import load_sae, make_sae, save_sae
+from sae_vision.sae import make_sae
 from sae_vision.tracker import open_tracker
 
 LAYER = "mixed3b"
@@ -183,7 +183,7 @@ def test_splice_uses_held_out_images_only(env):
     _, pos = shards.load_vectors(cache_dir, hold, with_pos=True)
     assert set(pos[:, 0].tolist()) == set(ids)
     assert evaluate.pick_evenly(list(range(10)), 3) == [0, 4, 9]  # spread over shards
-    info = evaluate.RunInfo(Path("x"), "x", LAYER, cache_dir, tuple(hold), tuple(train), "topk",
+    info = runs.RunInfo(Path("x"), "x", LAYER, cache_dir, tuple(hold), tuple(train), "topk",
                             8, 480, {})
     images, got, how = evaluate.splice_images(meta, info, 2, cfg.data)
     assert how == "holdout_shards" and set(got) <= set(ids) and images.shape == (2, 3, 64, 64)
@@ -198,7 +198,7 @@ def test_without_held_out_ranges_it_takes_images_the_cache_never_saw(env):
     cfg, cache_dir, meta = env
     bare = {**meta, "shards": [{k: v for k, v in s.items() if k != "image_range"}
                                for s in meta["shards"]]}
-    info = evaluate.RunInfo(Path("x"), "x", LAYER, cache_dir, ("shard-000002.tar",),
+    info = runs.RunInfo(Path("x"), "x", LAYER, cache_dir, ("shard-000002.tar",),
                             ("shard-000000.tar", "shard-000001.tar"), "topk", 8, 480, {})
     _, got, how = evaluate.splice_images(bare, info, 2, cfg.data)
     assert how == "past_cached_range" and got == [12, 13]
@@ -225,31 +225,6 @@ def test_run_trained_on_another_layer_is_refused_with_the_fix(env):
                                 sae=dataclasses.replace(cfg.sae, run="other-layer"))
     with pytest.raises(ValueError, match="pass layer=mixed3b"):
         evaluate.run(other)
-
-
-def test_run_selection_by_name_glob_and_sweep_folder(tmp_path):
-    cfg = tiny_cfg(tmp_path)
-    root = Path(cfg.paths.root) / "sae"
-    sae = relu_sae(8, 16)
-    for name in ("a-k8", "a-k32", "b-k8", "sweep1/x", "sweep1/y"):
-        save_sae(sae, root / name, {})
-    save_sae(sae, root / "a-k8" / "checkpoints" / "step-0000001", {})  # not a separate run
-    (root / "summary").mkdir()
-
-    def sel(spec):
-        runs, is_set = evaluate.resolve_runs(cfg, spec)
-        return [str(p.relative_to(root)) for p in runs], is_set
-
-    assert sel("a-k8") == (["a-k8"], False)
-    assert sel(str(root / "b-k8")) == (["b-k8"], False)
-    assert sel("glob(a-*)") == (["a-k32", "a-k8"], True)
-    assert sel("*-k8") == (["a-k8", "b-k8"], True)
-    assert sel("sweep1") == (["sweep1/x", "sweep1/y"], True)
-    assert sel("glob(*)")[0] == ["a-k32", "a-k8", "b-k8", "sweep1/x", "sweep1/y"]
-    with pytest.raises(ValueError, match="runs under .*a-k32"):
-        sel("nope")
-    with pytest.raises(ValueError, match="matches no SAE run"):
-        sel("glob(zzz*)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,15 +372,6 @@ def test_demo_cache_trained_saes_beat_zero_ablation_and_trace_the_frontier(tmp_p
         m = json.loads((tmp_path / "sae" / r["run"] / "eval" / "metrics.json").read_text())
         assert m["splice"]["images"] == "holdout_shards"
         assert not set(m["splice"]["image_ids"]) & set(range(32))  # 4 of 5 shards trained on
-
-
-def test_temporary_files_of_a_killed_evaluation_are_removed(tmp_path):
-    dead = tmp_path / ".metrics.json.999999999.tmp"  # no such pid: its writer was killed
-    live = tmp_path / f".density_hist.{os.getpid()}.tmp.png"  # a writer still running
-    for p in (dead, live):
-        p.write_text("half")
-    evaluate.drop_stale_tmp(tmp_path)
-    assert not dead.exists() and live.exists()
 
 
 # --------------------------------------------------------------------------------------------

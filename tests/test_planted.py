@@ -10,9 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from sae_vision.config import ARCHS, SAEConfig, TrainConfig
+from sae_vision.loader import MemoryBatches
+from sae_vision.loop import train_loop
 from sae_vision.planted import PlantedSpec, make_planted, recovery
 from sae_vision.sae import make_sae
-from sae_vision.train import MemoryBatches, train_loop
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "sae"
 SPEC = PlantedSpec(d_in=32, n_atoms=128, k_mean=8.0, seed=3)

@@ -11,9 +11,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from sae_vision import report, shards
+from sae_vision.checkpoint import save_sae
 from sae_vision.config import Config, SAEConfig, to_plain
 from sae_vision.models import lucid_geometry
-from sae_vision.sae import make_sae, save_sae
+from sae_vision.sae import make_sae
 from sae_vision.tracker import Tracker
 
 LAYER, D_IN = "mixed3a", 256

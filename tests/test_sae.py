@@ -1,8 +1,6 @@
-"""Tests for sae_vision/sae.py: sparse kernels, the four architectures, scaling, checkpoints."""
+"""Tests for sae_vision/sae.py: sparse kernels, the four architectures, scaling."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
@@ -13,10 +11,8 @@ from sae_vision.sae import (
     _JumpReLU,
     _Step,
     forward_reference,
-    load_sae,
     make_sae,
     resample_dead,
-    save_sae,
 )
 
 ARCHS = ("relu_l1", "topk", "batchtopk", "jumprelu")
@@ -271,86 +267,6 @@ def test_resample_dead_reinitialises_only_dead_features_and_their_adam_state():
     assert not opt.state[sae.W_dec]["exp_avg"][dead].any()
     assert opt.state[sae.W_dec]["exp_avg"][~dead].any()
     assert not opt.state[sae.W_enc]["exp_avg_sq"][:, dead].any()
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_save_load_round_trip_is_exact(arch, tmp_path):
-    torch.manual_seed(0)
-    sae = _randomised(
-        make_sae(
-            SAEConfig(arch=arch, n_features=48, k=4), 12, input_scale=2.5, mean=torch.randn(12)
-        )
-    )
-    x = torch.randn(20, 12)
-    sae.train()(x)  # batchtopk learns its threshold here
-    save_sae(sae, tmp_path, {"step": 7, "layer": "mixed3b"})
-    loaded, meta = load_sae(tmp_path)
-    assert meta == {"step": 7, "layer": "mixed3b"}
-    assert loaded.arch == arch and not loaded.training
-    for name, tensor in sae.state_dict().items():
-        assert torch.equal(loaded.state_dict()[name], tensor), name
-    assert loaded.W_enc.stride() == sae.W_enc.stride()
-    sae.eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["d_in"] == 12 and config["n_features"] == 48 and config["sae"]["arch"] == arch
-
-
-def test_checkpoint_is_safetensors_and_loads_without_hydra(tmp_path, monkeypatch):
-    import sys
-
-    from safetensors import safe_open
-
-    save_sae(make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4), tmp_path, {})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "sae.safetensors"]
-    raw = (tmp_path / "sae.safetensors").read_bytes()
-    header_len = int.from_bytes(raw[:8], "little")
-    assert json.loads(raw[8 : 8 + header_len])["W_enc"]["shape"] == [4, 16]
-    assert not raw.startswith((b"\x80", b"PK"))  # neither pickle nor a torch zip archive
-    with safe_open(str(tmp_path / "sae.safetensors"), "pt") as f:
-        assert set(f.keys()) == {"W_enc", "b_enc", "W_dec", "b_dec", "input_scale", "mean"}
-    for mod in ("hydra", "omegaconf"):
-        monkeypatch.setitem(sys.modules, mod, None)  # any import of them now fails
-    load_sae(tmp_path)
-
-
-def test_load_refuses_missing_files(tmp_path):
-    with pytest.raises(ValueError, match="missing sae.safetensors, config.json"):
-        load_sae(tmp_path)
-    save_sae(make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4), tmp_path, {})
-    (tmp_path / "sae.safetensors").unlink()
-    with pytest.raises(ValueError, match="missing sae.safetensors"):
-        load_sae(tmp_path)
-
-
-def test_load_refuses_config_that_does_not_match_the_weights(tmp_path):
-    save_sae(make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4), tmp_path, {})
-    path = tmp_path / "config.json"
-    good = json.loads(path.read_text())
-
-    bad = {**good, "d_in": 5, "sae": {**good["sae"], "n_features": 16}}
-    path.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=r"W_enc has shape \(4, 16\) but .*needs \(5, 16\)"):
-        load_sae(tmp_path)
-
-    bad = {**good, "n_features": 16, "sae": {**good["sae"], "n_features": 20}}
-    path.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="n_features=16 but the sae config gives 20"):
-        load_sae(tmp_path)
-
-    bad = {**good, "sae": {**good["sae"], "arch": "jumprelu"}}
-    path.write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match="do not match arch 'jumprelu'"):
-        load_sae(tmp_path)
-
-    path.write_text("{not json")
-    with pytest.raises(ValueError, match="not a valid SAE config"):
-        load_sae(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,9 +21,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sae_vision import paths, train
+from sae_vision import loop, paths, train
+from sae_vision.checkpoint import RunLocked, latest_checkpoint, load_sae, run_lock
 from sae_vision.config import Config, SAEConfig, TrainConfig
-from sae_vision.sae import load_sae, make_sae
+from sae_vision.loader import MemoryBatches
+from sae_vision.runs import CKPT_FILES
+from sae_vision.sae import make_sae
 from sae_vision.shards import METADATA, CacheError, split_shards, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,7 +151,7 @@ def test_finished_run_is_returned_without_training_again(planted, tmp_path, capl
     assert "reusing finished run" in out and str(first.run_dir / "sae.safetensors") in out
     # Only the final checkpoint is kept, committed as one folder and mirrored at the top level.
     assert [p.name for p in (first.run_dir / "checkpoints").iterdir()] == ["step-0000020"]
-    for name in train.CKPT_FILES:
+    for name in CKPT_FILES:
         assert (first.run_dir / name).read_bytes() == \
             (first.run_dir / "checkpoints" / "step-0000020" / name).read_bytes()
 
@@ -175,7 +178,7 @@ def test_loop_logs_every_term_l0_fvu_dead_fraction_density_and_throughput(plante
     sae = make_sae(cfg.sae, PLANTED_DIM)
     x_ND, _ = planted_dictionary(4096, seed=1)
     logged: list[tuple[int, dict]] = []
-    metrics = train.train_loop(sae, train.MemoryBatches(x_ND, 256, seed=0), cfg.train, cfg.sae,
+    metrics = loop.train_loop(sae, MemoryBatches(x_ND, 256, seed=0), cfg.train, cfg.sae,
                                lambda m, s: logged.append((s, m)), None, None)
     assert [s for s, _ in logged] == [5, 10, 15, 20]
     for _, m in logged:
@@ -199,53 +202,12 @@ def test_feature_that_never_fires_counts_as_dead_only_after_the_window(planted):
         sae.b_enc[0] = -1e4  # feature 0 can never fire (and so never gets a gradient)
     x_ND, _ = planted_dictionary(4096, seed=2)
     logged = []
-    train.train_loop(sae, train.MemoryBatches(x_ND, 256, seed=0), cfg.train, cfg.sae,
+    loop.train_loop(sae, MemoryBatches(x_ND, 256, seed=0), cfg.train, cfg.sae,
                      lambda m, s: logged.append(m), None, None)
     dead = [m["dead_frac"] for m in logged]
     assert dead[:5] == [0.0] * 5  # 5 x 256 vectors < the 1536-vector window
     assert dead[5:] == [1 / 8] * 7
     assert logged[-1]["density_log10"][0] == pytest.approx(-10.0)
-
-
-def test_lr_warms_up_then_decays_to_zero_and_l1_ramps():
-    f = [train.lr_factor(s, 100, 10, 0.2) for s in range(100)]
-    assert f[0] == pytest.approx(0.1) and f[9] == 1.0 and f[50] == 1.0
-    assert f[80] == pytest.approx(1.0) and f[90] == pytest.approx(0.5) and f[99] == pytest.approx(0.05)
-    assert all(a >= b for a, b in zip(f[10:], f[11:]))
-    assert train.l1_factor(0, 100, 0.1) == pytest.approx(0.1)
-    assert train.l1_factor(9, 100, 0.1) == 1.0 and train.l1_factor(0, 100, 0.0) == 1.0
-
-
-def test_memory_batches_are_a_pure_function_of_seed_and_step_and_ranks_split_them():
-    acts_ND = torch.arange(1000, dtype=torch.float32)[:, None].repeat(1, 3)
-    full = train.MemoryBatches(acts_ND, 64, seed=7)
-    seq = [next(full).clone() for _ in range(40)]  # 40 x 64 rows: spans several epochs
-    resumed = train.MemoryBatches(acts_ND, 64, seed=7, start_step=33)
-    assert torch.equal(next(resumed), seq[33])
-    # Each epoch is a permutation: within the first 1000 rows every vector appears once.
-    first_epoch = torch.cat(seq)[:1000, 0]
-    assert torch.equal(first_epoch.sort().values, torch.arange(1000, dtype=torch.float32))
-    ranks = [next(train.MemoryBatches(acts_ND, 64, 7, start_step=5, rank=r, world=2))
-             for r in range(2)]
-    assert torch.equal(torch.cat(ranks), seq[5])
-    other_seed = train.MemoryBatches(acts_ND, 64, seed=8)
-    assert not torch.equal(next(other_seed), seq[0])
-
-
-def test_stream_loader_resumes_by_skipping_to_the_same_batches(planted):
-    cache_dir, _ = planted
-    meta = json.loads((cache_dir / METADATA).read_text())
-    shards, _ = split_shards(meta, 0.2)
-    cfg = TrainConfig(batch_size=500, loader="stream", shuffle_buffer=3000, seed=3)
-    it = train.make_batches(cache_dir, shards, cfg, PLANTED_DIM)
-    seq = [next(it) for _ in range(6)]
-    later = train.make_batches(cache_dir, shards, cfg, PLANTED_DIM, start_step=4)
-    assert torch.equal(next(later), seq[4])
-    halves = [next(train.make_batches(cache_dir, shards, cfg, PLANTED_DIM, rank=r, world=2,
-                                      start_step=1)) for r in range(2)]
-    assert torch.equal(torch.cat(halves), seq[1])
-    assert train.choose_loader(meta, shards, TrainConfig(loader="auto")) == "memory"
-    assert train.choose_loader(meta, shards, TrainConfig(memory_limit_gb=1e-4)) == "stream"
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +228,7 @@ def _nan_cache(tmp_path: Path, nan_step: int, batch: int, seed: int) -> tuple[Pa
     """A 16-d cache with one NaN placed in the first row of training batch `nan_step`."""
     acts_ND, _ = planted_dictionary(2000, d=SMALL_DIM, n_true=32, p_active=0.1, seed=5)
     n_train = 1500  # 4 shards of 500, the last held out at holdout_frac=0.25
-    row = int(train.MemoryBatches(torch.zeros(n_train, 1), batch, seed).indices(nan_step)[0])
+    row = int(MemoryBatches(torch.zeros(n_train, 1), batch, seed).indices(nan_step)[0])
     bad = acts_ND.clone()
     bad[row, 3] = float("nan")
     cache_dir = tmp_path / "nan-cache"
@@ -290,7 +252,7 @@ def test_nan_in_activations_stops_naming_the_step_and_keeps_the_last_checkpoint(
     (cache_dir / METADATA).write_text(json.dumps(meta))
     cfg = make_cfg(tmp_path, cache_dir, "topk", SMALL_LAYER, SMALL_DIM, n_steps=20,
                    batch_size=64, ckpt_every=2, log_every=2, holdout_frac=0.25, seed=0)
-    with pytest.raises(train.TrainingDiverged) as err:
+    with pytest.raises(loop.TrainingDiverged) as err:
         train.run(cfg)
     msg = str(err.value)
     assert "step 6 of 20" in msg  # 0-based batch 5 is the 6th step
@@ -308,8 +270,8 @@ def test_second_live_writer_of_a_run_folder_is_refused(planted, tmp_path):
     cache_dir, _ = planted
     cfg = make_cfg(tmp_path, cache_dir, "topk", n_steps=4, ckpt_every=2, log_every=2)
     run_dir = paths.sae_root(cfg) / paths.run_name(cfg, PLANTED_DIM)
-    with train.run_lock(run_dir):
-        with pytest.raises(train.RunLocked, match="another live run"):
+    with run_lock(run_dir):
+        with pytest.raises(RunLocked, match="another live run"):
             train.run(cfg)
     assert train.run(cfg).metrics["n_steps"] == 4  # the lock is gone with its holder
 
@@ -357,7 +319,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_final_loss(p
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
-        while train.latest_checkpoint(run_dir) is None:
+        while latest_checkpoint(run_dir) is None:
             assert proc.poll() is None, proc.stdout.read().decode()
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.005)
@@ -366,7 +328,7 @@ def test_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_final_loss(p
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "train_metrics.json").exists(), "the run finished before the kill"
-    killed_at = int(train.latest_checkpoint(run_dir).name.split("-")[1])
+    killed_at = int(latest_checkpoint(run_dir).name.split("-")[1])
     assert 10 <= killed_at < 200
 
     caplog.set_level("INFO", logger="sae_vision")
@@ -427,7 +389,7 @@ def test_relu_l1_resampling_revives_a_dead_feature():
         sae.b_enc[0] = -1e4  # dead until resampled
     x_ND, _ = planted_dictionary(4096, seed=3)
     logged = []
-    metrics = train.train_loop(sae, train.MemoryBatches(x_ND, 256, seed=0), cfg.train, cfg.sae,
+    metrics = loop.train_loop(sae, MemoryBatches(x_ND, 256, seed=0), cfg.train, cfg.sae,
                                lambda m, s: logged.append(m), None, None)
     assert metrics["n_resampled"] >= 1
     assert float(sae.b_enc.detach()[0]) > -1.0  # re-initialised (bias 0, then trained)

@@ -33,7 +33,14 @@ import torch
 
 from sae_vision import metrics as M
 from sae_vision import paths
-from sae_vision.config import ALL_LAYER_DIMS, Config, DataConfig, ModelConfig, to_plain
+from sae_vision.config import (
+    ALL_LAYER_DIMS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    to_plain,
+    uses_l1_coeff,
+)
 from sae_vision.progress import Progress, track
 from sae_vision.shards import (
     iter_chunks,
@@ -644,7 +651,7 @@ def summary_row(m: dict) -> dict:
     hp = m.get("hparams", {})
     arch = m.get("arch")
     # Show only the sparsity knob the architecture actually uses.
-    uses_l1 = arch in ("relu_l1", "jumprelu")
+    uses_l1 = uses_l1_coeff(arch)
     row = {
         "run": m.get("run"), "layer": m.get("layer"), "arch": arch,
         "n_features": m.get("n_features"), "expansion": hp.get("expansion"),

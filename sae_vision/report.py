@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from sae_vision import paths
-from sae_vision.config import Config, to_plain
+from sae_vision.config import Config, to_plain, uses_l1_coeff
 from sae_vision.progress import Progress, track
 from sae_vision.tracker import Tracker, disabled
 
@@ -356,7 +356,7 @@ def summary_rows(records: list[RunRecord]) -> list[dict]:
             row = summary_row(r.metrics)
         else:
             hp = r.info.hparams
-            uses_l1 = r.info.arch in ("relu_l1", "jumprelu")
+            uses_l1 = uses_l1_coeff(r.info.arch)
             row = {"run": r.name, "layer": r.info.layer, "arch": r.info.arch,
                    "n_features": r.info.n_features, "l1_coeff": hp.get("l1_coeff") if uses_l1 else None,
                    "k": None if uses_l1 else hp.get("k")}

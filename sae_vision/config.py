@@ -98,7 +98,7 @@ class ModelConfig:
 @dataclass
 class LayerConfig:
     name: str = "mixed3b"  # Lucid layer name, or a module path for model.family=timm
-    dim: int = 480  # channels; checked against the model at run time
+    dim: int = 480  # channels; `layer=<name>` sets it from LAYER_DIMS (0: unknown, timm/array)
 
 
 @dataclass
@@ -299,6 +299,10 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    # `layer=<name>` for every Lucid layer, from the one table: layer.dim comes from LAYER_DIMS.
+    # (conf/layer/timm.yaml is the only file there: a timm module's width is unknown until run.)
+    for name, dim in ALL_LAYER_DIMS.items():
+        cs.store(group="layer", name=name, node=LayerConfig(name=name, dim=dim))
 
 
 # --------------------------------------------------------------------------------------------

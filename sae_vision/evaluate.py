@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from sae_vision import metrics as M
-from sae_vision import paths
+from sae_vision import paths, plots
 from sae_vision.config import (
     ALL_LAYER_DIMS,
     Config,
@@ -476,88 +476,12 @@ def _model_config(cfg: Config, cache_meta: dict) -> ModelConfig:
 # Figures and files
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_fig(fig, path: Path) -> Path:
-    """Save atomically (a killed run never leaves half a PNG)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 def drop_stale_tmp(folder: Path) -> None:
     """Remove temporary files left by a killed evaluation (their writer's pid is gone)."""
     for tmp in folder.glob(".*.tmp*"):
         m = re.search(r"\.(\d+)\.tmp", tmp.name)
         if m and not pid_alive(int(m.group(1))):
             tmp.unlink(missing_ok=True)
-
-
-def plot_density(hist: dict, title: str, path: Path) -> Path:
-    """Bar chart of the log10 feature-density histogram, with the dead count in the legend."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    edges = np.asarray(hist["edges"])
-    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="#4c72b0",
-           edgecolor="white", label=f"live ({hist['n_live']})")
-    ax.plot([], [], " ", label=f"dead ({hist['n_dead']}, not shown)")
-    ax.set_xlabel("log10 feature density (fraction of vectors active)")
-    ax.set_ylabel("features")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    return _save_fig(fig, path)
-
-
-def plot_l0(l0_hist: list[int], mean_l0: float, title: str, path: Path) -> Path:
-    """Histogram of active features per vector."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(np.arange(len(l0_hist)), l0_hist, width=1.0, color="#55a868")
-    ax.axvline(mean_l0, color="k", lw=1, ls="--", label=f"mean L0 = {mean_l0:.1f}")
-    ax.set_xlabel("L0 (active features per vector)")
-    ax.set_ylabel("vectors")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    return _save_fig(fig, path)
-
-
-def plot_frontier(rows: list[dict], y_key: str, y_label: str, path: Path) -> Path | None:
-    """Sparsity-fidelity frontier: L0 against y_key, one line per (layer, arch)."""
-    pts = [r for r in rows if _finite(r.get("l0")) and _finite(r.get(y_key))]
-    if not pts:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    groups: dict[tuple, list[dict]] = {}
-    for r in pts:
-        groups.setdefault((r["layer"], r["arch"]), []).append(r)
-    markers = "osD^v<>pP*X"
-    for i, ((layer, arch), rs) in enumerate(sorted(groups.items())):
-        rs = sorted(rs, key=lambda r: r["l0"])
-        ax.plot([r["l0"] for r in rs], [r[y_key] for r in rs], marker=markers[i % len(markers)],
-                label=f"{layer} / {arch}")
-    l0s = [r["l0"] for r in pts]
-    if min(l0s) > 0 and max(l0s) / min(l0s) > 10:
-        ax.set_xscale("log")
-    ax.set_xlabel("L0 (mean active features per vector)")
-    ax.set_ylabel(y_label)
-    ax.set_title(f"Sparsity-fidelity frontier: L0 vs {y_label}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save_fig(fig, path)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def _clean(obj):
@@ -696,8 +620,8 @@ def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path, list[Pat
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_COLUMNS})
     os.replace(tmp, csv_path)
     write_json_atomic(json_path, _clean({"columns": list(SUMMARY_COLUMNS), "rows": rows}))
-    figs = [plot_frontier(rows, "fvu", "FVU", out_dir / "frontier_l0_fvu.png"),
-            plot_frontier(rows, "kl_sae", "splice KL (nats)", out_dir / "frontier_l0_kl.png")]
+    figs = [plots.plot_frontier(rows, "fvu", "FVU", out_dir / "frontier_l0_fvu.png"),
+            plots.plot_frontier(rows, "kl_sae", "splice KL (nats)", out_dir / "frontier_l0_kl.png")]
     return csv_path, json_path, [p for p in figs if p is not None]
 
 
@@ -796,13 +720,13 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     write_json_atomic(out_dir / "density_hist.json", _clean(
         {**hist, "density": density.density().tolist()}))
     files["density_hist_json"] = out_dir / "density_hist.json"
-    files["density_hist_png"] = plot_density(
+    files["density_hist_png"] = plots.plot_density(
         hist, f"{info.name}: log10 feature density", out_dir / "density_hist.png")
     l0_counts = l0_hist[: l0_max + 1].tolist()
     write_json_atomic(out_dir / "l0_hist.json", {"counts": l0_counts,
                                                  **rec["reconstruction"]["l0_quantiles"]})
     files["l0_hist_json"] = out_dir / "l0_hist.json"
-    files["l0_hist_png"] = plot_l0(l0_counts, rec["reconstruction"]["l0"],
+    files["l0_hist_png"] = plots.plot_l0(l0_counts, rec["reconstruction"]["l0"],
                                    f"{info.name}: L0 distribution", out_dir / "l0_hist.png")
 
     no_images = cache_meta.get("source") == "array"  # imported arrays: no images behind them

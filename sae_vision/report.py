@@ -715,13 +715,13 @@ def _static_sections(records: list[RunRecord], rows: list[dict], thumbs: dict[st
                      neuron_browser: dict[str, str], fig_dir: Path
                      ) -> tuple[list[tuple], list[str], list[dict]]:
     """The page's sections, the figures they show (relative paths) and the census table rows."""
-    from sae_vision import evaluate
+    from sae_vision import evaluate, plots
 
     metric_rows = [evaluate.summary_row(r.metrics) for r in records if r.metrics]
     frontier = []
     for y_key, label in (("fvu", "FVU"), ("kl_sae", "splice KL (nats)")):
         path = fig_dir / f"frontier_l0_{y_key}.png"
-        if metric_rows and evaluate.plot_frontier(metric_rows, y_key, label, path) is not None:
+        if metric_rows and plots.plot_frontier(metric_rows, y_key, label, path) is not None:
             frontier.append((f"{fig_dir.name}/{path.name}",
                              f"L0 against {label}, every evaluated run", f"frontier {label}"))
     density = [(rel, f"{r.name}: log10 feature density", "density histogram") for r in records

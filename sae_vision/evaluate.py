@@ -33,6 +33,7 @@ import torch
 
 from sae_vision import metrics as M
 from sae_vision import paths, plots
+from sae_vision.census import NeuronCensusMemo
 from sae_vision.config import (
     ALL_LAYER_DIMS,
     Config,
@@ -642,7 +643,8 @@ class _Session:
         self.models: dict[str, Any] = {}
         self.baselines: dict[tuple, dict] = {}
         self.images: dict[tuple, tuple] = {}
-        self.census_memo: dict = {}  # the neuron census of one (model, layer, data), reused
+        # the neuron census of one (model, layer, data), reused across the runs of a sweep
+        self.census_memo = NeuronCensusMemo()
 
     def model(self, mc: ModelConfig):
         key = json.dumps(dataclasses.asdict(mc), sort_keys=True)
@@ -886,9 +888,9 @@ def census_inputs(cfg: Config, info: RunInfo, cache_meta: dict, session: _Sessio
 
 
 def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: dict,
-            held_ND: torch.Tensor, memo: dict) -> dict:
+            held_ND: torch.Tensor, memo: NeuronCensusMemo) -> dict:
     """Curve-detector census of the layer's neurons and this SAE's features -> eval/curves.json."""
-    from sae_vision import curves
+    from sae_vision import census
 
     # Forward passes over the stimulus battery: the real network, then every null network.
     n_networks = 1 + len(cfg.curves.nulls) * int(cfg.curves.n_null_seeds)
@@ -898,13 +900,15 @@ def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: 
                 bar.set_total(n_networks * n_stimuli)
             bar.update(n_done)
 
-        res = curves.run_census(model, info.layer, cfg, sae=sae,
-                                unit_mean=inputs.get("unit_mean"), unit_std=inputs.get("unit_std"),
-                                images=inputs["images"], feature_vectors=held_ND, out_dir=out_dir,
-                                log=log, memo=memo, memo_key=inputs["memo_key"],
-                                extra={"sigma_source": inputs["sigma_source"],
-                                       "reference_images": inputs["reference_images"]},
-                                on_batch=on_batch)
+        res = census.run_census(
+            model, info.layer, cfg,
+            census.CensusInputs(unit_mean=inputs.get("unit_mean"),
+                                unit_std=inputs.get("unit_std"), images=inputs["images"],
+                                source=inputs["memo_key"]),
+            census.FeatureInputs(sae, vectors=held_ND), memo=memo, out_dir=out_dir, log=log,
+            extra={"sigma_source": inputs["sigma_source"],
+                   "reference_images": inputs["reference_images"]},
+            on_batch=on_batch)
     path = out_dir / "curves.json"
     feats = res.get("features") or {}
     figures = {f"curves_{k}_png": v for k, v in (res.get("files") or {}).items()

@@ -213,10 +213,8 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     logger.info(f"[cache] {len(layers)} layer(s), {n_total} images in {n_shards} shards; "
           f"rank {rank}/{world}: {len(done)} done, {len(todo)} to write")
 
+    # layer.dim agrees with the layer name (check_config); the model's width is the truth here.
     dims = {la: model.layer_dim(la) for la in layers}
-    for la, dim in dims.items():
-        if cfg.model.family != "timm" and la == cfg.layer.name and dim != cfg.layer.dim:
-            raise ValueError(f"layer.dim={cfg.layer.dim} but {la} has {dim} channels")
     geoms = {la: _geometry(model, la) for la in layers}
 
     t0, n_img_done = time.perf_counter(), 0

@@ -45,7 +45,29 @@ DATASETS = ("demo", "imagefolder", "webdataset", "array")
 ARRAY_LAYER = "array"  # the layer name of a cache imported from arrays (data=array), any width
 SAMPLINGS = ("all", "uniform", "norm_weighted")
 DTYPES = ("float16", "bfloat16", "float32")
-ARCHS = ("relu_l1", "topk", "batchtopk", "jumprelu")
+
+
+@dataclass(frozen=True)
+class ArchTraits:
+    """What light code (checks, run names, reports) must know about an SAE arch without torch."""
+
+    uses_k: bool  # k selects the codes (the TopK family); otherwise k is at most an L0 target
+    has_sparsity_coeff: bool  # λ = sae.l1_coeff weighs a sparsity term in the loss
+
+
+# The one table of these facts: sae.py's classes copy them onto themselves (SAE.__init_subclass__).
+ARCH_TRAITS: dict[str, ArchTraits] = {
+    "relu_l1": ArchTraits(uses_k=False, has_sparsity_coeff=True),
+    "topk": ArchTraits(uses_k=True, has_sparsity_coeff=False),
+    "batchtopk": ArchTraits(uses_k=True, has_sparsity_coeff=False),
+    "jumprelu": ArchTraits(uses_k=False, has_sparsity_coeff=True),
+}
+ARCHS = tuple(ARCH_TRAITS)
+
+
+def uses_l1_coeff(arch: str | None) -> bool:
+    """True when `arch` is known and has a sparsity coefficient (its knob is l1_coeff, not k)."""
+    return arch in ARCH_TRAITS and ARCH_TRAITS[arch].has_sparsity_coeff
 STAGES = ("cache", "train", "evaluate", "report")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
@@ -76,7 +98,7 @@ class ModelConfig:
 @dataclass
 class LayerConfig:
     name: str = "mixed3b"  # Lucid layer name, or a module path for model.family=timm
-    dim: int = 480  # channels; checked against the model at run time
+    dim: int = 480  # channels; `layer=<name>` sets it from LAYER_DIMS (0: unknown, timm/array)
 
 
 @dataclass
@@ -277,6 +299,10 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
+    # `layer=<name>` for every Lucid layer, from the one table: layer.dim comes from LAYER_DIMS.
+    # (conf/layer/timm.yaml is the only file there: a timm module's width is unknown until run.)
+    for name, dim in ALL_LAYER_DIMS.items():
+        cs.store(group="layer", name=name, node=LayerConfig(name=name, dim=dim))
 
 
 # --------------------------------------------------------------------------------------------
@@ -398,7 +424,7 @@ def check_config(cfg: Config) -> None:
     if not 0.0 < cfg.data.min_scale <= cfg.data.max_scale <= 1.0:
         raise ValueError("data.min_scale and data.max_scale must satisfy 0 < min <= max <= 1")
     d_in = check_layer(cfg.layer.name, cfg.model.family)
-    if d_in > 0 and cfg.sae.arch in ("topk", "batchtopk"):
+    if d_in > 0 and ARCH_TRAITS[cfg.sae.arch].uses_k:
         n_feat = n_features_of(cfg.sae, d_in)
         if cfg.sae.k > n_feat:
             raise ValueError(

@@ -18,7 +18,6 @@ import csv
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,9 +28,15 @@ import numpy as np
 import torch
 
 from sae_vision import metrics as M
-from sae_vision import paths
-from sae_vision.config import Config, DataConfig, ModelConfig
-from sae_vision.io import atomic_write, drop_stale_tmp, save_fig, to_json, write_json
+from sae_vision import paths, plots
+from sae_vision.census import NeuronCensusMemo
+from sae_vision.config import (
+    Config,
+    DataConfig,
+    ModelConfig,
+    uses_l1_coeff,
+)
+from sae_vision.io import atomic_write, drop_stale_tmp, to_json, write_json
 from sae_vision.progress import Progress, track
 from sae_vision.runs import (
     CONFIG_FILE,
@@ -290,71 +295,6 @@ def splice_images(cache_meta: dict, info: RunInfo, n_images: int, fallback: Data
 # Figures and files
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_density(hist: dict, title: str, path: Path) -> Path:
-    """Bar chart of the log10 feature-density histogram, with the dead count in the legend."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    edges = np.asarray(hist["edges"])
-    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="#4c72b0",
-           edgecolor="white", label=f"live ({hist['n_live']})")
-    ax.plot([], [], " ", label=f"dead ({hist['n_dead']}, not shown)")
-    ax.set_xlabel("log10 feature density (fraction of vectors active)")
-    ax.set_ylabel("features")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    return save_fig(fig, path)
-
-
-def plot_l0(l0_hist: list[int], mean_l0: float, title: str, path: Path) -> Path:
-    """Histogram of active features per vector."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(np.arange(len(l0_hist)), l0_hist, width=1.0, color="#55a868")
-    ax.axvline(mean_l0, color="k", lw=1, ls="--", label=f"mean L0 = {mean_l0:.1f}")
-    ax.set_xlabel("L0 (active features per vector)")
-    ax.set_ylabel("vectors")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
-    return save_fig(fig, path)
-
-
-def plot_frontier(rows: list[dict], y_key: str, y_label: str, path: Path) -> Path | None:
-    """Sparsity-fidelity frontier: L0 against y_key, one line per (layer, arch)."""
-    pts = [r for r in rows if _finite(r.get("l0")) and _finite(r.get(y_key))]
-    if not pts:
-        return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    groups: dict[tuple, list[dict]] = {}
-    for r in pts:
-        groups.setdefault((r["layer"], r["arch"]), []).append(r)
-    markers = "osD^v<>pP*X"
-    for i, ((layer, arch), rs) in enumerate(sorted(groups.items())):
-        rs = sorted(rs, key=lambda r: r["l0"])
-        ax.plot([r["l0"] for r in rs], [r[y_key] for r in rs], marker=markers[i % len(markers)],
-                label=f"{layer} / {arch}")
-    l0s = [r["l0"] for r in pts]
-    if min(l0s) > 0 and max(l0s) / min(l0s) > 10:
-        ax.set_xscale("log")
-    ax.set_xlabel("L0 (mean active features per vector)")
-    ax.set_ylabel(y_label)
-    ax.set_title(f"Sparsity-fidelity frontier: L0 vs {y_label}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return save_fig(fig, path)
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -431,7 +371,7 @@ def summary_row(m: dict) -> dict:
     hp = m.get("hparams", {})
     arch = m.get("arch")
     # Show only the sparsity knob the architecture actually uses.
-    uses_l1 = arch in ("relu_l1", "jumprelu")
+    uses_l1 = uses_l1_coeff(arch)
     row = {
         "run": m.get("run"), "layer": m.get("layer"), "arch": arch,
         "n_features": m.get("n_features"), "expansion": hp.get("expansion"),
@@ -474,8 +414,8 @@ def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path, list[Pat
         for r in rows:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_COLUMNS})
     write_json(json_path, {"columns": list(SUMMARY_COLUMNS), "rows": rows})
-    figs = [plot_frontier(rows, "fvu", "FVU", out_dir / "frontier_l0_fvu.png"),
-            plot_frontier(rows, "kl_sae", "splice KL (nats)", out_dir / "frontier_l0_kl.png")]
+    figs = [plots.plot_frontier(rows, "fvu", "FVU", out_dir / "frontier_l0_fvu.png"),
+            plots.plot_frontier(rows, "kl_sae", "splice KL (nats)", out_dir / "frontier_l0_kl.png")]
     return csv_path, json_path, [p for p in figs if p is not None]
 
 
@@ -496,7 +436,8 @@ class _Session:
         self.models: dict[str, Any] = {}
         self.baselines: dict[tuple, dict] = {}
         self.images: dict[tuple, tuple] = {}
-        self.census_memo: dict = {}  # the neuron census of one (model, layer, data), reused
+        # the neuron census of one (model, layer, data), reused across the runs of a sweep
+        self.census_memo = NeuronCensusMemo()
         self.data_overrides: list[str] = []  # the command line's data overrides (other_data)
 
     def model(self, mc: ModelConfig):
@@ -574,13 +515,13 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     hist = M.log_density_histogram(density.density(), density.n)
     write_json(out_dir / "density_hist.json", {**hist, "density": density.density().tolist()})
     files["density_hist_json"] = out_dir / "density_hist.json"
-    files["density_hist_png"] = plot_density(
+    files["density_hist_png"] = plots.plot_density(
         hist, f"{info.name}: log10 feature density", out_dir / "density_hist.png")
     l0_counts = l0_hist[: l0_max + 1].tolist()
     write_json(out_dir / "l0_hist.json", {"counts": l0_counts,
                                           **rec["reconstruction"]["l0_quantiles"]})
     files["l0_hist_json"] = out_dir / "l0_hist.json"
-    files["l0_hist_png"] = plot_l0(l0_counts, rec["reconstruction"]["l0"],
+    files["l0_hist_png"] = plots.plot_l0(l0_counts, rec["reconstruction"]["l0"],
                                    f"{info.name}: L0 distribution", out_dir / "l0_hist.png")
 
     no_images = cache_meta.get("source") == "array"  # imported arrays: no images behind them
@@ -725,9 +666,9 @@ def census_inputs(cfg: Config, info: RunInfo, cache_meta: dict, session: _Sessio
 
 
 def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: dict,
-            held_ND: torch.Tensor, memo: dict) -> dict:
+            held_ND: torch.Tensor, memo: NeuronCensusMemo) -> dict:
     """Curve-detector census of the layer's neurons and this SAE's features -> eval/curves.json."""
-    from sae_vision import curves
+    from sae_vision import census
 
     # Forward passes over the stimulus battery: the real network, then every null network.
     n_networks = 1 + len(cfg.curves.nulls) * int(cfg.curves.n_null_seeds)
@@ -737,13 +678,15 @@ def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: 
                 bar.set_total(n_networks * n_stimuli)
             bar.update(n_done)
 
-        res = curves.run_census(model, info.layer, cfg, sae=sae,
-                                unit_mean=inputs.get("unit_mean"), unit_std=inputs.get("unit_std"),
-                                images=inputs["images"], feature_vectors=held_ND, out_dir=out_dir,
-                                log=log, memo=memo, memo_key=inputs["memo_key"],
-                                extra={"sigma_source": inputs["sigma_source"],
-                                       "reference_images": inputs["reference_images"]},
-                                on_batch=on_batch)
+        res = census.run_census(
+            model, info.layer, cfg,
+            census.CensusInputs(unit_mean=inputs.get("unit_mean"),
+                                unit_std=inputs.get("unit_std"), images=inputs["images"],
+                                source=inputs["memo_key"]),
+            census.FeatureInputs(sae, vectors=held_ND), memo=memo, out_dir=out_dir, log=log,
+            extra={"sigma_source": inputs["sigma_source"],
+                   "reference_images": inputs["reference_images"]},
+            on_batch=on_batch)
     path = out_dir / "curves.json"
     feats = res.get("features") or {}
     figures = {f"curves_{k}_png": v for k, v in (res.get("files") or {}).items()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sae_vision.config import Config, content_hash, n_features_of, to_plain
+from sae_vision.config import Config, content_hash, n_features_of, to_plain, uses_l1_coeff
 
 
 def cache_settings(cfg: Config, layer: str) -> dict:
@@ -51,7 +51,7 @@ def run_name(cfg: Config, d_in: int) -> str:
     if cfg.train.run_name:
         return cfg.train.run_name
     n_feat = n_features_of(cfg.sae, d_in)
-    sparsity = f"l1{cfg.sae.l1_coeff:g}" if cfg.sae.arch in ("relu_l1", "jumprelu") else f"k{cfg.sae.k}"
+    sparsity = f"l1{cfg.sae.l1_coeff:g}" if uses_l1_coeff(cfg.sae.arch) else f"k{cfg.sae.k}"
     h = content_hash({"sae": to_plain(cfg.sae) | {"run": None}, "train": to_plain(cfg.train),
                       "cache": cache_key(cfg, cfg.layer.name)}, n=8)
     return f"{cfg.layer.name}-{cfg.sae.arch}-f{n_feat}-{sparsity}-s{cfg.train.seed}-{h}"

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from sae_vision import paths, runs
-from sae_vision.config import Config, to_plain
+from sae_vision.config import Config, to_plain, uses_l1_coeff
 from sae_vision.io import copy_file, to_json, write_json, write_text
 from sae_vision.progress import Progress, track
 from sae_vision.tracker import Tracker, disabled
@@ -344,7 +344,7 @@ def summary_rows(records: list[RunRecord]) -> list[dict]:
             row = summary_row(r.metrics)
         else:
             hp = r.info.hparams
-            uses_l1 = r.info.arch in ("relu_l1", "jumprelu")
+            uses_l1 = uses_l1_coeff(r.info.arch)
             row = {"run": r.name, "layer": r.info.layer, "arch": r.info.arch,
                    "n_features": r.info.n_features, "l1_coeff": hp.get("l1_coeff") if uses_l1 else None,
                    "k": None if uses_l1 else hp.get("k")}
@@ -701,13 +701,13 @@ def _static_sections(records: list[RunRecord], rows: list[dict], thumbs: dict[st
                      neuron_browser: dict[str, str], fig_dir: Path
                      ) -> tuple[list[tuple], list[str], list[dict]]:
     """The page's sections, the figures they show (relative paths) and the census table rows."""
-    from sae_vision import evaluate
+    from sae_vision import evaluate, plots
 
     metric_rows = [evaluate.summary_row(r.metrics) for r in records if r.metrics]
     frontier = []
     for y_key, label in (("fvu", "FVU"), ("kl_sae", "splice KL (nats)")):
         path = fig_dir / f"frontier_l0_{y_key}.png"
-        if metric_rows and evaluate.plot_frontier(metric_rows, y_key, label, path) is not None:
+        if metric_rows and plots.plot_frontier(metric_rows, y_key, label, path) is not None:
             frontier.append((f"{fig_dir.name}/{path.name}",
                              f"L0 against {label}, every evaluated run", f"frontier {label}"))
     density = [(rel, f"{r.name}: log10 feature density", "density histogram") for r in records

@@ -18,8 +18,10 @@ def _cfg(**sections):
     return cfg
 
 
-def test_default_config_is_valid():
-    check_config(_cfg())
+def test_default_config_is_valid_and_its_layer_dim_comes_from_the_table():
+    cfg = _cfg()
+    check_config(cfg)
+    assert cfg.layer.dim == ALL_LAYER_DIMS[cfg.layer.name] == 480
 
 
 def test_unknown_layer_lists_the_valid_names():

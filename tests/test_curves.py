@@ -14,7 +14,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sae_vision import census as CS
 from sae_vision import curves as C
+from sae_vision import nulls as NL
+from sae_vision import responses as R
 from sae_vision import stimuli as S
 from sae_vision.config import CurvesConfig
 
@@ -89,9 +92,9 @@ def toy_cfg(**kw) -> CurvesConfig:
 def toy_census():
     net = ToyNet()
     cfg = toy_cfg()
-    probe = C.make_probe(net, "toy", cfg.canvas_size)
+    probe = R.make_probe(net, "toy", cfg.canvas_size)
     table = C.make_battery(cfg, probe)
-    acts = C.centre_activations(net, "toy", table, probe)
+    acts = R.centre_activations(net, "toy", table, probe)
     mean, std = torch.zeros(acts.shape[1]), torch.full((acts.shape[1],), 0.02)
     ev = C.evidence(acts.numpy(), table, cfg, mean.numpy(), std.numpy())
     return net, cfg, probe, table, acts, ev
@@ -104,7 +107,7 @@ def toy_census():
 def test_probe_picks_a_canvas_holding_the_whole_receptive_field():
     g = Geometry(8, 91, 7.0, 28)
     model = type("M", (), {"geometry": lambda self, layer: g, "input_size": 224})()
-    p = C.make_probe(model, "mixed3b")
+    p = R.make_probe(model, "mixed3b")
     assert p.size % 8 == 0 and p.size < 224
     assert p.centre - 45 >= 0 and p.centre + 45 <= p.size - 1
     assert p.centre == 7.0 + 8 * p.pos
@@ -115,7 +118,7 @@ def test_toy_curve_detectors_are_found_at_their_orientations(toy_census):
     crit = C.criterion(ev, C.thresholds_of(cfg))
     for u, theta in enumerate(TOY_ORIENTATIONS):
         assert crit["detected"][u], {k: v[u] for k, v in ev.items()}
-        assert C._circ_diff(ev["preferred_orientation"][u], theta) <= 5.0
+        assert C.circ_diff(ev["preferred_orientation"][u], theta) <= 5.0
     assert not crit["detected"][8] and not crit["curve_line_ratio"][8]  # the line detector
 
 
@@ -163,8 +166,10 @@ def test_planted_feature_on_the_toy_net_is_found_with_its_neurons_orientation():
     net, cfg = ToyNet(), toy_cfg()
     std = torch.full((10,), 0.02)
     sae = OneHotSAE(10, [3])
-    res = C.run_census(net, "toy", cfg, unit_std=std, unit_mean=torch.zeros(10), sae=sae,
-                       feature_vectors=torch.rand(500, 10) * 0.02, null_seeds=0, verbose=False)
+    res = CS.run_census(net, "toy", cfg,
+              CS.CensusInputs(unit_mean=torch.zeros(10), unit_std=std, null_seeds=0),
+              CS.FeatureInputs(sae, vectors=torch.rand(500, 10) * 0.02),
+              verbose=False)
     neurons = {d["unit"]: d for d in res["neurons"]["detected"]}
     feats = {d["unit"]: d for d in res["features"]["detected"]}
     assert 0 in feats and feats[0]["preferred_orientation"] == neurons[3]["preferred_orientation"]
@@ -206,7 +211,7 @@ def test_coverage_numbers_on_constructed_orientations():
 
 
 def test_random_directions_are_unit_norm_and_centred():
-    rd = C.RandomDirections(16, 5, seed=1, centre=torch.ones(16))
+    rd = R.RandomDirections(16, 5, seed=1, centre=torch.ones(16))
     assert torch.allclose(rd.W_dec.norm(dim=1), torch.ones(5))
     assert torch.allclose(rd.pre_acts(torch.ones(3, 16)), torch.zeros(3, 5))
     assert (rd.encode(torch.randn(7, 16)) >= 0).all()
@@ -214,8 +219,11 @@ def test_random_directions_are_unit_norm_and_centred():
 
 def test_coverage_figure_and_outputs_are_written(tmp_path, toy_census):
     net, cfg, *_ = toy_census
-    res = C.run_census(net, "toy", cfg, unit_std=torch.full((10,), 0.02),
-                       unit_mean=torch.zeros(10), null_seeds=0, out_dir=tmp_path, verbose=False)
+    res = CS.run_census(net, "toy", cfg,
+              CS.CensusInputs(unit_mean=torch.zeros(10), unit_std=torch.full((10,), 0.02),
+                             null_seeds=0),
+              out_dir=tmp_path,
+              verbose=False)
     files = res["files"]
     for key in ("coverage", "tuning_neurons", "evidence_neurons", "json"):
         assert (tmp_path / files[key].split("/")[-1]).is_file()
@@ -234,28 +242,28 @@ def test_coverage_figure_and_outputs_are_written(tmp_path, toy_census):
 @pytest.fixture(scope="module")
 def reference_stats(bvlc_model):
     """Natural-image mean/std of every mixed3b channel over demo-like crops."""
-    images = C.make_reference_images(32)
-    mean, std = C.unit_stats(C.layer_vectors(bvlc_model, "mixed3b", images))
+    images = R.make_reference_images(32)
+    mean, std = R.unit_stats(R.layer_vectors(bvlc_model, "mixed3b", images))
     return images, mean, std
 
 
 def test_small_canvas_gives_exactly_the_full_size_response(bvlc_model):
-    probe = C.make_probe(bvlc_model, "mixed3b")
+    probe = R.make_probe(bvlc_model, "mixed3b")
     assert probe.size < 224
     full = C.Probe("mixed3b", 224, 14, 7.0 + 8 * 14, 8, 91)
     kw = dict(arc_length_deg=120, max_arc_px=48)
     small = S.curve_sweep([30.0, 200.0], [16.0], size=probe.size,
                           centre=(probe.centre, probe.centre), **kw)
     big = S.curve_sweep([30.0, 200.0], [16.0], size=224, centre=(full.centre, full.centre), **kw)
-    a = C.centre_activations(bvlc_model, "mixed3b", small, probe)
-    b = C.centre_activations(bvlc_model, "mixed3b", big, full)
+    a = R.centre_activations(bvlc_model, "mixed3b", small, probe)
+    b = R.centre_activations(bvlc_model, "mixed3b", big, full)
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
 
 
 def test_nulls_permute_redraw_or_scramble_only_the_convolutions_they_should(bvlc_model):
     before = {k: v.clone() for k, v in bvlc_model.state_dict().items()}
-    perm = C.permuted_input_null(bvlc_model, "mixed3b", seed=0)
-    fed = {id(c) for c in C.feeding_convs(perm, "mixed3b")}
+    perm = NL.permuted_input_null(bvlc_model, "mixed3b", seed=0)
+    fed = {id(c) for c in NL.feeding_convs(perm, "mixed3b")}
     assert len(fed) == 4  # 1x1, 3x3_bottleneck, 5x5_bottleneck, pool_reduce
     for (name, real_m), (_, null_m) in zip(bvlc_model.named_modules(), perm.named_modules()):
         if not isinstance(real_m, nn.Conv2d):
@@ -267,8 +275,8 @@ def test_nulls_permute_redraw_or_scramble_only_the_convolutions_they_should(bvlc
                                null_m.weight.flatten(1).sort(1).values)
         else:
             assert torch.equal(real_m.weight, null_m.weight), name
-    re = C.reinit_null(bvlc_model, "mixed3b", seed=0)
-    redrawn = {id(c) for c in C.convs_above_stem(re, "mixed3b")}
+    re = NL.reinit_null(bvlc_model, "mixed3b", seed=0)
+    redrawn = {id(c) for c in NL.convs_above_stem(re, "mixed3b")}
     assert len(redrawn) == 12  # six convolutions in each of mixed3a and mixed3b
     for (name, real_m), (_, null_m) in zip(bvlc_model.named_modules(), re.named_modules()):
         if isinstance(real_m, nn.Conv2d) and id(null_m) in redrawn:
@@ -277,8 +285,8 @@ def test_nulls_permute_redraw_or_scramble_only_the_convolutions_they_should(bvlc
             assert torch.allclose(w0.std(1), w1.std(1), rtol=0.35)
         elif isinstance(real_m, nn.Conv2d):
             assert torch.equal(real_m.weight, null_m.weight), name  # the stem is kept
-    sp = C.spatial_null(bvlc_model, "mixed3b", seed=0)
-    scrambled = {id(c) for c in C.convs_above_stem(sp, "mixed3b")}
+    sp = NL.spatial_null(bvlc_model, "mixed3b", seed=0)
+    scrambled = {id(c) for c in NL.convs_above_stem(sp, "mixed3b")}
     n_changed = 0
     for (name, real_m), (_, null_m) in zip(bvlc_model.named_modules(), sp.named_modules()):
         if not isinstance(real_m, nn.Conv2d):
@@ -293,8 +301,8 @@ def test_nulls_permute_redraw_or_scramble_only_the_convolutions_they_should(bvlc
         else:
             assert torch.equal(w0, w1), name  # 1x1 convolutions and the stem are kept
     assert n_changed == 4  # the 3x3 and 5x5 convolutions of mixed3a and mixed3b
-    assert C.input_block_of(bvlc_model, "mixed3b") == "mixed3a"
-    assert C.input_block_of(bvlc_model, "conv2d2") is None
+    assert NL.input_block_of(bvlc_model, "mixed3b") == "mixed3a"
+    assert NL.input_block_of(bvlc_model, "conv2d2") is None
     after = bvlc_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the real model is untouched
 
@@ -304,8 +312,9 @@ def real_census(bvlc_model, reference_stats):
     """Neuron census of real mixed3b without nulls (the nulls have their own slow test)."""
     images, mean, std = reference_stats
     cfg = CurvesConfig(n_null_seeds=0)
-    return C.run_census(bvlc_model, "mixed3b", cfg, unit_std=std, unit_mean=mean,
-                        images=images, null_seeds=0, verbose=False), cfg
+    return CS.run_census(bvlc_model, "mixed3b", cfg,
+               CS.CensusInputs(unit_mean=mean, unit_std=std, images=images, null_seeds=0),
+               verbose=False), cfg
 
 
 @pytest.mark.slow
@@ -321,13 +330,13 @@ def test_real_mixed3b_has_curve_detectors_with_well_defined_orientations(bvlc_mo
     # A detected unit responds far more to its preferred curve than to the opposite or a line.
     best = max(det, key=lambda d: d["peak_sigma"])
     u, theta, radius = best["unit"], best["preferred_orientation"], best["preferred_radius"]
-    probe = C.make_probe(bvlc_model, "mixed3b")
+    probe = R.make_probe(bvlc_model, "mixed3b")
     kw = dict(size=probe.size, centre=(probe.centre, probe.centre), max_arc_px=cfg.max_arc_px,
               arc_length_deg=cfg.arc_length_deg)
     t = S.concat_tables([S.curve_sweep([theta, theta + 180], [radius], **kw),
                          S.make_table("line", [theta + 90 * k for k in range(4)], length_px=48,
                                       size=probe.size, centre=(probe.centre, probe.centre))])
-    r = C.centre_activations(bvlc_model, "mixed3b", t, probe)[:, u]
+    r = R.centre_activations(bvlc_model, "mixed3b", t, probe)[:, u]
     _, mean, std = reference_stats
     z = (r - mean[u]) / std[u]
     assert z[0] > 10
@@ -341,10 +350,10 @@ def test_planted_feature_equal_to_a_curve_neuron_is_found_with_its_orientation(
     images, mean, std = reference_stats
     neuron = max(res["neurons"]["detected"], key=lambda d: d["peak_sigma"])
     sae = OneHotSAE(480, [neuron["unit"]], n_noise=8)
-    out = C.run_census(bvlc_model, "mixed3b", CurvesConfig(n_null_seeds=0), unit_std=std,
-                       unit_mean=mean, images=images, sae=sae,
-                       feature_vectors=C.layer_vectors(bvlc_model, "mixed3b", images[:8]),
-                       null_seeds=0, verbose=False)
+    out = CS.run_census(bvlc_model, "mixed3b", CurvesConfig(n_null_seeds=0),
+              CS.CensusInputs(unit_mean=mean, unit_std=std, images=images, null_seeds=0),
+              CS.FeatureInputs(sae, vectors=R.layer_vectors(bvlc_model, "mixed3b", images[:8])),
+              verbose=False)
     feats = {d["unit"]: d for d in out["features"]["detected"]}
     assert 0 in feats
     assert feats[0]["preferred_orientation"] == neuron["preferred_orientation"]
@@ -356,8 +365,10 @@ def test_null_calibrated_census_on_real_mixed3b_has_fdr_below_10_percent(
         bvlc_model, reference_stats, tmp_path):
     images, mean, std = reference_stats
     cfg = CurvesConfig()  # the defaults: 3 permuted-input and 3 re-initialised networks
-    res = C.run_census(bvlc_model, "mixed3b", cfg, unit_std=std, unit_mean=mean, images=images,
-                       out_dir=tmp_path, verbose=False)
+    res = CS.run_census(bvlc_model, "mixed3b", cfg,
+              CS.CensusInputs(unit_mean=mean, unit_std=std, images=images),
+              out_dir=tmp_path,
+              verbose=False)
     fdr = res["neurons"]["fdr"]
     print(json.dumps({k: v for k, v in fdr.items()}, indent=1))
     assert fdr["real"] >= 10
@@ -371,18 +382,27 @@ def test_null_calibrated_census_on_real_mixed3b_has_fdr_below_10_percent(
 def test_a_sweep_reuses_the_neuron_census_across_saes(monkeypatch):
     net, cfg = ToyNet(), toy_cfg(n_reference_images=4)
     calls = []
-    real_census_of_model = C.census_of_model
-    monkeypatch.setattr(C, "census_of_model",
+    real_census_of_model = CS.census_of_model
+    monkeypatch.setattr(CS, "census_of_model",
                         lambda *a, **k: calls.append(1) or real_census_of_model(*a, **k))
     vecs = torch.rand(300, 10) * 0.02
-    memo: dict = {}
-    first = C.run_census(net, "toy", cfg, sae=OneHotSAE(10, [3]), feature_vectors=vecs,
-                         null_seeds=0, verbose=False, memo=memo, memo_key="data-a")
-    second = C.run_census(net, "toy", cfg, sae=OneHotSAE(10, [3, 5]), feature_vectors=vecs,
-                          null_seeds=0, verbose=False, memo=memo, memo_key="data-a")
+    memo = CS.NeuronCensusMemo()
+    first = CS.run_census(net, "toy", cfg,
+                CS.CensusInputs(null_seeds=0, source="data-a"),
+                CS.FeatureInputs(OneHotSAE(10, [3]), vectors=vecs),
+                verbose=False,
+                memo=memo)
+    second = CS.run_census(net, "toy", cfg,
+                 CS.CensusInputs(null_seeds=0, source="data-a"),
+                 CS.FeatureInputs(OneHotSAE(10, [3, 5]), vectors=vecs),
+                 verbose=False,
+                 memo=memo)
     assert len(calls) == 1  # the neuron census ran once for both SAEs
-    C.run_census(net, "toy", cfg, sae=OneHotSAE(10, [3]), feature_vectors=vecs, null_seeds=0,
-                 verbose=False, memo=memo, memo_key="data-b")
+    CS.run_census(net, "toy", cfg,
+        CS.CensusInputs(null_seeds=0, source="data-b"),
+        CS.FeatureInputs(OneHotSAE(10, [3]), vectors=vecs),
+        verbose=False,
+        memo=memo)
     assert len(calls) == 2  # other data (another memo key) is never served the old census
     assert first["neurons"] == second["neurons"]
     assert first["features"]["n_units"] == 7 and second["features"]["n_units"] == 8

@@ -10,8 +10,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_curves import TOY_ORIENTATIONS, K, ToyNet, _template, toy_cfg
 
+from sae_vision import census as CS
 from sae_vision import curves as C
 from sae_vision import novelty as N
+from sae_vision import responses as R
 
 
 class BroadToyNet(ToyNet):
@@ -80,10 +82,10 @@ def toy_split():
     eye = torch.eye(10)
     dec = torch.stack([eye[0], (eye[0] + eye[1]) / 2 ** 0.5, eye[2], eye[4]])
     vecs = torch.rand(500, 10) * 0.02
-    res = C.run_census(net, "toy", cfg, unit_std=torch.full((10,), 0.02),
-                       unit_mean=torch.zeros(10), sae=DirectionSAE(dec), feature_vectors=vecs,
-                       feature_std=torch.full((4,), 0.02), feature_mean=torch.zeros(4),
-                       null_seeds=0, verbose=False)
+    res = CS.run_census(net, "toy", cfg,
+              CS.CensusInputs(unit_mean=torch.zeros(10), unit_std=torch.full((10,), 0.02), null_seeds=0),
+              CS.FeatureInputs(DirectionSAE(dec), mean=torch.zeros(4), std=torch.full((4,), 0.02), vectors=vecs),
+              verbose=False)
     return res, cfg
 
 
@@ -126,11 +128,11 @@ def test_coverage_figure_and_new_feature_figure_are_written(tmp_path):
     net, cfg = BroadToyNet(), toy_cfg(min_gap_deg=30.0, invariance_step=10.0, jitter_px=1)
     eye = torch.eye(10)
     dec = torch.stack([eye[0], (eye[0] + eye[1]) / 2 ** 0.5])
-    C.run_census(net, "toy", cfg, unit_std=torch.full((10,), 0.02),
-                       unit_mean=torch.zeros(10), sae=DirectionSAE(dec),
-                       feature_vectors=torch.rand(200, 10) * 0.02,
-                       feature_std=torch.full((2,), 0.02), feature_mean=torch.zeros(2),
-                       null_seeds=0, verbose=False, out_dir=tmp_path)
+    CS.run_census(net, "toy", cfg,
+        CS.CensusInputs(unit_mean=torch.zeros(10), unit_std=torch.full((10,), 0.02), null_seeds=0),
+        CS.FeatureInputs(DirectionSAE(dec), mean=torch.zeros(2), std=torch.full((2,), 0.02), vectors=torch.rand(200, 10) * 0.02),
+        verbose=False,
+        out_dir=tmp_path)
     assert (tmp_path / "curves_coverage.png").stat().st_size > 1000
     assert (tmp_path / "curves_new_features.png").stat().st_size > 1000
 
@@ -139,14 +141,15 @@ def test_coverage_figure_and_new_feature_figure_are_written(tmp_path):
 def test_a_random_dictionary_on_real_mixed3b_gives_no_new_detectors_beyond_the_fdr(bvlc_model):
     """Random unit directions as an 'SAE' (encoder = decoder): none is a copy, so any census
     pass would be a 'new detector'. There must be none beyond the FDR's allowance."""
-    images = C.make_reference_images(8)
-    vecs = C.layer_vectors(bvlc_model, "mixed3b", images)
-    mean, std = C.unit_stats(vecs)
+    images = R.make_reference_images(8)
+    vecs = R.layer_vectors(bvlc_model, "mixed3b", images)
+    mean, std = R.unit_stats(vecs)
     g = torch.Generator().manual_seed(0)
     cfg = C.CurvesConfig(n_null_seeds=2, nulls=[], check_input_block=False)
-    res = C.run_census(bvlc_model, "mixed3b", cfg, unit_mean=mean, unit_std=std, images=images,
-                       sae=DirectionSAE(torch.randn(960, 480, generator=g)),
-                       feature_vectors=vecs, verbose=False)
+    res = CS.run_census(bvlc_model, "mixed3b", cfg,
+              CS.CensusInputs(unit_mean=mean, unit_std=std, images=images),
+              CS.FeatureInputs(DirectionSAE(torch.randn(960, 480, generator=g)), vectors=vecs),
+              verbose=False)
     n_neurons = res["neurons"]["n_detected"]
     f = res["features"]
     assert n_neurons >= 10
@@ -174,7 +177,7 @@ def test_a_new_feature_next_to_a_curve_tuned_neuron_of_its_own_does_not_fill_a_g
     f_ev["invariance_corr"] = np.array([0.99, 0.99])
     f_ev["preferred_orientation"] = np.array([340.0, 300.0])
     dec = np.array([[0.0, 0.0, 0.75, 0.66], [0.66, 0.0, 0.0, 0.75]])  # both under 0.6 share
-    nov = C.feature_novelty(f_ev, thr, real_ev, thr, N.axis_alignment(dec), None, 0.6, 30.0)
+    nov = N.feature_novelty(f_ev, thr, real_ev, thr, N.axis_alignment(dec), None, 0.6, 30.0)
     assert nov["n_new"] == 2 and nov["n_new_in_neuron_gaps"] == 2
     assert nov["new_in_gaps_covered_by"] == {0: [2], 1: []}
     assert nov["n_new_in_gaps_uncovered"] == 1

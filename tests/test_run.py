@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sae_vision.config import Config, check_config, register_configs
+from sae_vision.config import ALL_LAYER_DIMS, Config, check_config, register_configs
 from sae_vision.data import resolve_data_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,10 +34,23 @@ def test_every_experiment_composes_and_validates(experiment, stage):
     if experiment == "paper":
         overrides.append("data.root=/data/imagenet/train")
     cfg = compose_cfg(overrides)
+    # Every value the preset sets survives composition (no group default overrides it).
+    preset = OmegaConf.load(REPO / "conf" / "experiment" / f"{experiment}.yaml")
+    preset.pop("hydra", None)
+    composed = OmegaConf.structured(cfg)
+    for key, value in _leaves(OmegaConf.to_container(preset)):
+        assert OmegaConf.select(composed, key) == value, key
     if cfg.data.name == "imagefolder":  # as run.py does before validating
         cfg.data.root = resolve_data_root(cfg.data.root)
     check_config(cfg)
-    assert cfg.experiment == experiment and cfg.stage.name == stage
+
+
+def _leaves(tree, prefix=""):
+    """(dotted key, value) of every leaf of a nested dict; lists are leaves."""
+    if not isinstance(tree, dict):
+        return [(prefix, tree)]
+    return [kv for k, v in tree.items() for kv in _leaves(v, f"{prefix}{k}" if not prefix
+                                                             else f"{prefix}.{k}")]
 
 
 def test_study_data_root_resolves_explicit_then_env_then_shared_sample(monkeypatch, tmp_path):
@@ -67,12 +80,16 @@ def test_config_groups_swap_their_section(group, option, field, value):
     check_config(cfg)
 
 
-def test_every_paper_layer_and_branch_has_a_layer_config():
-    names = {p.stem for p in (REPO / "conf" / "layer").glob("*.yaml")}
-    for base in ("mixed3a", "mixed3b"):
-        for branch in ("", "_1x1", "_3x3", "_5x5", "_pool_reduce"):
-            assert base + branch in names
-    assert {"conv2d0", "conv2d1", "conv2d2"} <= names
+def test_layer_option_sets_every_table_layer_and_its_dim():
+    from hydra.core.config_store import ConfigStore
+
+    register_configs()
+    options = {n.removesuffix(".yaml") for n in ConfigStore.instance().list("layer")}
+    assert options == set(ALL_LAYER_DIMS)
+    for name in ("conv2d0", "mixed3a_5x5", "mixed3b_pool_reduce_pre_relu"):
+        cfg = compose_cfg(["stage=train", f"layer={name}"])
+        assert (cfg.layer.name, cfg.layer.dim) == (name, ALL_LAYER_DIMS[name])
+    assert compose_cfg(["stage=train", "layer=timm"]).layer.dim == 0  # conf/layer/timm.yaml
 
 
 def test_help_lists_stages_and_examples():

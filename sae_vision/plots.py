@@ -7,13 +7,13 @@ functions draw and save in one call and return the path. Figures are drawn off-s
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from sae_vision import curves as C
+from sae_vision import io
 
 DPI = 110  # every PNG of the pipeline
 # The shared style: small type, so that a figure reads at the width of a report column.
@@ -32,13 +32,8 @@ def pyplot():
 
 
 def save_fig(fig, path: Path) -> Path:
-    """Save atomically (a killed run never leaves half a PNG) and close the figure."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight")
-    pyplot().close(fig)
-    os.replace(tmp, path)
-    return path
+    """Save at the shared DPI through io's one atomic writer, and close the figure."""
+    return io.save_fig(fig, path, dpi=DPI, tight=True)
 
 
 def finite(v) -> bool:

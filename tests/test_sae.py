@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sae_vision.config import ARCH_TRAITS, ARCHS, SAEConfig
-from sae_vision.sae import SAE_CLASSES, forward_reference, make_sae, resample_dead
+from sae_vision.sae import SAE_CLASSES, make_sae, resample_dead
 
 
 def _randomised(sae, seed=0):

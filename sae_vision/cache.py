@@ -180,25 +180,11 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
             else Path(cfg.cache.dir) / layer for layer in layers}
     if cfg.cache.verify and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise ValueError("cache.verify=true runs in one process; run it without torchrun")
-    bad = _damaged_shards(dirs, full=cfg.cache.verify)
-    if not bad and all((d / METADATA).exists() for d in dirs.values()):
-        metas = {la: load_cache_meta(d) for la, d in dirs.items()}
-        for d, m in zip(dirs.values(), metas.values()):
-            _refuse_empty(d, m)
-        checked = (f" (verified {sum(len(m['shards']) for m in metas.values())} shard(s))"
-                   if cfg.cache.verify else "")
-        logger.info(f"[cache] reusing complete cache(s){checked}: {', '.join(map(str, dirs.values()))}")
-        return CacheResult({la: str(d) for la, d in dirs.items()},
-                           next(iter(metas.values()))["n_images"],
-                           {la: m["n_vectors"] for la, m in metas.items()}, 0.0, True)
-    for path, problem in bad:
-        # Only the damaged files go; the shard is rewritten below from the same images.
-        logger.info(f"[cache] {path} is {problem}: rewriting it")
-        path.unlink(missing_ok=True)
-        path.with_suffix(".json").unlink(missing_ok=True)
+    reused = _reuse_or_repair(cfg, dirs)
+    if reused is not None:
+        return reused
 
     model = load_model(cfg.model)
-    device = next(model.parameters()).device
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     dataset = make_images(cfg.data)
@@ -213,10 +199,6 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     logger.info(f"[cache] {len(layers)} layer(s), {n_total} images in {n_shards} shards; "
           f"rank {rank}/{world}: {len(done)} done, {len(todo)} to write")
 
-    # layer.dim agrees with the layer name (check_config); the model's width is the truth here.
-    dims = {la: model.layer_dim(la) for la in layers}
-    geoms = {la: _geometry(model, la) for la in layers}
-
     t0, n_img_done = time.perf_counter(), 0
     n_vec = dict.fromkeys(layers, 0)
     bar = Progress("cache", total=len(todo) * cfg.cache.images_per_shard, unit="img")
@@ -224,53 +206,11 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
                   if dataset is not None else _stream_shards(cfg, done | set(
                       s for s in range(n_shards) if s % world != rank)))
     for shard, batches in shard_iter:
-        # One lock per shard, in the first layer's folder: every layer's shard is written together.
-        lock = dirs[layers[0]] / f"{shard_name(shard)}.lock"
-        with ExitStack() as stack:
-            held = io.try_lock(lock)
-            if held is None:
-                logger.info(f"[cache] shard {shard} is being written by another process; skipping it")
-                continue
-            stack.callback(held.release)
-            for d in dirs.values():  # we own the shard now: temps left by a killed run are stale
-                io.drop_stale_tmp(d, any_pid=True, name=shard_name(shard).replace(".tar", ""))
-            writers = {la: ShardWriter(dirs[la], shard, dims[la], cfg.cache.dtype) for la in layers}
-            try:
-                skipped, seen = [], []
-                if cfg.data.num_workers == 0:
-                    batches = _single_threaded(batches)
-                for items in batches:
-                    good = [it for it in items if it.image is not None]
-                    skipped += [{"idx": it.idx, "source": it.source, "error": it.error}
-                                for it in items if it.image is None]
-                    for it in items:
-                        if it.image is None:
-                            logger.warning(f"[cache] skipped unreadable image {it.source}: {it.error}")
-                    seen += [it.idx for it in items]
-                    if not good:
-                        continue
-                    x = torch.stack([it.image for it in good]).to(device, non_blocking=True)
-                    with torch.inference_mode():
-                        acts = model.activations(x, layers)
-                    for la in layers:
-                        n_vec[la] += _write_chunk(writers[la], acts[la], good, cfg, geoms[la])
-                    n_img_done += len(items)
-                    bar.set({"shard": shard, "vectors": sum(n_vec.values())})
-                    bar.update(len(items))
-                rng = (shard * cfg.cache.images_per_shard,
-                       min((shard + 1) * cfg.cache.images_per_shard, n_total))
-                for la in layers:
-                    writers[la].finish(rng, len(seen) - len(skipped), skipped)
-            except BaseException as e:
-                for w in writers.values():
-                    w.abort()
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                    raise CacheError(
-                        f"no space left while writing shard {shard} of {dirs[layers[0]]} ({e}); "
-                        f"{len(done) + todo.index(shard)} complete shard(s) are kept: free space "
-                        "(or point paths.root elsewhere) and rerun the same command to resume"
-                    ) from e
-                raise
+        n_here = _write_shard(cfg, model, dirs, shard, batches, n_total, n_vec, bar,
+                              n_complete=len(done) + todo.index(shard))
+        if n_here is None:  # another process holds this shard
+            continue
+        n_img_done += n_here
         tracker.log({"cache/images": n_img_done, "cache/vectors": sum(n_vec.values()),
                      "cache/images_per_s": n_img_done / (time.perf_counter() - t0),
                      "cache/shard": shard})
@@ -288,6 +228,89 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     tracker.summary({"cache/images_per_s": rate, **{f"cache/{la}/n_vectors": v
                                                     for la, v in result.n_vectors.items()}})
     return result
+
+
+def _reuse_or_repair(cfg: Config, dirs: dict[str, Path]) -> CacheResult | None:
+    """The result of a complete, undamaged cache, reused as it is; otherwise None, after removing
+    the damaged shards' files (only those: the run rewrites them from the same images)."""
+    bad = _damaged_shards(dirs, full=cfg.cache.verify)
+    if not bad and all((d / METADATA).exists() for d in dirs.values()):
+        metas = {la: load_cache_meta(d) for la, d in dirs.items()}
+        for d, m in zip(dirs.values(), metas.values()):
+            _refuse_empty(d, m)
+        checked = (f" (verified {sum(len(m['shards']) for m in metas.values())} shard(s))"
+                   if cfg.cache.verify else "")
+        logger.info(f"[cache] reusing complete cache(s){checked}: "
+                    f"{', '.join(map(str, dirs.values()))}")
+        return CacheResult({la: str(d) for la, d in dirs.items()},
+                           next(iter(metas.values()))["n_images"],
+                           {la: m["n_vectors"] for la, m in metas.items()}, 0.0, True)
+    for path, problem in bad:
+        logger.info(f"[cache] {path} is {problem}: rewriting it")
+        path.unlink(missing_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)
+    return None
+
+
+def _write_shard(cfg: Config, model, dirs: dict[str, Path], shard: int, batches, n_total: int,
+                 n_vec: dict[str, int], bar: Progress, n_complete: int) -> int | None:
+    """Write one shard of every layer from its image batches, under the shard's lock; returns
+    the images done (None when another process holds the shard). `n_vec` counts vectors per layer;
+    `n_complete` (shards already complete) goes into the out-of-space message."""
+    layers = list(dirs)
+    # layer.dim agrees with the layer name (check_config); the model's width is the truth here.
+    dims = {la: model.layer_dim(la) for la in layers}
+    geoms = {la: _geometry(model, la) for la in layers}
+    device = next(model.parameters()).device
+    n_img_done = 0
+    # One lock per shard, in the first layer's folder: every layer's shard is written together.
+    lock = dirs[layers[0]] / f"{shard_name(shard)}.lock"
+    with ExitStack() as stack:
+        held = io.try_lock(lock)
+        if held is None:
+            logger.info(f"[cache] shard {shard} is being written by another process; skipping it")
+            return None
+        stack.callback(held.release)
+        for d in dirs.values():  # we own the shard now: temps left by a killed run are stale
+            io.drop_stale_tmp(d, any_pid=True, name=shard_name(shard).replace(".tar", ""))
+        writers = {la: ShardWriter(dirs[la], shard, dims[la], cfg.cache.dtype) for la in layers}
+        try:
+            skipped, seen = [], []
+            if cfg.data.num_workers == 0:
+                batches = _single_threaded(batches)
+            for items in batches:
+                good = [it for it in items if it.image is not None]
+                skipped += [{"idx": it.idx, "source": it.source, "error": it.error}
+                            for it in items if it.image is None]
+                for it in items:
+                    if it.image is None:
+                        logger.warning(f"[cache] skipped unreadable image {it.source}: {it.error}")
+                seen += [it.idx for it in items]
+                if not good:
+                    continue
+                x = torch.stack([it.image for it in good]).to(device, non_blocking=True)
+                with torch.inference_mode():
+                    acts = model.activations(x, layers)
+                for la in layers:
+                    n_vec[la] += _write_chunk(writers[la], acts[la], good, cfg, geoms[la])
+                n_img_done += len(items)
+                bar.set({"shard": shard, "vectors": sum(n_vec.values())})
+                bar.update(len(items))
+            rng = (shard * cfg.cache.images_per_shard,
+                   min((shard + 1) * cfg.cache.images_per_shard, n_total))
+            for la in layers:
+                writers[la].finish(rng, len(seen) - len(skipped), skipped)
+        except BaseException as e:
+            for w in writers.values():
+                w.abort()
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise CacheError(
+                    f"no space left while writing shard {shard} of {dirs[layers[0]]} ({e}); "
+                    f"{n_complete} complete shard(s) are kept: free space "
+                    "(or point paths.root elsewhere) and rerun the same command to resume"
+                ) from e
+            raise
+    return n_img_done
 
 
 def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]:

@@ -147,24 +147,13 @@ def input_block_check(model, layer: str, ccfg, images: torch.Tensor, probe_of, s
     return out
 
 
-def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, images,
-                  say, on_batch: BatchFn | None = None) -> NeuronCensus:
-    """The SAE-independent part of the census: real neurons, network nulls, calibration, the
-    threshold grid and the input-block check."""
+def _null_censuses(model, layer: str, ccfg, n_seeds: int, table, probe,
+                   reference_images: ReferenceImages, say, on_batch: BatchFn | None,
+                   timings: dict[str, float]) -> tuple[dict[str, list[dict]], dict[str, list]]:
+    """The census of every null network (ccfg.nulls x n_seeds seeds) on the reference images:
+    (evidence per kind, (evidence, tuning curves, mean, std) per kind). Adds each one's time to
+    `timings`."""
     import time
-
-    probe = make_probe(model, layer, ccfg.canvas_size)
-    table = make_battery(ccfg, probe)
-    reference_images = ReferenceImages(images, ccfg.n_reference_images)
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    real = census_of_model(model, layer, ccfg, table, probe, unit_mean, unit_std,
-                           None if unit_std is not None and unit_mean is not None
-                           else reference_images.get(), on_batch=on_batch)
-    timings["real_s"] = time.perf_counter() - t0
-    say(f"[curves] {layer}: {len(table)} stimuli on a {probe.size}px canvas, "
-        f"{timings['real_s']:.1f}s for the real network")
 
     null_evs: dict[str, list[dict]] = {}
     null_curves: dict[str, list] = {}
@@ -186,6 +175,31 @@ def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, im
             timings[f"{kind}{seed}_s"] = time.perf_counter() - t0
             say(f"[curves] null {kind} seed {seed}: {count_detected(res['evidence'], thresholds_of(ccfg))} "
                 f"detectors at the configured thresholds, {timings[f'{kind}{seed}_s']:.1f}s")
+
+    return null_evs, null_curves
+
+
+def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, images,
+                  say, on_batch: BatchFn | None = None) -> NeuronCensus:
+    """The SAE-independent part of the census: real neurons, network nulls, calibration, the
+    threshold grid and the input-block check."""
+    import time
+
+    probe = make_probe(model, layer, ccfg.canvas_size)
+    table = make_battery(ccfg, probe)
+    reference_images = ReferenceImages(images, ccfg.n_reference_images)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    real = census_of_model(model, layer, ccfg, table, probe, unit_mean, unit_std,
+                           None if unit_std is not None and unit_mean is not None
+                           else reference_images.get(), on_batch=on_batch)
+    timings["real_s"] = time.perf_counter() - t0
+    say(f"[curves] {layer}: {len(table)} stimuli on a {probe.size}px canvas, "
+        f"{timings['real_s']:.1f}s for the real network")
+
+    null_evs, null_curves = _null_censuses(model, layer, ccfg, n_seeds, table, probe,
+                                           reference_images, say, on_batch, timings)
 
     configured = thresholds_of(ccfg)
     cal = calibrate(real["evidence"], null_evs, ccfg)

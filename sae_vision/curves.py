@@ -278,8 +278,18 @@ def evidence(resp_NU, table: S.StimulusTable, cfg: CurvesConfig, mean_U, std_U) 
     ev["line_sigma"] = (line_max + blank - mean_U) / std_U
     ev["curve_line_ratio"] = _ratio(peak, line_max)
 
-    # Orientation tuning at the preferred radius, rectified relative to the blank.
-    f_UT = np.clip(G[ri, :, np.arange(U)], 0.0, None)
+    ev.update(_tuning_shape(G[ri, :, np.arange(U)], ti, pref, peak, thetas, cfg))
+    ev.update(_invariance(r, table, cfg, thetas, blank, pref, peak))
+    ev.update(_discrimination(r, table, cfg, blank, pref, peak))
+    return ev
+
+
+def _tuning_shape(g_UT, ti, pref, peak, thetas, cfg: CurvesConfig) -> dict[str, np.ndarray]:
+    """Orientation tuning at the preferred radius, rectified relative to the blank (g_UT: the
+    blank-subtracted responses [U, T]): circular variance, opposite and secondary peaks, width."""
+    f_UT = np.clip(g_UT, 0.0, None)
+    U, T = f_UT.shape
+    ev: dict[str, np.ndarray] = {}
     ang = np.deg2rad(thetas)
     tot = f_UT.sum(1)
     vec = (f_UT * np.exp(1j * ang)).sum(1) / np.maximum(tot, 1e-30)
@@ -292,8 +302,16 @@ def evidence(resp_NU, table: S.StimulusTable, cfg: CurvesConfig, mean_U, std_U) 
     right = np.cumprod(half[np.arange(U)[:, None], (ti[:, None] + steps) % T], axis=1).sum(1)
     left = np.cumprod(half[np.arange(U)[:, None], (ti[:, None] - steps) % T], axis=1).sum(1)
     ev["tuning_width_deg"] = (left + right + 1) * cfg.orientation_step / 2  # half width at half max
+    return ev
 
-    # Invariance: preferred orientation, tuning shape and response under each condition.
+
+def _invariance(r, table: S.StimulusTable, cfg: CurvesConfig, thetas, blank, pref, peak
+                ) -> dict[str, np.ndarray]:
+    """Preferred orientation, tuning shape and response under each invariance condition, per
+    group and worst over groups."""
+    T = len(thetas)
+    U = r.shape[1]
+    ev: dict[str, np.ndarray] = {}
     inv_thetas = S.orientations(cfg.invariance_step)
     inv_radii = [float(x) for x in cfg.invariance_radii]
     base_rows = np.searchsorted(thetas, inv_thetas)
@@ -327,8 +345,14 @@ def evidence(resp_NU, table: S.StimulusTable, cfg: CurvesConfig, mean_U, std_U) 
     ev["invariance_dtheta"] = worst["dtheta"]
     ev["invariance_corr"] = worst["corr"]
     ev["invariance_retention"] = np.where(np.isinf(worst["retention"]), 1.0, worst["retention"])
+    return ev
 
-    # Discriminating stimuli: corners of similar orientation, off-centre straight lines.
+
+def _discrimination(r, table: S.StimulusTable, cfg: CurvesConfig, blank, pref, peak
+                    ) -> dict[str, np.ndarray]:
+    """Discriminating stimuli: corners of similar orientation, off-centre straight lines."""
+    U = r.shape[1]
+    ev: dict[str, np.ndarray] = {}
     cm = table.condition == "corner"
     if cm.any():
         near = circ_diff(table.orientation[cm][:, None], pref[None]) <= cfg.orientation_tolerance

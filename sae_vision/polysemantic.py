@@ -31,9 +31,13 @@ the random-dictionary baseline falls below 0.5, so it is reported beside every S
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from sae_vision.io import write_json
+from sae_vision.progress import track
 
 
 def neuron_decomposition(codes_NF: torch.Tensor, dec_FD: torch.Tensor,
@@ -219,3 +223,36 @@ def random_dictionary_baseline(acts_ND: torch.Tensor, n_features: int, k: int, s
     del codes
     return selectivity_comparison(kurtosis(acts_ND), kurtosis(pre),
                                   own_features(share, min_share, top_k))
+
+
+@torch.no_grad()
+def decompose_run(sae, acts_ND: torch.Tensor, ccfg, batch_size: int, device, path: Path,
+                  header: dict) -> dict:
+    """Neurons decomposed into this SAE's features, and neuron vs feature selectivity with a
+    random dictionary's score beside it, on held-out vectors `acts_ND`. Writes the full report
+    (with `header`, e.g. the run and layer) to `path` and returns its headline numbers.
+    `ccfg` is the curves config (polysemantic_min_share, selectivity_top_frac)."""
+    codes, pre, recon = [], [], []
+    for x in track(acts_ND.split(batch_size), "evaluate polysemantic", len(acts_ND), "vec",
+                   size=len):
+        x = x.to(device)
+        c = sae.encode(x)
+        codes.append(c.cpu())
+        pre.append(sae.pre_acts(x).cpu())
+        recon.append(sae.decode(c).cpu())
+    codes_NF, pre_NF, recon_ND = torch.cat(codes), torch.cat(pre), torch.cat(recon)
+    l0 = float((codes_NF > 0).sum(1).float().mean())
+    base = random_dictionary_baseline(acts_ND, codes_NF.shape[1], round(l0))
+    res = polysemantic_report(acts_ND, codes_NF, pre_NF, recon_ND, sae.W_dec.detach().cpu(),
+                              scale=float(getattr(sae, "input_scale", 1.0)),
+                              min_share=ccfg.polysemantic_min_share,
+                              top_frac=ccfg.selectivity_top_frac, baseline=base)
+    write_json(path, {**header, "n_vectors": len(acts_ND), **res})
+    s = res["summary"]
+    return {"path": str(path), "n_vectors": len(acts_ND),
+            "frac_more_selective": s["mean_frac_own_features_more_selective"],
+            "frac_more_selective_random": s["random_dictionary"][
+                "mean_frac_own_features_more_selective"],
+            "excess_over_random": s["excess_over_random"],
+            "median_kurtosis_neurons": s["kurtosis"]["neurons"].get("p50"),
+            "median_kurtosis_features": s["kurtosis"]["features"].get("p50")}

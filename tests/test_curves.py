@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from sae_vision import census as CS
 from sae_vision import curves as C
-from sae_vision import nulls as NL
 from sae_vision import responses as R
 from sae_vision import stimuli as S
 from sae_vision.config import CurvesConfig
@@ -247,66 +246,6 @@ def reference_stats(bvlc_model):
     return images, mean, std
 
 
-def test_small_canvas_gives_exactly_the_full_size_response(bvlc_model):
-    probe = R.make_probe(bvlc_model, "mixed3b")
-    assert probe.size < 224
-    full = C.Probe("mixed3b", 224, 14, 7.0 + 8 * 14, 8, 91)
-    kw = dict(arc_length_deg=120, max_arc_px=48)
-    small = S.curve_sweep([30.0, 200.0], [16.0], size=probe.size,
-                          centre=(probe.centre, probe.centre), **kw)
-    big = S.curve_sweep([30.0, 200.0], [16.0], size=224, centre=(full.centre, full.centre), **kw)
-    a = R.centre_activations(bvlc_model, "mixed3b", small, probe)
-    b = R.centre_activations(bvlc_model, "mixed3b", big, full)
-    assert torch.allclose(a, b, rtol=1e-4, atol=1e-3)
-
-
-def test_nulls_permute_redraw_or_scramble_only_the_convolutions_they_should(bvlc_model):
-    before = {k: v.clone() for k, v in bvlc_model.state_dict().items()}
-    perm = NL.permuted_input_null(bvlc_model, "mixed3b", seed=0)
-    fed = {id(c) for c in NL.feeding_convs(perm, "mixed3b")}
-    assert len(fed) == 4  # 1x1, 3x3_bottleneck, 5x5_bottleneck, pool_reduce
-    for (name, real_m), (_, null_m) in zip(bvlc_model.named_modules(), perm.named_modules()):
-        if not isinstance(real_m, nn.Conv2d):
-            continue
-        if id(null_m) in fed:  # same weights per output filter, in another input order
-            assert not torch.equal(real_m.weight, null_m.weight), name
-            assert torch.allclose(real_m.weight.sum(1), null_m.weight.sum(1), atol=1e-5), name
-            assert torch.equal(real_m.weight.flatten(1).sort(1).values,
-                               null_m.weight.flatten(1).sort(1).values)
-        else:
-            assert torch.equal(real_m.weight, null_m.weight), name
-    re = NL.reinit_null(bvlc_model, "mixed3b", seed=0)
-    redrawn = {id(c) for c in NL.convs_above_stem(re, "mixed3b")}
-    assert len(redrawn) == 12  # six convolutions in each of mixed3a and mixed3b
-    for (name, real_m), (_, null_m) in zip(bvlc_model.named_modules(), re.named_modules()):
-        if isinstance(real_m, nn.Conv2d) and id(null_m) in redrawn:
-            w0, w1 = real_m.weight.flatten(1), null_m.weight.flatten(1)
-            assert not torch.equal(w0, w1)
-            assert torch.allclose(w0.std(1), w1.std(1), rtol=0.35)
-        elif isinstance(real_m, nn.Conv2d):
-            assert torch.equal(real_m.weight, null_m.weight), name  # the stem is kept
-    sp = NL.spatial_null(bvlc_model, "mixed3b", seed=0)
-    scrambled = {id(c) for c in NL.convs_above_stem(sp, "mixed3b")}
-    n_changed = 0
-    for (name, real_m), (_, null_m) in zip(bvlc_model.named_modules(), sp.named_modules()):
-        if not isinstance(real_m, nn.Conv2d):
-            continue
-        w0, w1 = real_m.weight, null_m.weight
-        if id(null_m) in scrambled and w0.shape[-1] > 1:
-            # Same taps per (filter, input channel), so the same channel sums; new positions.
-            assert not torch.equal(w0, w1), name
-            assert torch.equal(w0.flatten(2).sort(2).values, w1.flatten(2).sort(2).values)
-            assert torch.allclose(w0.sum((2, 3)), w1.sum((2, 3)), atol=1e-5)
-            n_changed += 1
-        else:
-            assert torch.equal(w0, w1), name  # 1x1 convolutions and the stem are kept
-    assert n_changed == 4  # the 3x3 and 5x5 convolutions of mixed3a and mixed3b
-    assert NL.input_block_of(bvlc_model, "mixed3b") == "mixed3a"
-    assert NL.input_block_of(bvlc_model, "conv2d2") is None
-    after = bvlc_model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)  # the real model is untouched
-
-
 @pytest.fixture(scope="module")
 def real_census(bvlc_model, reference_stats):
     """Neuron census of real mixed3b without nulls (the nulls have their own slow test)."""
@@ -377,32 +316,3 @@ def test_null_calibrated_census_on_real_mixed3b_has_fdr_below_10_percent(
         assert all(fdr["real"] > c for c in v["counts"]), (kind, v)
     assert (tmp_path / "curves_evidence_neurons.png").is_file()
     assert math.isfinite(res["coverage"]["largest_gap_neurons_deg"])
-
-
-def test_a_sweep_reuses_the_neuron_census_across_saes(monkeypatch):
-    net, cfg = ToyNet(), toy_cfg(n_reference_images=4)
-    calls = []
-    real_census_of_model = CS.census_of_model
-    monkeypatch.setattr(CS, "census_of_model",
-                        lambda *a, **k: calls.append(1) or real_census_of_model(*a, **k))
-    vecs = torch.rand(300, 10) * 0.02
-    memo = CS.NeuronCensusMemo()
-    first = CS.run_census(net, "toy", cfg,
-                CS.CensusInputs(null_seeds=0, source="data-a"),
-                CS.FeatureInputs(OneHotSAE(10, [3]), vectors=vecs),
-                verbose=False,
-                memo=memo)
-    second = CS.run_census(net, "toy", cfg,
-                 CS.CensusInputs(null_seeds=0, source="data-a"),
-                 CS.FeatureInputs(OneHotSAE(10, [3, 5]), vectors=vecs),
-                 verbose=False,
-                 memo=memo)
-    assert len(calls) == 1  # the neuron census ran once for both SAEs
-    CS.run_census(net, "toy", cfg,
-        CS.CensusInputs(null_seeds=0, source="data-b"),
-        CS.FeatureInputs(OneHotSAE(10, [3]), vectors=vecs),
-        verbose=False,
-        memo=memo)
-    assert len(calls) == 2  # other data (another memo key) is never served the old census
-    assert first["neurons"] == second["neurons"]
-    assert first["features"]["n_units"] == 7 and second["features"]["n_units"] == 8

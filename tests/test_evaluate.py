@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_vision import cache, evaluate, runs, shards
+from sae_vision import cache, evaluate, fidelity, runs, shards
 from sae_vision.checkpoint import load_sae, save_sae
 from sae_vision.config import Config, LoggerConfig, SAEConfig, to_plain
 from sae_vision.sae import make_sae
@@ -176,16 +176,16 @@ def test_evaluation_writes_metrics_figures_and_a_sweep_summary(known):
 def test_splice_uses_held_out_images_only(env):
     cfg, cache_dir, meta = env
     train, hold = shards.split_shards(meta, cfg.train.holdout_frac)
-    ids = evaluate.holdout_image_ids(meta, hold, train)
-    train_ids = evaluate.holdout_image_ids(meta, train)
+    ids = fidelity.holdout_image_ids(meta, hold, train)
+    train_ids = fidelity.holdout_image_ids(meta, train)
     assert ids == [8, 9, 10, 11] and not set(ids) & set(train_ids)
     # The vectors of the held-out shards come from exactly these images.
     _, pos = shards.load_vectors(cache_dir, hold, with_pos=True)
     assert set(pos[:, 0].tolist()) == set(ids)
-    assert evaluate.pick_evenly(list(range(10)), 3) == [0, 4, 9]  # spread over shards
+    assert fidelity.pick_evenly(list(range(10)), 3) == [0, 4, 9]  # spread over shards
     info = runs.RunInfo(Path("x"), "x", LAYER, cache_dir, tuple(hold), tuple(train), "topk",
                             8, 480, {})
-    images, got, how = evaluate.splice_images(meta, info, 2, cfg.data)
+    images, got, how = fidelity.splice_images(meta, info, 2, cfg.data)
     assert how == "holdout_shards" and set(got) <= set(ids) and images.shape == (2, 3, 64, 64)
     # The images are the ones the cache saw: their activations reproduce the stored vectors.
     from sae_vision.data import DemoImages
@@ -200,7 +200,7 @@ def test_without_held_out_ranges_it_takes_images_the_cache_never_saw(env):
                                for s in meta["shards"]]}
     info = runs.RunInfo(Path("x"), "x", LAYER, cache_dir, ("shard-000002.tar",),
                             ("shard-000000.tar", "shard-000001.tar"), "topk", 8, 480, {})
-    _, got, how = evaluate.splice_images(bare, info, 2, cfg.data)
+    _, got, how = fidelity.splice_images(bare, info, 2, cfg.data)
     assert how == "past_cached_range" and got == [12, 13]
 
 
@@ -229,64 +229,6 @@ def test_run_trained_on_another_layer_is_refused_with_the_fix(env):
 
 # --------------------------------------------------------------------------------------------
 # Pieces
-
-
-def test_branch_layer_splice_changes_only_that_branch(bvlc_model):
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        full = bvlc_model.activations(x, ["mixed3b"])["mixed3b"]
-        with bvlc_model.splice("mixed3b_5x5", evaluate.zero_fn):
-            spliced = bvlc_model.activations(x, ["mixed3b"])["mixed3b"]
-    lo, hi = 128 + 192, 128 + 192 + 96  # mixed3b = concat(1x1, 3x3, 5x5, pool_reduce)
-    assert full[:, lo:hi].abs().max() > 0 and spliced[:, lo:hi].abs().max() == 0
-    assert torch.equal(spliced[:, :lo], full[:, :lo]) and torch.equal(spliced[:, hi:], full[:, hi:])
-
-
-def test_dead_counts_top_up_from_training_vectors_only_when_asked():
-    g = torch.Generator().manual_seed(0)
-    held = [torch.rand(30, 4, generator=g) for _ in range(2)]
-    train = [torch.rand(50, 4, generator=g) for _ in range(4)]
-    sae = identity_sae(4)
-    r0, d0 = evaluate.reconstruction_metrics(sae, held, "cpu", 0.5)
-    assert d0.n == 60 and not r0["features"]["includes_train_vectors"]
-    assert r0["features"]["n_dead"] == 4  # the -e_i atoms never fire on positive data
-    r1, d1 = evaluate.reconstruction_metrics(sae, held, "cpu", 0.5, iter(train), 120)
-    assert d1.n == 120 and r1["features"]["includes_train_vectors"]
-    assert r1["reconstruction"]["n_vectors"] == 60  # reconstruction stays held-out only
-
-
-def test_batches_of_rebatches_and_stops_at_the_limit():
-    chunks = [torch.arange(n * 2.0).view(n, 2) for n in (3, 5, 4)]
-    out = list(evaluate.batches_of(chunks, 4, limit=10))
-    assert [len(b) for b in out] == [4, 4, 2]
-    assert torch.equal(torch.cat(out), torch.cat(chunks)[:10])
-    assert [len(b) for b in evaluate.batches_of(chunks, 5)] == [5, 5, 2]
-
-
-def _metrics_for(layer, arch, k, l0, fvu, kl):
-    return {"run": f"{layer}-{arch}-k{k}", "layer": layer, "arch": arch, "n_features": 64,
-            "hparams": {"k": k, "l1_coeff": 5.0, "expansion": 8, "seed": 0},
-            "reconstruction": {"l0": l0, "fvu": fvu, "n_vectors": 100},
-            "features": {"dead_frac": 0.1}, "splice": {"kl_sae": kl, "n_images": 4}}
-
-
-def test_frontier_summary_and_plots_show_more_sparsity_more_error(tmp_path):
-    ms = [_metrics_for(la, "topk", k, k * 0.98, 0.6 / k ** 0.5, 0.3 / k)
-          for la in ("mixed3a", "mixed3b") for k in (32, 4, 8, 16)]
-    ms.append(_metrics_for("mixed3b", "relu_l1", 0, 20.0, 0.2, 0.05))
-    csv_path, json_path, figs = evaluate.write_summary([evaluate.summary_row(m) for m in ms],
-                                                       tmp_path)
-    rows = list(csv.DictReader(open(csv_path)))
-    assert len(rows) == 9 and {Path(f).name for f in figs} == {"frontier_l0_fvu.png",
-                                                               "frontier_l0_kl.png"}
-    assert all(Path(f).stat().st_size > 5000 for f in figs)
-    relu = next(r for r in rows if r["arch"] == "relu_l1")
-    assert relu["k"] == "" and relu["l1_coeff"] == "5.0"  # only the knob the arch uses
-    for layer in ("mixed3a", "mixed3b"):
-        grp = [r for r in rows if r["layer"] == layer and r["arch"] == "topk"]
-        l0 = [float(r["l0"]) for r in grp]
-        fvu = [float(r["fvu"]) for r in grp]
-        assert l0 == sorted(l0) and fvu == sorted(fvu, reverse=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,28 +360,3 @@ def test_curve_census_writes_curves_json_and_coverage_into_the_metrics(env):
     assert m["curves"]["n_neuron_detectors"] == census["neurons"]["n_detected"]
     assert "largest_gap_neurons_deg" in m["curves"]
     assert Path(m["files"]["curves_coverage_png"]).is_file()
-
-
-def _write_run_log(run_dir, losses, n_steps=100, decay_frac=0.2):
-    run_dir.mkdir(parents=True)
-    cfg = {"meta": {"config": {"train": {"n_steps": n_steps, "batch_size": 10,
-                                         "decay_frac": decay_frac}}}}
-    (run_dir / "config.json").write_text(json.dumps(cfg))
-    (run_dir / "train_log.jsonl").write_text("".join(
-        json.dumps({"step": s, "loss": v, "fvu": v / 100}) + "\n" for s, v in losses))
-
-
-def test_training_summary_reads_flatness_before_the_lr_decay(tmp_path):
-    from sae_vision.evaluate import training_summary
-
-    # Converged at full rate (flat at 10 from step 30), then the decay lowers it to 9.
-    plateau = [(s, 10.0 if s <= 80 else 10.0 - (s - 80) / 20) for s in range(5, 101, 5)]
-    _write_run_log(tmp_path / "flat", [(s, 50.0 if s < 30 else v) for s, v in plateau])
-    flat = training_summary(tmp_path / "flat", n_train_vectors=250)
-    assert flat["epochs"] == pytest.approx(4.0)
-    assert abs(flat["loss_flatness"]) < 1e-9  # the decay's drop is not read as "still falling"
-    assert flat["loss_decay_gain"] == pytest.approx((10.0 - 9.0) / 9.0)  # last 5%: step 100
-    # Still falling at full rate: the flatness says so.
-    falling = [(s, 100.0 - s) for s in range(5, 101, 5)]
-    _write_run_log(tmp_path / "falling", falling)
-    assert training_summary(tmp_path / "falling", None)["loss_flatness"] > 0.2

@@ -64,6 +64,9 @@ L0_CONTROL_RATE = 0.02
 SAE_CLASSES: dict[str, type[SAE]] = {}
 
 
+# long: one base class and the four architectures that share its trainer protocol (about 600
+# lines). Each class is short; they live together so the protocol and every override of it can be
+# read in one place. The kernels, checkpoints and training loop are already in their own modules.
 # --------------------------------------------------------------------------------------------
 # Module
 

@@ -968,10 +968,10 @@ def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], ou
     """artifacts/reproduce.json: what was run (experiment, caches, runs, evaluations, report)."""
     root = Path(cfg.paths.root)
     summary = paths.sae_root(cfg) / "summary"
-    runs = []
+    run_entries = []
     for r in records:
         ev = {name: str(p) for name, p in r.eval_files.items()}
-        runs.append({
+        run_entries.append({
             "name": r.name, "dir": str(r.run_dir), "layer": r.info.layer, "arch": r.info.arch,
             "n_features": r.info.n_features, "hparams": r.info.hparams,
             "cache_dir": str(r.info.cache_dir), "checkpoint": str(r.run_dir / runs.WEIGHTS_FILE),
@@ -985,7 +985,7 @@ def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], ou
         "experiment": cfg.experiment, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join(sys.argv), "git_commit": _git_commit(),
         "model": to_plain(cfg.model), "data": to_plain(cfg.data),
-        "caches": caches, "runs": runs,
+        "caches": caches, "runs": run_entries,
         "summary": {"csv": str(summary / "summary.csv") if (summary / "summary.csv").exists()
                     else None,
                     "json": str(summary / "summary.json") if (summary / "summary.json").exists()

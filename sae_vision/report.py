@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,19 @@ from sae_vision import paths, runs
 from sae_vision.config import Config, to_plain, uses_l1_coeff
 from sae_vision.io import copy_file, to_json, write_json, write_text
 from sae_vision.progress import Progress, track
+from sae_vision.records import (
+    RunRecord,
+    census_groups,
+    curve_files,
+    curve_units,
+    dig,
+    find_runs,
+    group_fdr,
+    load_runs,
+    poly_rows,
+    slugify,
+    tuning_angles,
+)
 from sae_vision.tracker import Tracker, disabled
 
 logger = logging.getLogger(__name__)
@@ -59,146 +72,6 @@ class ReportResult:
     runs: tuple[str, ...]
     n_cards: int
     files: tuple[str, ...] = ()
-
-
-@dataclass
-class RunRecord:
-    """One SAE run as the report sees it: checkpoint, recorded facts and evaluation outputs."""
-
-    run_dir: Path
-    name: str
-    slug: str
-    sae: Any
-    meta: dict
-    info: runs.RunInfo
-    metrics: dict | None
-    curves: dict | None
-    poly: dict | None
-    eval_files: dict = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------
-# Finding runs and what evaluation wrote
-
-
-def slugify(name: str) -> str:
-    """A file-name-safe id."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
-
-
-def find_runs(cfg: Config) -> list[Path]:
-    """The runs to report: those `sae.run` selects, or every run under sae_root."""
-    root = paths.sae_root(cfg)
-    if not (root.is_dir() and runs.runs_under(root)):
-        raise FileNotFoundError(
-            f"no SAE runs under {root}: there is nothing to report yet. Train first, e.g. "
-            "`python run.py stage=train` (then `stage=evaluate`), or run the whole demo with "
-            "`make demo`")
-    if cfg.sae.run:
-        return runs.resolve_runs(cfg)[0]
-    return runs.runs_under(root)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def load_run(run_dir: Path, cfg: Config) -> RunRecord:
-    """Checkpoint, recorded facts and every evaluation output of one run."""
-    from sae_vision.checkpoint import load_sae
-    from sae_vision.shards import load_cache_meta
-
-    sae, meta = load_sae(run_dir)
-    info = runs.run_info(run_dir, sae, meta, cfg)
-    info = runs.run_info(run_dir, sae, meta, cfg, load_cache_meta(info.cache_dir))
-    ev = run_dir / runs.EVAL_DIR
-    files = {p.name: p for p in sorted(ev.glob("*")) if p.is_file()} if ev.is_dir() else {}
-    return RunRecord(run_dir=run_dir, name=run_dir.name, slug=slugify(run_dir.name), sae=sae.eval(),
-                     meta=meta, info=info, metrics=_read_json(ev / "metrics.json"),
-                     curves=_read_json(ev / "curves.json"), poly=_read_json(ev / "polysemantic.json"),
-                     eval_files=files)
-
-
-def _load_runs(run_dirs: list[Path], cfg: Config) -> list[RunRecord]:
-    """Every readable run; a broken run folder is skipped with a warning, not the whole report."""
-    from sae_vision.shards import CacheError
-
-    records = []
-    for d in run_dirs:
-        try:
-            records.append(load_run(d, cfg))
-        except (ValueError, KeyError, OSError, CacheError) as e:
-            print(f"warning: skipping run {d}: {e}", file=sys.stderr)
-    if not records:
-        raise ValueError(f"none of the {len(run_dirs)} run(s) could be read (see the warnings "
-                         "above); retrain them with stage=train")
-    return records
-
-
-# --------------------------------------------------------------------------------------------
-# Reading curves.json and polysemantic.json (written by sae_vision.curves through evaluate)
-
-
-def _get(d: Any, *keys, default=None):
-    """d[k1][k2]... or default; tolerant of missing levels."""
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
-def census_groups(curves: dict | None) -> dict[str, dict]:
-    """{"neurons": group, "features": group} of curves.json (n_units, n_detected, fdr, detected)."""
-    return {kind: curves[kind] for kind in ("neurons", "features")
-            if isinstance(curves, dict) and isinstance(curves.get(kind), dict)}
-
-
-def group_fdr(g: dict):
-    """The estimated FDR of a census group (its worst null), or None."""
-    fdr = g.get("fdr")
-    return fdr.get("fdr") if isinstance(fdr, dict) else fdr
-
-
-def curve_units(curves: dict | None, kind: str) -> dict[int, dict]:
-    """unit -> {o: preferred orientation, cv: curve-ness, cd, ps: peak σ, w: width, tc: tuning}.
-
-    Curve-ness is the curve/line response ratio of a detected unit; the tuning curve (σ units
-    over curves.json's `orientations`) is used when the census records one per unit.
-    """
-    g = census_groups(curves).get(kind) or {}
-    out: dict[int, dict] = {}
-    for d in g.get("detected") or []:
-        uid = d.get("unit")
-        if not isinstance(uid, (int, float)):
-            continue
-        out[int(uid)] = {"o": d.get("preferred_orientation"), "cv": d.get("curve_line_ratio"),
-                         "cd": True, "ps": d.get("peak_sigma"), "w": d.get("tuning_width_deg"),
-                         "tc": d.get("tuning_sigma", d.get("tuning"))}
-    return out
-
-
-def tuning_angles(curves: dict | None) -> list[float] | None:
-    """The orientation grid of per-unit tuning curves, if curves.json records one."""
-    return _get(curves, "tuning_orientations") or _get(curves, "orientations")
-
-
-def curve_files(r: RunRecord) -> dict[str, Path]:
-    """Figures the census wrote (coverage, tuning_neurons, tuning_features, ...) that exist."""
-    files = _get(r.curves, "files", default={}) or {}
-    out = {}
-    for name, p in files.items():
-        if not isinstance(p, str) or not p.endswith(".png"):
-            continue
-        path = Path(p)
-        if not path.is_file():  # the run folder may have moved: look beside curves.json
-            path = r.run_dir / runs.EVAL_DIR / path.name
-        if path.is_file():
-            out[name] = path
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +262,7 @@ def html_figures(figs: list[tuple], cls: str) -> str:
 def html_census(r: RunRecord, figs: dict[str, str]) -> str:
     """Curve-detector counts with their estimated FDR, coverage numbers and figures, for one run."""
     groups = census_groups(r.curves)
-    cov = _get(r.curves, "coverage", default={}) or {}
+    cov = dig(r.curves, "coverage", default={}) or {}
     cells = []
     for kind, label in (("neurons", "neuron curve detectors"),
                         ("features", "SAE-feature curve detectors")):
@@ -413,7 +286,7 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
             unit = "°" if key.endswith("_deg") else ""
             cells.append(f"<div class=stat><span class=v>{_e(_fmt(cov[key]))}{unit}</span>"
                          f"<div class=k>{label}</div></div>")
-    crit = _get(r.curves, "criterion", default={}) or {}
+    crit = dig(r.curves, "criterion", default={}) or {}
     note = ""
     if crit.get("used"):
         used = ", ".join(f"{k} {_fmt(v)}" for k, v in crit["used"].items())
@@ -422,7 +295,7 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
                 + (" (tightened to meet the FDR target)" if crit.get("tightened") else "")
                 + ("" if met is None else f"; FDR ≤ {_e(_fmt(crit.get('max_fdr'), 2))} "
                    f"{'met' if met else '<b>not met</b>'}") + "</p>")
-    band = _get(r.curves, "band", default={}) or {}
+    band = dig(r.curves, "band", default={}) or {}
     if band.get("n_points"):
         def rng(k: str) -> str:
             v = band.get(f"{k}_range") or {}
@@ -433,7 +306,7 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
                  + (f", new SAE detectors {rng('n_new')}, new ones in neuron gaps "
                     f"{rng('n_new_in_neuron_gaps')}" if band.get("n_new_range") else "")
                  + "</p>")
-    check = _get(r.curves, "nulls", "input_block_check", default={}) or {}
+    check = dig(r.curves, "nulls", "input_block_check", default={}) or {}
     if check.get("block"):
         parts = [f"{k} {_fmt(v.get('detected'))}" for k, v in check.items()
                  if isinstance(v, dict)]
@@ -468,24 +341,19 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
             f"{html_figures(shown, 'tuning-figure')}")
 
 
-def poly_rows(poly: dict | None) -> list[dict]:
-    """The most polysemantic neurons of polysemantic.json, most polysemantic first."""
-    return list(_get(poly, "most_polysemantic") or [])
-
-
 def html_poly(r: RunRecord, neuron_thumbs: dict[int, str], feature_thumbs: dict[int, str],
               neuron_browser: str, limit: int = 12) -> str:
     """The most polysemantic neurons with the SAE features that make them up."""
     out = [f"<h3>{_e(r.name)} <span class=badge>{_e(r.info.layer)}</span></h3>"]
-    summ = _get(r.poly, "summary", default={}) or {}
+    summ = dig(r.poly, "summary", default={}) or {}
     kt = summ.get("kurtosis") or {}
     if kt:
         rnd = (summ.get("random_dictionary") or {}).get("mean_frac_own_features_more_selective")
         out.append(
             "<p class=note>selectivity = excess kurtosis of what a unit reads (a neuron its "
             "channel, a feature its encoder pre-activation): median neuron "
-            f"{_e(_fmt(_get(kt, 'neurons', 'p50'), 3))}, median SAE feature "
-            f"{_e(_fmt(_get(kt, 'features', 'p50'), 3))}"
+            f"{_e(_fmt(dig(kt, 'neurons', 'p50'), 3))}, median SAE feature "
+            f"{_e(_fmt(dig(kt, 'features', 'p50'), 3))}"
             + (f"; a neuron's own features are more selective than it in "
                f"{_pct(summ['mean_frac_own_features_more_selective'])} of cases"
                if summ.get("mean_frac_own_features_more_selective") is not None else "")
@@ -764,7 +632,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     fig_dir = out / "figures"
     fig_dir.mkdir()
     device = _device(cfg)
-    records = sorted(_load_runs(run_dirs, cfg), key=_order)
+    records = sorted(load_runs(run_dirs, cfg), key=_order)
     logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
 
     by_cache: dict[str, list[RunRecord]] = {}
@@ -868,7 +736,7 @@ def findings_rows(records: list[RunRecord]) -> list[dict]:
             from sae_vision.polysemantic import split_selectivity
 
             row.update(split_selectivity(r.poly["neurons"]))
-        band = _get(r.metrics, "curves", "band", default={}) or {}
+        band = dig(r.metrics, "curves", "band", default={}) or {}
         for k in ("n_new_in_neuron_gaps_range", "largest_gap_neurons_deg_range",
                   "largest_gap_neurons_plus_new_deg_range", "n_new_range"):
             row[f"band_{k}"] = band.get(k)
@@ -918,7 +786,7 @@ def _natural(name: str) -> list:
 
 def _order(r: RunRecord) -> tuple:
     """Runs in table order: layer, architecture, then sparsity (L0 when evaluated)."""
-    l0 = _get(r.metrics, "reconstruction", "l0")
+    l0 = dig(r.metrics, "reconstruction", "l0")
     return (r.info.layer, r.info.arch, l0 if l0 is not None else math.inf, _natural(r.name))
 
 

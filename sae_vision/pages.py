@@ -74,7 +74,16 @@ def html_figures(figs: list[tuple], cls: str) -> str:
 def html_census(r: RunRecord, figs: dict[str, str]) -> str:
     """Curve-detector counts with their estimated FDR, coverage numbers and figures, for one run."""
     groups = census_groups(r.curves)
-    cov = dig(r.curves, "coverage", default={}) or {}
+    feats = groups.get("features") or {}
+    cells = _census_stats(groups, dig(r.curves, "coverage", default={}) or {})
+    note = _census_notes(r.curves) + _new_features_table(feats.get("new_features") or [])
+    return (f"<h3>{_e(r.name)} <span class=badge>{_e(r.info.layer)}</span></h3>"
+            f"<div class=census>{''.join(cells)}</div>{note}"
+            f"{html_figures(_census_figures(r, figs, groups), 'tuning-figure')}")
+
+
+def _census_stats(groups: dict[str, dict], cov: dict) -> list[str]:
+    """Stat cells: detections with their FDR, copies and new ones, orientation coverage."""
     cells = []
     for kind, label in (("neurons", "neuron curve detectors"),
                         ("features", "SAE-feature curve detectors")):
@@ -98,7 +107,12 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
             unit = "°" if key.endswith("_deg") else ""
             cells.append(f"<div class=stat><span class=v>{_e(_fmt(cov[key]))}{unit}</span>"
                          f"<div class=k>{label}</div></div>")
-    crit = dig(r.curves, "criterion", default={}) or {}
+    return cells
+
+
+def _census_notes(curves: dict | None) -> str:
+    """Notes on the census: the criterion used, the FDR band, the input-block check of nulls."""
+    crit = dig(curves, "criterion", default={}) or {}
     note = ""
     if crit.get("used"):
         used = ", ".join(f"{k} {_fmt(v)}" for k, v in crit["used"].items())
@@ -107,7 +121,7 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
                 + (" (tightened to meet the FDR target)" if crit.get("tightened") else "")
                 + ("" if met is None else f"; FDR ≤ {_e(_fmt(crit.get('max_fdr'), 2))} "
                    f"{'met' if met else '<b>not met</b>'}") + "</p>")
-    band = dig(r.curves, "band", default={}) or {}
+    band = dig(curves, "band", default={}) or {}
     if band.get("n_points"):
         def rng(k: str) -> str:
             v = band.get(f"{k}_range") or {}
@@ -118,23 +132,32 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
                  + (f", new SAE detectors {rng('n_new')}, new ones in neuron gaps "
                     f"{rng('n_new_in_neuron_gaps')}" if band.get("n_new_range") else "")
                  + "</p>")
-    check = dig(r.curves, "nulls", "input_block_check", default={}) or {}
+    check = dig(curves, "nulls", "input_block_check", default={}) or {}
     if check.get("block"):
         parts = [f"{k} {_fmt(v.get('detected'))}" for k, v in check.items()
                  if isinstance(v, dict)]
         note += (f"<p class=note>curve detectors in the input block {_e(check['block'])} "
                  f"(does each null destroy what it should?): {_e(', '.join(parts))}</p>")
-    new_recs = feats.get("new_features") or []
-    if new_recs:
-        rows_html = "".join(
-            f"<tr><td>f{_e(n['feature'])}</td><td>{_e(_fmt(n['preferred_orientation']))}°</td>"
-            "<td class=l>" + ", ".join(
-                f"n{_e(x['neuron'])} ({_e(_fmt(x['share'], 2))}"
-                + (f", detector at {_e(_fmt(x['orientation']))}°" if x.get("is_detector") else "")
-                + ")" for x in n["neurons"]) + "</td></tr>" for n in new_recs[:24])
-        note += ("<div class=scroll><table class=data><tr><th>new feature</th><th>θ*</th>"
-                 "<th class=l>top decoder neurons (share of norm²)</th></tr>"
-                 f"{rows_html}</table></div>")
+    return note
+
+
+def _new_features_table(new_recs: list[dict]) -> str:
+    """The new (not a copy) feature detectors beside their top decoder neurons; first 24."""
+    if not new_recs:
+        return ""
+    rows_html = "".join(
+        f"<tr><td>f{_e(n['feature'])}</td><td>{_e(_fmt(n['preferred_orientation']))}°</td>"
+        "<td class=l>" + ", ".join(
+            f"n{_e(x['neuron'])} ({_e(_fmt(x['share'], 2))}"
+            + (f", detector at {_e(_fmt(x['orientation']))}°" if x.get("is_detector") else "")
+            + ")" for x in n["neurons"]) + "</td></tr>" for n in new_recs[:24])
+    return ("<div class=scroll><table class=data><tr><th>new feature</th><th>θ*</th>"
+            "<th class=l>top decoder neurons (share of norm²)</th></tr>"
+            f"{rows_html}</table></div>")
+
+
+def _census_figures(r: RunRecord, figs: dict[str, str], groups: dict[str, dict]) -> list[tuple]:
+    """The census figures of one run that exist, for html_figures."""
     shown = [(figs["coverage"], f"{r.name}: preferred orientations of curve detectors "
               "(neurons red, copies of a neuron grey, new SAE detectors blue; only the neuron "
               "gaps are shaded)", "orientation coverage", "coverage-figure")] \
@@ -148,9 +171,7 @@ def html_census(r: RunRecord, figs: dict[str, str]) -> str:
               for k, kind, what in (("tuning_neurons", "neurons", "neurons"),
                                     ("tuning_features", "features", "SAE features"))
               if k in figs and (groups.get(kind) or {}).get("n_detected")]
-    return (f"<h3>{_e(r.name)} <span class=badge>{_e(r.info.layer)}</span></h3>"
-            f"<div class=census>{''.join(cells)}</div>{note}"
-            f"{html_figures(shown, 'tuning-figure')}")
+    return shown
 
 
 def html_poly(r: RunRecord, neuron_thumbs: dict[int, str], feature_thumbs: dict[int, str],

@@ -16,6 +16,10 @@ and writes artifacts/report/:
 
 It also writes artifacts/reproduce.json, the manifest of what was run and where it landed.
 Dataset examples for every run of a layer and for its neurons come from ONE pass over the cache.
+
+This module is the stage itself (and the manifest); the runs it reads are sae_vision.records,
+the browser data sae_vision.browser, the HTML sae_vision.pages and the findings table
+sae_vision.findings.
 """
 
 from __future__ import annotations
@@ -80,16 +84,6 @@ class ReportResult:
 # The page's tables and figures
 
 
-def copy_figure(src: str | Path | None, fig_dir: Path, name: str) -> str | None:
-    """Copy a figure into the report; returns its path relative to the report folder."""
-    if not src or not Path(src).is_file():
-        return None
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    dst = fig_dir / f"{slugify(name)}{Path(src).suffix}"
-    copy_file(src, dst)
-    return f"{fig_dir.name}/{dst.name}"
-
-
 def summary_rows(records: list[RunRecord]) -> list[dict]:
     """One table row per run (evaluation numbers where evaluate has run)."""
     from sae_vision.evaluate import summary_row
@@ -110,24 +104,14 @@ def summary_rows(records: list[RunRecord]) -> list[dict]:
                                        r.get("l0") if r.get("l0") is not None else math.inf))
 
 
-# --------------------------------------------------------------------------------------------
-# The stage
-
-
-def _device(cfg: Config) -> torch.device:
-    name = cfg.model.device
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+def copy_figure(src: str | Path | None, fig_dir: Path, name: str) -> str | None:
+    """Copy a figure into the report; returns its path relative to the report folder."""
+    if not src or not Path(src).is_file():
         return None
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    dst = fig_dir / f"{slugify(name)}{Path(src).suffix}"
+    copy_file(src, dst)
+    return f"{fig_dir.name}/{dst.name}"
 
 
 def _static_sections(records: list[RunRecord], rows: list[dict], thumbs: dict[str, dict],
@@ -182,54 +166,22 @@ def _static_sections(records: list[RunRecord], rows: list[dict], thumbs: dict[st
     return sections, figures, census_rows
 
 
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
 def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     """Build artifacts/report/ (index.html + data) and artifacts/reproduce.json."""
-    from sae_vision.shards import load_cache_meta
-
     tracker = tracker or disabled()
     t0 = time.perf_counter()
     run_dirs = find_runs(cfg)
     out = paths.report_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    for sub in ("data", "figures", "assets"):  # regenerated every time; crops are content-keyed
-        shutil.rmtree(out / sub, ignore_errors=True)
-    shutil.copytree(ASSETS_DIR, out / "assets")
-    fig_dir = out / "figures"
-    fig_dir.mkdir()
+    fig_dir = _fresh_folders(out)
     device = _device(cfg)
     records = sorted(load_runs(run_dirs, cfg), key=_order)
     logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
 
-    by_cache: dict[str, list[RunRecord]] = {}
-    for r in records:
-        by_cache.setdefault(str(r.info.cache_dir), []).append(r)
-
-    browsers: list[dict] = []
-    caches_manifest: list[dict] = []
-    thumbs: dict[str, dict[int, str]] = {}  # browser id -> unit -> a top-example crop path
-    neuron_browser: dict[str, str] = {}  # cache dir -> id of its neuron browser
-    model_cache: dict[str, Any] = {}
-    layers = [rs[0].info.layer for rs in by_cache.values()]
-    for cache_dir, recs in by_cache.items():
-        cache_meta = load_cache_meta(cache_dir)
-        layer = recs[0].info.layer
-        key = cache_meta.get("key") or Path(cache_dir).name
-        caches_manifest.append({"dir": cache_dir, "key": key, "layer": layer,
-                                "n_vectors": cache_meta.get("n_vectors"),
-                                "n_images": cache_meta.get("n_images"),
-                                "model": cache_meta.get("model"),
-                                "weights_sha256": cache_meta.get("weights_sha256")})
-        # Two caches of one layer (e.g. different data) each get their own neuron browser.
-        neuron_id = slugify(f"neurons-{layer}" + (f"-{key}" if layers.count(layer) > 1 else ""))
-        neuron_browser[cache_dir] = neuron_id
-        for data in layer_browsers(cfg, cache_dir, cache_meta, recs, neuron_id, out, device,
-                                   model_cache):
-            write_js(out / "data" / f"browser-{data['id']}.js", "REPORT_DATA", data["id"], data)
-            browsers.append({"id": data["id"], "label": data["label"], "kind": data["kind"],
-                             "file": f"data/browser-{data['id']}.js",
-                             "n_units": len(data["units"])})
-            thumbs[data["id"]] = {u["i"]: data["crop_dir"] + data["crops"][u["top"][0][0]][0]
-                                  for u in data["units"] if u.get("top")}
+    browsers, caches_manifest, thumbs, neuron_browser = _write_browsers(cfg, records, out, device)
     n_cards = sum(b["n_units"] for b in browsers)
 
     rows = summary_rows(records)
@@ -260,10 +212,67 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     for p in written:
         logger.info(f"[report] wrote {p}")
     logger.info(f"[report] {len(browsers)} browsers, {n_cards} cards, "
-          f"{time.perf_counter() - t0:.1f} s; open {index.resolve().as_uri()}")
+                f"{time.perf_counter() - t0:.1f} s; open {index.resolve().as_uri()}")
     return ReportResult(report_dir=str(out), index_path=str(index),
                         manifest_path=str(manifest_path), runs=tuple(r.name for r in records),
                         n_cards=n_cards, files=tuple(str(p) for p in written))
+
+
+def _fresh_folders(out: Path) -> Path:
+    """The report folder with data/, figures/ and assets/ regenerated; returns figures/.
+
+    crops/ and featurevis/ are kept: their files are content-keyed.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "figures", "assets"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    shutil.copytree(ASSETS_DIR, out / "assets")
+    fig_dir = out / "figures"
+    fig_dir.mkdir()
+    return fig_dir
+
+
+def _write_browsers(cfg: Config, records: list[RunRecord], out: Path, device: torch.device
+                    ) -> tuple[list[dict], list[dict], dict[str, dict[int, str]], dict[str, str]]:
+    """Every browser's data script, one activation cache at a time (its neurons and its runs).
+
+    Returns the browsers' index for data/report.js, the caches for the manifest, each browser's
+    thumbnails (browser id -> unit -> a top-example crop path) and each cache's neuron browser
+    (cache dir -> browser id).
+    """
+    from sae_vision.shards import load_cache_meta
+
+    by_cache: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_cache.setdefault(str(r.info.cache_dir), []).append(r)
+
+    browsers: list[dict] = []
+    caches_manifest: list[dict] = []
+    thumbs: dict[str, dict[int, str]] = {}
+    neuron_browser: dict[str, str] = {}
+    model_cache: dict[str, Any] = {}
+    layers = [rs[0].info.layer for rs in by_cache.values()]
+    for cache_dir, recs in by_cache.items():
+        cache_meta = load_cache_meta(cache_dir)
+        layer = recs[0].info.layer
+        key = cache_meta.get("key") or Path(cache_dir).name
+        caches_manifest.append({"dir": cache_dir, "key": key, "layer": layer,
+                                "n_vectors": cache_meta.get("n_vectors"),
+                                "n_images": cache_meta.get("n_images"),
+                                "model": cache_meta.get("model"),
+                                "weights_sha256": cache_meta.get("weights_sha256")})
+        # Two caches of one layer (e.g. different data) each get their own neuron browser.
+        neuron_id = slugify(f"neurons-{layer}" + (f"-{key}" if layers.count(layer) > 1 else ""))
+        neuron_browser[cache_dir] = neuron_id
+        for data in layer_browsers(cfg, cache_dir, cache_meta, recs, neuron_id, out, device,
+                                   model_cache):
+            write_js(out / "data" / f"browser-{data['id']}.js", "REPORT_DATA", data["id"], data)
+            browsers.append({"id": data["id"], "label": data["label"], "kind": data["kind"],
+                             "file": f"data/browser-{data['id']}.js",
+                             "n_units": len(data["units"])})
+            thumbs[data["id"]] = {u["i"]: data["crop_dir"] + data["crops"][u["top"][0][0]][0]
+                                  for u in data["units"] if u.get("top")}
+    return browsers, caches_manifest, thumbs, neuron_browser
 
 
 def _natural(name: str) -> list:
@@ -275,6 +284,22 @@ def _order(r: RunRecord) -> tuple:
     """Runs in table order: layer, architecture, then sparsity (L0 when evaluated)."""
     l0 = dig(r.metrics, "reconstruction", "l0")
     return (r.info.layer, r.info.arch, l0 if l0 is not None else math.inf, _natural(r.name))
+
+
+def _device(cfg: Config) -> torch.device:
+    name = cfg.model.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], out: Path,

@@ -16,12 +16,14 @@ and writes artifacts/report/:
 
 It also writes artifacts/reproduce.json, the manifest of what was run and where it landed.
 Dataset examples for every run of a layer and for its neurons come from ONE pass over the cache.
+
+This module is the stage itself (and the manifest); the runs it reads are sae_vision.records,
+the browser data sae_vision.browser, the HTML sae_vision.pages and the findings table
+sae_vision.findings.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import logging
 import math
 import re
@@ -29,24 +31,41 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from sae_vision import paths, runs
+from sae_vision.browser import layer_browsers, write_js
 from sae_vision.config import Config, to_plain, uses_l1_coeff
+from sae_vision.findings import findings_markdown, findings_rows, write_findings
 from sae_vision.io import copy_file, to_json, write_json, write_text
-from sae_vision.progress import Progress, track
+from sae_vision.pages import (
+    BROWSER_HTML,
+    html_census,
+    html_figures,
+    html_page,
+    html_poly,
+    html_summary,
+)
+from sae_vision.records import (
+    RunRecord,
+    census_groups,
+    curve_files,
+    dig,
+    find_runs,
+    group_fdr,
+    load_runs,
+    slugify,
+)
 from sae_vision.tracker import Tracker, disabled
 
 logger = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).with_name("report_assets")
 PAGE_SIZE = 48  # cards per browser page
-N_CHIPS = 4  # neurons listed on a feature card (and features on a neuron card)
 
 
 @dataclass(frozen=True)
@@ -61,277 +80,8 @@ class ReportResult:
     files: tuple[str, ...] = ()
 
 
-@dataclass
-class RunRecord:
-    """One SAE run as the report sees it: checkpoint, recorded facts and evaluation outputs."""
-
-    run_dir: Path
-    name: str
-    slug: str
-    sae: Any
-    meta: dict
-    info: runs.RunInfo
-    metrics: dict | None
-    curves: dict | None
-    poly: dict | None
-    eval_files: dict = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------------------------
-# Finding runs and what evaluation wrote
-
-
-def slugify(name: str) -> str:
-    """A file-name-safe id."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
-
-
-def find_runs(cfg: Config) -> list[Path]:
-    """The runs to report: those `sae.run` selects, or every run under sae_root."""
-    root = paths.sae_root(cfg)
-    if not (root.is_dir() and runs.runs_under(root)):
-        raise FileNotFoundError(
-            f"no SAE runs under {root}: there is nothing to report yet. Train first, e.g. "
-            "`python run.py stage=train` (then `stage=evaluate`), or run the whole demo with "
-            "`make demo`")
-    if cfg.sae.run:
-        return runs.resolve_runs(cfg)[0]
-    return runs.runs_under(root)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def load_run(run_dir: Path, cfg: Config) -> RunRecord:
-    """Checkpoint, recorded facts and every evaluation output of one run."""
-    from sae_vision.checkpoint import load_sae
-    from sae_vision.shards import load_cache_meta
-
-    sae, meta = load_sae(run_dir)
-    info = runs.run_info(run_dir, sae, meta, cfg)
-    info = runs.run_info(run_dir, sae, meta, cfg, load_cache_meta(info.cache_dir))
-    ev = run_dir / runs.EVAL_DIR
-    files = {p.name: p for p in sorted(ev.glob("*")) if p.is_file()} if ev.is_dir() else {}
-    return RunRecord(run_dir=run_dir, name=run_dir.name, slug=slugify(run_dir.name), sae=sae.eval(),
-                     meta=meta, info=info, metrics=_read_json(ev / "metrics.json"),
-                     curves=_read_json(ev / "curves.json"), poly=_read_json(ev / "polysemantic.json"),
-                     eval_files=files)
-
-
-def _load_runs(run_dirs: list[Path], cfg: Config) -> list[RunRecord]:
-    """Every readable run; a broken run folder is skipped with a warning, not the whole report."""
-    from sae_vision.shards import CacheError
-
-    records = []
-    for d in run_dirs:
-        try:
-            records.append(load_run(d, cfg))
-        except (ValueError, KeyError, OSError, CacheError) as e:
-            print(f"warning: skipping run {d}: {e}", file=sys.stderr)
-    if not records:
-        raise ValueError(f"none of the {len(run_dirs)} run(s) could be read (see the warnings "
-                         "above); retrain them with stage=train")
-    return records
-
-
-# --------------------------------------------------------------------------------------------
-# Reading curves.json and polysemantic.json (written by sae_vision.curves through evaluate)
-
-
-def _get(d: Any, *keys, default=None):
-    """d[k1][k2]... or default; tolerant of missing levels."""
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
-def census_groups(curves: dict | None) -> dict[str, dict]:
-    """{"neurons": group, "features": group} of curves.json (n_units, n_detected, fdr, detected)."""
-    return {kind: curves[kind] for kind in ("neurons", "features")
-            if isinstance(curves, dict) and isinstance(curves.get(kind), dict)}
-
-
-def group_fdr(g: dict):
-    """The estimated FDR of a census group (its worst null), or None."""
-    fdr = g.get("fdr")
-    return fdr.get("fdr") if isinstance(fdr, dict) else fdr
-
-
-def curve_units(curves: dict | None, kind: str) -> dict[int, dict]:
-    """unit -> {o: preferred orientation, cv: curve-ness, cd, ps: peak σ, w: width, tc: tuning}.
-
-    Curve-ness is the curve/line response ratio of a detected unit; the tuning curve (σ units
-    over curves.json's `orientations`) is used when the census records one per unit.
-    """
-    g = census_groups(curves).get(kind) or {}
-    out: dict[int, dict] = {}
-    for d in g.get("detected") or []:
-        uid = d.get("unit")
-        if not isinstance(uid, (int, float)):
-            continue
-        out[int(uid)] = {"o": d.get("preferred_orientation"), "cv": d.get("curve_line_ratio"),
-                         "cd": True, "ps": d.get("peak_sigma"), "w": d.get("tuning_width_deg"),
-                         "tc": d.get("tuning_sigma", d.get("tuning"))}
-    return out
-
-
-def tuning_angles(curves: dict | None) -> list[float] | None:
-    """The orientation grid of per-unit tuning curves, if curves.json records one."""
-    return _get(curves, "tuning_orientations") or _get(curves, "orientations")
-
-
-def curve_files(r: RunRecord) -> dict[str, Path]:
-    """Figures the census wrote (coverage, tuning_neurons, tuning_features, ...) that exist."""
-    files = _get(r.curves, "files", default={}) or {}
-    out = {}
-    for name, p in files.items():
-        if not isinstance(p, str) or not p.endswith(".png"):
-            continue
-        path = Path(p)
-        if not path.is_file():  # the run folder may have moved: look beside curves.json
-            path = r.run_dir / runs.EVAL_DIR / path.name
-        if path.is_file():
-            out[name] = path
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Units: choosing which get example crops, and their card data
-
-
-def spread_pick(order: list[int], n: int) -> list[int]:
-    """n items evenly spaced over `order` (a ranking), so every part of it is represented."""
-    if n >= len(order):
-        return list(order)
-    if n <= 0:
-        return []
-    idx = np.linspace(0, len(order) - 1, n).round().astype(int)
-    return [order[i] for i in dict.fromkeys(idx.tolist())]
-
-
-def pick_units(ex, priority: list[int], n: int) -> list[int]:
-    """Units that get crops: `priority` first, then alive units spread over the density ranking."""
-    alive = [int(i) for i in torch.nonzero(ex.n_active_F > 0).flatten().tolist()]
-    chosen = list(dict.fromkeys(u for u in priority if 0 <= u < len(ex.n_active_F)
-                                and ex.n_active_F[u] > 0))[:n]
-    rest = sorted((u for u in alive if u not in set(chosen)), key=lambda u: -float(ex.n_active_F[u]))
-    return chosen + spread_pick(rest, n - len(chosen))
-
-
-def decoder_atoms(sae) -> torch.Tensor:
-    """[F, D] each feature's decoded direction in raw activation units (decode is affine)."""
-    with torch.no_grad():
-        dev = sae.W_dec.device
-        base = sae.decode(torch.zeros(1, sae.n_features, device=dev))
-        rows = [sae.decode(torch.eye(sae.n_features, device=dev)[lo: lo + 1024]) - base
-                for lo in range(0, sae.n_features, 1024)]
-        return torch.cat(rows).float().cpu()
-
-
-def _sig(v, digits: int = 4):
-    """A float rounded to a few significant digits (the browser data stays small)."""
-    if v is None or not isinstance(v, float) or not math.isfinite(v) or v == 0:
-        return v
-    return round(v, digits - 1 - int(math.floor(math.log10(abs(v)))))
-
-
-def unit_records(ex, crops: dict, chosen: set[int], curve: dict[int, dict], fv: set[int],
-                 chips: list | None, chip_key: str) -> tuple[list[dict], list[list]]:
-    """Card data per unit, plus the de-duplicated crop table [[file, clipped], ...]."""
-    table: list[list] = []
-    index: dict[tuple, int] = {}
-
-    def crop_refs(rows):
-        refs = []
-        for act, img, y, x in rows:
-            info = crops.get((img, y, x))
-            if not info or "file" not in info:
-                continue
-            key = (img, y, x)
-            if key not in index:
-                index[key] = len(table)
-                table.append([info["file"], int(info["clipped"])])
-            refs.append([index[key], _sig(act)])
-        return refs
-
-    units = []
-    n = max(ex.n_vectors, 1)
-    for u in range(len(ex.n_active_F)):
-        n_act = int(ex.n_active_F[u])
-        c = curve.get(u, {})
-        top_val = ex.top_val_FK[u]
-        mx = float(top_val[0]) if len(top_val) else math.nan
-        rec = {"i": u, "d": _sig(n_act / n), "n_active": n_act,
-               "mx": _sig(mx) if math.isfinite(mx) else None,
-               "mu": _sig(float(ex.sum_F[u]) / n_act) if n_act else 0.0}
-        if c:
-            rec.update(cv=c.get("cv"), cd=int(bool(c.get("cd"))), o=c.get("o"),
-                       ps=c.get("ps"), w=c.get("w"))
-            if c.get("cd") and c.get("tc") is not None:
-                rec["tc"] = [_sig(float(v), 3) for v in c["tc"]]
-        if u in chosen:
-            rec["top"] = crop_refs(ex.examples(u, "top"))
-            rec["rnd"] = crop_refs(ex.examples(u, "random"))
-        if u in fv:
-            rec["fv"] = 1
-        if chips is not None:
-            rec[chip_key] = chips[u]
-        units.append(rec)
-    return units, table
-
-
-# --------------------------------------------------------------------------------------------
-# Writing files
-
-
-def write_js(path: Path, var: str, key: str | None, obj) -> Path:
-    """A data script: window.VAR = obj, or window.VAR[key] = obj (loadable from file://)."""
-    blob = json.dumps(to_json(obj), separators=(",", ":"), allow_nan=False)
-    if key is None:
-        text = f"window.{var}={blob};\n"
-    else:
-        text = f"window.{var}=window.{var}||{{}};window.{var}[{json.dumps(key)}]={blob};\n"
-    return write_text(path, text)
-
-
-def copy_figure(src: str | Path | None, fig_dir: Path, name: str) -> str | None:
-    """Copy a figure into the report; returns its path relative to the report folder."""
-    if not src or not Path(src).is_file():
-        return None
-    fig_dir.mkdir(parents=True, exist_ok=True)
-    dst = fig_dir / f"{slugify(name)}{Path(src).suffix}"
-    copy_file(src, dst)
-    return f"{fig_dir.name}/{dst.name}"
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "–"
-    if isinstance(v, int):
-        return str(v)
-    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e6):
-        return f"{v:.2e}"
-    if abs(v) >= 10 ** digits:
-        return f"{v:.0f}"
-    return f"{v:.{digits}g}" if abs(v) >= 1 else f"{v:.{digits}f}".rstrip("0").rstrip(".") or "0"
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.1f}%"
-
-
-# --------------------------------------------------------------------------------------------
-# HTML
-
-
-def _e(s: Any) -> str:
-    return html.escape(str(s), quote=True)
+# The page's tables and figures
 
 
 def summary_rows(records: list[RunRecord]) -> list[dict]:
@@ -354,347 +104,14 @@ def summary_rows(records: list[RunRecord]) -> list[dict]:
                                        r.get("l0") if r.get("l0") is not None else math.inf))
 
 
-def html_summary(rows: list[dict]) -> str:
-    """The runs table."""
-    head = ("<tr><th class=l>run</th><th class=l>layer</th><th class=l>arch</th><th>features</th>"
-            "<th>L1 / k</th><th>L0</th><th>FVU</th><th>dead</th><th>splice KL</th>"
-            "<th>KL zero-abl.</th><th>KL recovered</th><th class=l></th></tr>")
-    body = []
-    for r in rows:
-        sparsity = (f"L1 {_fmt(r['l1_coeff'])}" if r.get("l1_coeff") is not None
-                    else f"k {r['k']}" if r.get("k") is not None else "–")
-        note = "" if r["evaluated"] else " <span class=badge>not evaluated</span>"
-        body.append(
-            f"<tr data-run='{_e(r['run'])}'><td class=l>{_e(r['run'])}{note}</td>"
-            f"<td class=l>{_e(r.get('layer'))}</td><td class=l>{_e(r.get('arch'))}</td>"
-            f"<td>{_fmt(r.get('n_features'))}</td><td>{sparsity}</td><td>{_fmt(r.get('l0'))}</td>"
-            f"<td>{_fmt(r.get('fvu'))}</td><td>{_pct(r.get('dead_frac'))}</td>"
-            f"<td>{_fmt(r.get('kl_sae'))}</td><td>{_fmt(r.get('kl_zero'))}</td>"
-            f"<td>{_pct(r.get('frac_recovered_zero'))}</td>"
-            f"<td class=l><a href='#b={_e(r['browser'])}' "
-            f"onclick=\"reportGo('{_e(r['browser'])}','');return false\">browse</a></td></tr>")
-    return (f"<div class=scroll><table class=data id=summary-table>{head}{''.join(body)}</table>"
-            "</div>")
-
-
-def html_figures(figs: list[tuple], cls: str) -> str:
-    """A row of figures: (relative path, caption, alt[, class overriding cls])."""
-    if not figs:
-        return ""
-    return "<div class=figures>" + "".join(
-        f"<figure><img class='{_e(f[3] if len(f) > 3 else cls)}' src='{_e(f[0])}' "
-        f"alt='{_e(f[2])}'><figcaption>{_e(f[1])}</figcaption></figure>" for f in figs) + "</div>"
-
-
-def html_census(r: RunRecord, figs: dict[str, str]) -> str:
-    """Curve-detector counts with their estimated FDR, coverage numbers and figures, for one run."""
-    groups = census_groups(r.curves)
-    cov = _get(r.curves, "coverage", default={}) or {}
-    cells = []
-    for kind, label in (("neurons", "neuron curve detectors"),
-                        ("features", "SAE-feature curve detectors")):
-        g = groups.get(kind)
-        if g is None:
-            continue
-        cells.append(f"<div class=stat><span class=v>{_e(_fmt(g.get('n_detected')))}</span>"
-                     f"<span class=fdr title='estimated false discovery rate: detections in null "
-                     f"models over real detections (worst null)'>FDR≈{_e(_fmt(group_fdr(g), 2))}"
-                     f"</span><div class=k>{label} of {_e(_fmt(g.get('n_units')))}</div></div>")
-    feats = groups.get("features") or {}
-    for key, label in (("n_copies", "of them copies of one neuron"),
-                       ("n_new", "of them new (not a copy)")):
-        if feats.get(key) is not None:
-            cells.append(f"<div class=stat><span class=v>{_e(_fmt(feats[key]))}</span>"
-                         f"<div class=k>{label}</div></div>")
-    for key, label in (("largest_gap_neurons_deg", "largest orientation gap, neurons alone"),
-                       ("largest_gap_combined_deg", "largest gap, neurons + new features"),
-                       ("n_features_in_neuron_gaps", "new features in neuron gaps")):
-        if cov.get(key) is not None:
-            unit = "°" if key.endswith("_deg") else ""
-            cells.append(f"<div class=stat><span class=v>{_e(_fmt(cov[key]))}{unit}</span>"
-                         f"<div class=k>{label}</div></div>")
-    crit = _get(r.curves, "criterion", default={}) or {}
-    note = ""
-    if crit.get("used"):
-        used = ", ".join(f"{k} {_fmt(v)}" for k, v in crit["used"].items())
-        met = crit.get("fdr_target_met")
-        note = (f"<p class=note>criterion used: {_e(used)}"
-                + (" (tightened to meet the FDR target)" if crit.get("tightened") else "")
-                + ("" if met is None else f"; FDR ≤ {_e(_fmt(crit.get('max_fdr'), 2))} "
-                   f"{'met' if met else '<b>not met</b>'}") + "</p>")
-    band = _get(r.curves, "band", default={}) or {}
-    if band.get("n_points"):
-        def rng(k: str) -> str:
-            v = band.get(f"{k}_range") or {}
-            return f"{_fmt(v.get('min'))}–{_fmt(v.get('max'))}" if v else "–"
-        note += (f"<p class=note>across the {band['n_points']} calibration-grid thresholds with "
-                 f"FDR ≤ {_e(_fmt(crit.get('max_fdr'), 2))}: neuron detectors {rng('real')}, "
-                 f"largest neuron gap {rng('largest_gap_neurons_deg')}°"
-                 + (f", new SAE detectors {rng('n_new')}, new ones in neuron gaps "
-                    f"{rng('n_new_in_neuron_gaps')}" if band.get("n_new_range") else "")
-                 + "</p>")
-    check = _get(r.curves, "nulls", "input_block_check", default={}) or {}
-    if check.get("block"):
-        parts = [f"{k} {_fmt(v.get('detected'))}" for k, v in check.items()
-                 if isinstance(v, dict)]
-        note += (f"<p class=note>curve detectors in the input block {_e(check['block'])} "
-                 f"(does each null destroy what it should?): {_e(', '.join(parts))}</p>")
-    new_recs = feats.get("new_features") or []
-    if new_recs:
-        rows_html = "".join(
-            f"<tr><td>f{_e(n['feature'])}</td><td>{_e(_fmt(n['preferred_orientation']))}°</td>"
-            "<td class=l>" + ", ".join(
-                f"n{_e(x['neuron'])} ({_e(_fmt(x['share'], 2))}"
-                + (f", detector at {_e(_fmt(x['orientation']))}°" if x.get("is_detector") else "")
-                + ")" for x in n["neurons"]) + "</td></tr>" for n in new_recs[:24])
-        note += ("<div class=scroll><table class=data><tr><th>new feature</th><th>θ*</th>"
-                 "<th class=l>top decoder neurons (share of norm²)</th></tr>"
-                 f"{rows_html}</table></div>")
-    shown = [(figs["coverage"], f"{r.name}: preferred orientations of curve detectors "
-              "(neurons red, copies of a neuron grey, new SAE detectors blue; only the neuron "
-              "gaps are shaded)", "orientation coverage", "coverage-figure")] \
-        if "coverage" in figs else []
-    shown += [(figs[k], caption, alt) for k, caption, alt in (
-        ("new_features", f"{r.name}: each new feature's σ tuning beside its top neurons'",
-         "new features and their neurons"),
-        ("threshold_band", f"{r.name}: detections and FDR over the calibration grid; gaps "
-         "across the FDR band", "threshold band")) if k in figs]
-    shown += [(figs[k], f"{r.name}: σ tuning curves of detected {what}", what)
-              for k, kind, what in (("tuning_neurons", "neurons", "neurons"),
-                                    ("tuning_features", "features", "SAE features"))
-              if k in figs and (groups.get(kind) or {}).get("n_detected")]
-    return (f"<h3>{_e(r.name)} <span class=badge>{_e(r.info.layer)}</span></h3>"
-            f"<div class=census>{''.join(cells)}</div>{note}"
-            f"{html_figures(shown, 'tuning-figure')}")
-
-
-def poly_rows(poly: dict | None) -> list[dict]:
-    """The most polysemantic neurons of polysemantic.json, most polysemantic first."""
-    return list(_get(poly, "most_polysemantic") or [])
-
-
-def html_poly(r: RunRecord, neuron_thumbs: dict[int, str], feature_thumbs: dict[int, str],
-              neuron_browser: str, limit: int = 12) -> str:
-    """The most polysemantic neurons with the SAE features that make them up."""
-    out = [f"<h3>{_e(r.name)} <span class=badge>{_e(r.info.layer)}</span></h3>"]
-    summ = _get(r.poly, "summary", default={}) or {}
-    kt = summ.get("kurtosis") or {}
-    if kt:
-        rnd = (summ.get("random_dictionary") or {}).get("mean_frac_own_features_more_selective")
-        out.append(
-            "<p class=note>selectivity = excess kurtosis of what a unit reads (a neuron its "
-            "channel, a feature its encoder pre-activation): median neuron "
-            f"{_e(_fmt(_get(kt, 'neurons', 'p50'), 3))}, median SAE feature "
-            f"{_e(_fmt(_get(kt, 'features', 'p50'), 3))}"
-            + (f"; a neuron's own features are more selective than it in "
-               f"{_pct(summ['mean_frac_own_features_more_selective'])} of cases"
-               if summ.get("mean_frac_own_features_more_selective") is not None else "")
-            + (f" (a random dictionary: {_pct(rnd)})" if rnd is not None else "")
-            + "</p>")
-    items = poly_rows(r.poly)[:limit]
-    for n in items:
-        nid = int(n["neuron"])
-        img = neuron_thumbs.get(nid)
-        parts = []
-        for f in (n.get("features") or [])[:8]:
-            fid = int(f["feature"])
-            share = f.get("share")
-            fimg = feature_thumbs.get(fid)
-            bar = (f"<div class=share style='width:{min(max(float(share), 0), 1) * 100:.0f}%'>"
-                   "</div>" if isinstance(share, (int, float)) else "")
-            parts.append(
-                f"<div class=part data-goto='{_e(r.slug)}' data-q='f{fid}' title='open feature "
-                f"{fid}'>" + (f"<img src='{_e(fimg)}' alt='feature {fid}'>" if fimg else "")
-                + f"<div>f{fid} · share {_e(_fmt(share, 2))}</div>{bar}"
-                + f"<div class=note>kurtosis {_e(_fmt(f.get('kurtosis'), 2))}</div></div>")
-        out.append(
-            f"<div class=poly><div class=neuron data-goto='{_e(neuron_browser)}' data-q='n{nid}' "
-            f"title='open neuron {nid}'>" + (f"<img src='{_e(img)}' alt='neuron {nid}'>" if img
-                                             else "")
-            + f"<div><b>neuron {nid}</b></div><div class=note>kurtosis "
-            f"{_e(_fmt(n.get('kurtosis'), 2))} · {_e(_fmt(n.get('n_effective_features'), 2))} "
-            f"effective features · R² {_e(_fmt(n.get('r2'), 2))}</div>"
-            + f"</div><div class=parts>{''.join(parts) or '<span class=empty>no features</span>'}"
-            "</div></div>")
-    if not items:
-        out.append("<p class=empty>polysemantic.json lists no neurons</p>")
-    return "".join(out)
-
-
-def html_page(title: str, generated: str, sections: list[tuple[str, str, str, str]]) -> str:
-    """The whole index.html: static sections plus the browser, whose cards report.js renders.
-
-    sections: (id, short name for the navigation bar, heading, inner HTML).
-    """
-    nav = "".join(f"<a href='#{sid}'>{_e(short)}</a>" for sid, short, _, _ in sections)
-    body = "".join(f"<section id='{sid}'><h2>{_e(name)}</h2>{content}</section>"
-                   for sid, _, name, content in sections)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title>
-<link rel="icon" href="data:,">
-<link rel="stylesheet" href="assets/report.css">
-</head><body>
-<header class="top"><h1>{_e(title)}</h1>{nav}<span class="meta">generated {_e(generated)}</span></header>
-<main>{body}</main>
-<script src="data/report.js"></script>
-<script src="assets/report.js"></script>
-</body></html>
-"""
-
-
-BROWSER_HTML = """<p class=note>One card per unit: its top-activating dataset patches (exactly the
-receptive field of the activating position; a dashed outline means the field was clipped at the
-image border and padded grey), a random sample of activating patches, its density, its feature
-visualisation and its tuning curve when it is a curve detector. Search by id (<code>12</code>,
-<code>f12</code>, <code>n7</code> for features whose decoder loads on neuron 7), or by
-<code>curve</code>, <code>dead</code>, <code>ori90</code>.</p>
-<div class=controls>
-  <select id=browser-select aria-label="dictionary"></select>
-  <input id=search type=search placeholder="search: id, curve, n12, dead..." aria-label="search">
-  <label>sort <select id=sort>
-    <option value=interest>most interesting</option>
-    <option value=curve>curve-ness</option>
-    <option value=density_desc>density (high first)</option>
-    <option value=density_asc>density (low first)</option>
-    <option value=max_desc>max activation</option>
-    <option value=id>id</option>
-  </select></label>
-  <span class=count id=count></span>
-</div>
-<div class=pager id=pager-top></div>
-<div class=cards id=cards><p class=empty>loading…</p></div>
-<div class=pager id=pager-bottom></div>
-"""
-
-
-# --------------------------------------------------------------------------------------------
-# The stage
-
-
-def _device(cfg: Config) -> torch.device:
-    name = cfg.model.device
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _geometry(cfg: Config, cache_meta: dict, layer: str):
-    """Receptive-field geometry of the layer the cache was built from (no weights for Lucid nets)."""
-    from sae_vision.models import load_model, lucid_geometry
-
-    mc = runs.model_config(cfg, cache_meta)
-    size = int(cache_meta.get("image_size") or cfg.data.image_size)
-    if mc.family != "timm":
-        return lucid_geometry(layer, size)
-    return load_model(mc).geometry(layer)
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+def copy_figure(src: str | Path | None, fig_dir: Path, name: str) -> str | None:
+    """Copy a figure into the report; returns its path relative to the report folder."""
+    if not src or not Path(src).is_file():
         return None
-
-
-def _layer_browsers(cfg: Config, cache_dir: str, cache_meta: dict, recs: list[RunRecord],
-                    neuron_id: str, out: Path, device: torch.device, model_cache: dict
-                    ) -> list[dict]:
-    """Browser data for one cache: its neurons and every run trained on it.
-
-    One pass over the cache collects the examples of all of them; crops are written once per
-    distinct position; feature visualisations are rendered when report.featurevis is on.
-    """
-    from sae_vision.examples import collect_examples, iter_images, save_crops
-    from sae_vision.shards import iter_chunks
-
-    rc = cfg.report
-    layer, d_in = recs[0].info.layer, int(cache_meta["dim"])
-    encoders: dict[str, Any] = {neuron_id: lambda x: x}
-    n_units = {neuron_id: d_in}
-    for r in recs:
-        r.sae.to(device)
-        encoders[r.slug] = r.sae.encode
-        n_units[r.slug] = int(r.sae.n_features)
-    logger.info(f"[report] {layer}: one pass over {cache_dir} for the neurons and {len(recs)} run(s)")
-    max_vectors = rc.max_example_vectors if rc.max_example_vectors > 0 else None
-    n_scan = min(int(cache_meta.get("n_vectors") or 0), max_vectors or math.inf) or None
-    ex, sources = collect_examples(
-        track(iter_chunks(cache_dir, with_pos=True), "report examples", n_scan, "vec",
-              size=lambda c: len(c[0])), encoders, n_units, rc.n_examples,
-        rc.n_random_examples, seed=cfg.seed, device=device, max_vectors=max_vectors)
-
-    # Which units get crops: curve detectors and polysemantic decompositions first.
-    chosen: dict[str, list[int]] = {}
-    neuron_prio: list[int] = []
-    for r in recs:
-        cu, cn = curve_units(r.curves, "features"), curve_units(r.curves, "neurons")
-        prio = sorted(cu, key=lambda u: -(cu[u]["cv"] or 0))
-        neuron_prio += sorted(cn, key=lambda u: -(cn[u]["cv"] or 0))
-        for n in poly_rows(r.poly)[:12]:
-            neuron_prio.append(int(n["neuron"]))
-            prio += [int(f["feature"]) for f in (n.get("features") or [])[:8]]
-        chosen[r.slug] = pick_units(ex[r.slug], prio, rc.max_cards)
-    chosen[neuron_id] = pick_units(ex[neuron_id], neuron_prio, rc.max_cards)
-
-    positions = {(i, y, x) for name, units in chosen.items() for u in units
-                 for which in ("top", "random") for _, i, y, x in ex[name].examples(u, which)}
-    crop_sub = f"crops/{slugify(cache_meta.get('key') or Path(cache_dir).name)}/"
-    data_cfg = runs.data_config(cache_meta, cfg.data)
-    try:
-        images = {p[0] for p in positions}
-        crops = save_crops(positions, track(iter_images(data_cfg, images), "report crops",
-                                            len(images), "img"),
-                           _geometry(cfg, cache_meta, layer), out / crop_sub, rc.thumb_px, sources)
-    except FileNotFoundError as e:  # the images the cache came from are gone or moved
-        logger.info(f"[report] no dataset examples for {layer}: {e}")
-        crops = {}
-    bad = [v["error"] for v in crops.values() if "error" in v]
-    if bad:
-        logger.info(f"[report] {len(bad)} of {len(crops)} crops unavailable, e.g. {bad[0]}")
-
-    fv: dict[str, set[int]] = {}
-    if rc.featurevis:
-        fv = _featurevis(cfg, cache_meta, layer, recs, neuron_id, chosen, out, model_cache)
-
-    # Cross links: a feature's top decoder channels; a neuron's largest mean contributors.
-    atoms = {r.slug: decoder_atoms(r.sae) for r in recs}
-    first = recs[0].slug
-    mean_code_F = ex[first].sum_F.float() / max(ex[first].n_vectors, 1)
-    contrib_FD = atoms[first] * mean_code_F[:, None]
-    top_f = contrib_FD.topk(min(N_CHIPS, contrib_FD.shape[0]), dim=0)
-    neuron_chips = [[[int(f), _sig(float(v), 3), first] for f, v in zip(fi, vi) if v > 0]
-                    for fi, vi in zip(top_f.indices.T.tolist(), top_f.values.T.tolist())]
-    neuron_curves: dict[int, dict] = {}
-    for r in recs:
-        neuron_curves.update(curve_units(r.curves, "neurons"))
-    angles = next((a for r in recs if (a := tuning_angles(r.curves))), None)
-
-    out_data = []
-    for rec in [None, *recs]:
-        name = neuron_id if rec is None else rec.slug
-        if rec is None:
-            curve, chips, chip_key = neuron_curves, neuron_chips, "fs"
-            label = f"neurons · {layer} ({d_in})"
-        else:
-            curve, chip_key = curve_units(rec.curves, "features"), "nb"
-            top_c = atoms[name].topk(min(N_CHIPS, d_in), dim=1)
-            chips = [[[int(c), _sig(float(v), 3)] for c, v in zip(ci, vi) if v > 0]
-                     for ci, vi in zip(top_c.indices.tolist(), top_c.values.tolist())]
-            label = f"{rec.name} · {layer} · {rec.info.arch} · {rec.info.n_features} features"
-        units, table = unit_records(ex[name], crops, set(chosen[name]), curve,
-                                    fv.get(name, set()), chips, chip_key)
-        out_data.append({"id": name, "kind": "neurons" if rec is None else "sae",
-                         "layer": layer, "label": label, "run": rec.name if rec else None,
-                         "n_vectors": ex[name].n_vectors, "crop_dir": crop_sub,
-                         "fv_dir": f"featurevis/{name}/", "neuron_browser": neuron_id,
-                         "angles": angles, "crops": table, "units": units})
-    for r in recs:
-        r.sae.to("cpu")
-    return out_data
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    dst = fig_dir / f"{slugify(name)}{Path(src).suffix}"
+    copy_file(src, dst)
+    return f"{fig_dir.name}/{dst.name}"
 
 
 def _static_sections(records: list[RunRecord], rows: list[dict], thumbs: dict[str, dict],
@@ -749,55 +166,22 @@ def _static_sections(records: list[RunRecord], rows: list[dict], thumbs: dict[st
     return sections, figures, census_rows
 
 
+# --------------------------------------------------------------------------------------------
+# The stage
+
+
 def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     """Build artifacts/report/ (index.html + data) and artifacts/reproduce.json."""
-    from sae_vision.shards import load_cache_meta
-
     tracker = tracker or disabled()
     t0 = time.perf_counter()
     run_dirs = find_runs(cfg)
     out = paths.report_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    for sub in ("data", "figures", "assets"):  # regenerated every time; crops are content-keyed
-        shutil.rmtree(out / sub, ignore_errors=True)
-    shutil.copytree(ASSETS_DIR, out / "assets")
-    fig_dir = out / "figures"
-    fig_dir.mkdir()
+    fig_dir = _fresh_folders(out)
     device = _device(cfg)
-    records = sorted(_load_runs(run_dirs, cfg), key=_order)
+    records = sorted(load_runs(run_dirs, cfg), key=_order)
     logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
 
-    by_cache: dict[str, list[RunRecord]] = {}
-    for r in records:
-        by_cache.setdefault(str(r.info.cache_dir), []).append(r)
-
-    browsers: list[dict] = []
-    caches_manifest: list[dict] = []
-    thumbs: dict[str, dict[int, str]] = {}  # browser id -> unit -> a top-example crop path
-    neuron_browser: dict[str, str] = {}  # cache dir -> id of its neuron browser
-    model_cache: dict[str, Any] = {}
-    layers = [rs[0].info.layer for rs in by_cache.values()]
-    for cache_dir, recs in by_cache.items():
-        cache_meta = load_cache_meta(cache_dir)
-        layer = recs[0].info.layer
-        key = cache_meta.get("key") or Path(cache_dir).name
-        caches_manifest.append({"dir": cache_dir, "key": key, "layer": layer,
-                                "n_vectors": cache_meta.get("n_vectors"),
-                                "n_images": cache_meta.get("n_images"),
-                                "model": cache_meta.get("model"),
-                                "weights_sha256": cache_meta.get("weights_sha256")})
-        # Two caches of one layer (e.g. different data) each get their own neuron browser.
-        neuron_id = slugify(f"neurons-{layer}" + (f"-{key}" if layers.count(layer) > 1 else ""))
-        neuron_browser[cache_dir] = neuron_id
-        layer_browsers = _layer_browsers(cfg, cache_dir, cache_meta, recs, neuron_id, out,
-                                         device, model_cache)
-        for data in layer_browsers:
-            write_js(out / "data" / f"browser-{data['id']}.js", "REPORT_DATA", data["id"], data)
-            browsers.append({"id": data["id"], "label": data["label"], "kind": data["kind"],
-                             "file": f"data/browser-{data['id']}.js",
-                             "n_units": len(data["units"])})
-            thumbs[data["id"]] = {u["i"]: data["crop_dir"] + data["crops"][u["top"][0][0]][0]
-                                  for u in data["units"] if u.get("top")}
+    browsers, caches_manifest, thumbs, neuron_browser = _write_browsers(cfg, records, out, device)
     n_cards = sum(b["n_units"] for b in browsers)
 
     rows = summary_rows(records)
@@ -828,87 +212,67 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     for p in written:
         logger.info(f"[report] wrote {p}")
     logger.info(f"[report] {len(browsers)} browsers, {n_cards} cards, "
-          f"{time.perf_counter() - t0:.1f} s; open {index.resolve().as_uri()}")
+                f"{time.perf_counter() - t0:.1f} s; open {index.resolve().as_uri()}")
     return ReportResult(report_dir=str(out), index_path=str(index),
                         manifest_path=str(manifest_path), runs=tuple(r.name for r in records),
                         n_cards=n_cards, files=tuple(str(p) for p in written))
 
 
-FINDINGS_COLUMNS = (
-    ("arch", "arch"), ("n_features", "F"), ("l0", "L0"), ("fvu", "FVU"),
-    ("frac_recovered_zero", "splice KL recovered"), ("epochs", "epochs"),
-    ("loss_flatness", "loss drop, end of full-lr phase"),
-    ("loss_decay_gain", "loss drop, lr decay"), ("curve_features", "curve features"),
-    ("copies", "copies"), ("new", "new"), ("new_fdr", "new: random-dir. FDR"),
-    ("new_in_neuron_gaps", "new in neuron gaps"),
-    ("new_in_gaps_uncovered", "…not covered by a curve-tuned top neuron"),
-    ("largest_gap_neurons_deg", "largest gap, neurons"),
-    ("largest_gap_with_new_deg", "largest gap, neurons + new"),
-    ("largest_gap_curve_tuned_deg", "largest gap, curve-tuned neurons (criteria 1-3)"),
-    ("frac_more_selective", "features more selective than their neuron"),
-    ("frac_more_selective_random", "same, random dictionary"),
-    ("n_neurons_split", "neurons split into ≥ 2 features"),
-    ("frac_more_selective_split", "…their features more selective"),
-    ("frac_more_selective_single", "…same, neurons with one feature (copies)"),
-)
+def _fresh_folders(out: Path) -> Path:
+    """The report folder with data/, figures/ and assets/ regenerated; returns figures/.
+
+    crops/ and featurevis/ are kept: their files are content-keyed.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "figures", "assets"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    shutil.copytree(ASSETS_DIR, out / "assets")
+    fig_dir = out / "figures"
+    fig_dir.mkdir()
+    return fig_dir
 
 
-def findings_rows(records: list[RunRecord]) -> list[dict]:
-    """One row per evaluated run with the study's answer: copies vs new detectors, gaps,
-    selectivity (the README table of `make study`)."""
-    from sae_vision.evaluate import summary_row
+def _write_browsers(cfg: Config, records: list[RunRecord], out: Path, device: torch.device
+                    ) -> tuple[list[dict], list[dict], dict[str, dict[int, str]], dict[str, str]]:
+    """Every browser's data script, one activation cache at a time (its neurons and its runs).
 
-    rows = []
+    Returns the browsers' index for data/report.js, the caches for the manifest, each browser's
+    thumbnails (browser id -> unit -> a top-example crop path) and each cache's neuron browser
+    (cache dir -> browser id).
+    """
+    from sae_vision.shards import load_cache_meta
+
+    by_cache: dict[str, list[RunRecord]] = {}
     for r in records:
-        if not r.metrics:
-            continue
-        row = summary_row(r.metrics)
-        row["epochs"] = (r.metrics.get("training") or {}).get("epochs")
-        if r.poly and r.poly.get("neurons"):
-            from sae_vision.polysemantic import split_selectivity
+        by_cache.setdefault(str(r.info.cache_dir), []).append(r)
 
-            row.update(split_selectivity(r.poly["neurons"]))
-        band = _get(r.metrics, "curves", "band", default={}) or {}
-        for k in ("n_new_in_neuron_gaps_range", "largest_gap_neurons_deg_range",
-                  "largest_gap_neurons_plus_new_deg_range", "n_new_range"):
-            row[f"band_{k}"] = band.get(k)
-        row["band_n_points"] = band.get("n_points")
-        row["run"] = r.name
-        rows.append(row)
-    return sorted(rows, key=lambda x: (str(x.get("arch")), x.get("n_features") or 0))
-
-
-def findings_markdown(rows: list[dict]) -> str:
-    """The findings rows as a Markdown table (percentages for fractions)."""
-    def cell(key: str, v) -> str:
-        if v is None:
-            return "–"
-        if key in ("frac_recovered_zero", "frac_more_selective", "frac_more_selective_random",
-                   "loss_flatness", "loss_decay_gain", "frac_more_selective_split",
-                   "frac_more_selective_single"):
-            return f"{100 * v:.1f}%"
-        if key.endswith("_deg"):
-            return f"{v:.0f}°"
-        if isinstance(v, float):
-            return f"{v:.3g}" if key != "l0" else f"{v:.1f}"
-        return str(v)
-
-    head = "| " + " | ".join(label for _, label in FINDINGS_COLUMNS) + " |"
-    sep = "|" + "---|" * len(FINDINGS_COLUMNS)
-    body = ["| " + " | ".join(cell(k, r.get(k)) for k, _ in FINDINGS_COLUMNS) + " |"
-            for r in rows]
-    return "\n".join([head, sep, *body]) + "\n"
-
-
-def write_findings(records: list[RunRecord], out: Path) -> list[Path]:
-    """findings.json and findings.md beside the report (nothing when no run is evaluated)."""
-    rows = findings_rows(records)
-    if not rows:
-        return []
-    json_path, md_path = out / "findings.json", out / "findings.md"
-    write_json(json_path, {"columns": [k for k, _ in FINDINGS_COLUMNS], "rows": rows})
-    write_text(md_path, findings_markdown(rows))
-    return [json_path, md_path]
+    browsers: list[dict] = []
+    caches_manifest: list[dict] = []
+    thumbs: dict[str, dict[int, str]] = {}
+    neuron_browser: dict[str, str] = {}
+    model_cache: dict[str, Any] = {}
+    layers = [rs[0].info.layer for rs in by_cache.values()]
+    for cache_dir, recs in by_cache.items():
+        cache_meta = load_cache_meta(cache_dir)
+        layer = recs[0].info.layer
+        key = cache_meta.get("key") or Path(cache_dir).name
+        caches_manifest.append({"dir": cache_dir, "key": key, "layer": layer,
+                                "n_vectors": cache_meta.get("n_vectors"),
+                                "n_images": cache_meta.get("n_images"),
+                                "model": cache_meta.get("model"),
+                                "weights_sha256": cache_meta.get("weights_sha256")})
+        # Two caches of one layer (e.g. different data) each get their own neuron browser.
+        neuron_id = slugify(f"neurons-{layer}" + (f"-{key}" if layers.count(layer) > 1 else ""))
+        neuron_browser[cache_dir] = neuron_id
+        for data in layer_browsers(cfg, cache_dir, cache_meta, recs, neuron_id, out, device,
+                                   model_cache):
+            write_js(out / "data" / f"browser-{data['id']}.js", "REPORT_DATA", data["id"], data)
+            browsers.append({"id": data["id"], "label": data["label"], "kind": data["kind"],
+                             "file": f"data/browser-{data['id']}.js",
+                             "n_units": len(data["units"])})
+            thumbs[data["id"]] = {u["i"]: data["crop_dir"] + data["crops"][u["top"][0][0]][0]
+                                  for u in data["units"] if u.get("top")}
+    return browsers, caches_manifest, thumbs, neuron_browser
 
 
 def _natural(name: str) -> list:
@@ -918,49 +282,24 @@ def _natural(name: str) -> list:
 
 def _order(r: RunRecord) -> tuple:
     """Runs in table order: layer, architecture, then sparsity (L0 when evaluated)."""
-    l0 = _get(r.metrics, "reconstruction", "l0")
+    l0 = dig(r.metrics, "reconstruction", "l0")
     return (r.info.layer, r.info.arch, l0 if l0 is not None else math.inf, _natural(r.name))
 
 
-def _featurevis(cfg: Config, cache_meta: dict, layer: str, recs: list[RunRecord], neuron_id: str,
-                chosen: dict[str, list[int]], out: Path, model_cache: dict) -> dict[str, set[int]]:
-    """Render (or reuse) visualisations of the first featurevis_max chosen units per dictionary."""
-    from sae_vision import featurevis
-    from sae_vision.models import load_model
-    from sae_vision.shards import sha256_file
+def _device(cfg: Config) -> torch.device:
+    name = cfg.model.device
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
-    rc = cfg.report
-    mc = runs.model_config(cfg, cache_meta)
-    mkey = json.dumps(to_plain(mc), sort_keys=True)
-    if mkey not in model_cache:
-        model_cache.clear()
-        model_cache[mkey] = load_model(mc)
-    model = model_cache[mkey]
-    runs.check_weights(model, cache_meta, recs[0].info)
-    cache_root = Path(cfg.paths.root) / "featurevis"
-    done: dict[str, set[int]] = {}
-    jobs = [(neuron_id, None, "neurons")] + [
-        (r.slug, r.sae, f"{r.name}:{sha256_file(r.run_dir / runs.WEIGHTS_FILE)[:16]}")
-        for r in recs]
-    bar = Progress("report feature vis", sum(len(chosen[n][: rc.featurevis_max]) for n, _, _ in jobs),
-                   "unit")
-    for name, sae, run_id in jobs:
-        ids = chosen[name][: rc.featurevis_max]
-        t = time.perf_counter()
-        bar.set({"dictionary": name})
-        pngs = featurevis.visualise(model, layer, ids, cache_root, run_id, sae=sae,
-                                    steps=rc.featurevis_steps, size=rc.featurevis_size,
-                                    batch_size=rc.featurevis_batch)
-        bar.update(len(ids))
-        dst = out / "featurevis" / name
-        dst.mkdir(parents=True, exist_ok=True)
-        for u, p in pngs.items():
-            copy_file(p, dst / f"u{u}.png")
-        done[name] = set(pngs)
-        logger.info(f"[report] feature vis: {len(ids)} units of {name} "
-                    f"({time.perf_counter() - t:.1f} s)")
-    bar.close()
-    return done
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], out: Path,
@@ -968,10 +307,10 @@ def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], ou
     """artifacts/reproduce.json: what was run (experiment, caches, runs, evaluations, report)."""
     root = Path(cfg.paths.root)
     summary = paths.sae_root(cfg) / "summary"
-    runs = []
+    run_entries = []
     for r in records:
         ev = {name: str(p) for name, p in r.eval_files.items()}
-        runs.append({
+        run_entries.append({
             "name": r.name, "dir": str(r.run_dir), "layer": r.info.layer, "arch": r.info.arch,
             "n_features": r.info.n_features, "hparams": r.info.hparams,
             "cache_dir": str(r.info.cache_dir), "checkpoint": str(r.run_dir / runs.WEIGHTS_FILE),
@@ -985,7 +324,7 @@ def write_manifest(cfg: Config, records: list[RunRecord], caches: list[dict], ou
         "experiment": cfg.experiment, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "command": " ".join(sys.argv), "git_commit": _git_commit(),
         "model": to_plain(cfg.model), "data": to_plain(cfg.data),
-        "caches": caches, "runs": runs,
+        "caches": caches, "runs": run_entries,
         "summary": {"csv": str(summary / "summary.csv") if (summary / "summary.csv").exists()
                     else None,
                     "json": str(summary / "summary.json") if (summary / "summary.json").exists()

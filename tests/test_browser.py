@@ -4,6 +4,9 @@ opens index.html from file://, driven over the Chrome DevTools protocol on a pip
 It asserts no console errors; the summary table, frontier figure, coverage figure and a feature
 card whose dataset-example image really decoded; and that search filters the cards. A screenshot
 is saved (path printed) under artifacts/test-screenshots/ or $SAE_VISION_SCREENSHOT_DIR.
+
+The browser's data (sae_vision.browser: which units get cards, their records, the data
+scripts) is tested at the end, without a browser.
 """
 
 import base64
@@ -16,11 +19,17 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 from test_report import build_study
 
-from sae_vision import report
+from sae_vision import browser, report
+from sae_vision.config import SAEConfig
+from sae_vision.examples import UnitExamples
+from sae_vision.sae import make_sae
 
 SCREENSHOT_DIR = Path(os.environ.get("SAE_VISION_SCREENSHOT_DIR") or
                       Path(__file__).resolve().parents[1] / "artifacts" / "test-screenshots")
@@ -216,13 +225,13 @@ def page(tmp_path_factory, chromium):
     """The constructed study's report, open in headless Chromium."""
     root = tmp_path_factory.mktemp("browser")
     res = report.run(build_study(root))
-    browser = DevTools(chromium, root / "chrome-profile")
+    chrome = DevTools(chromium, root / "chrome-profile")
     try:
-        browser.open(Path(res.index_path).resolve().as_uri())
-        browser.wait_for("document.querySelectorAll('#cards .card').length > 0")
-        yield browser
+        chrome.open(Path(res.index_path).resolve().as_uri())
+        chrome.wait_for("document.querySelectorAll('#cards .card').length > 0")
+        yield chrome
     finally:
-        browser.close()
+        chrome.close()
 
 
 def test_report_renders_without_console_errors(page):
@@ -269,3 +278,77 @@ def test_search_filters_the_cards(page):
     assert page.js("!!document.querySelector('#cards .card .tuning svg')")  # curve detector
     page.screenshot(SCREENSHOT_DIR / "report-search.png")
     assert page.errors() == []
+
+
+# --------------------------------------------------------------------------------------------
+# The browser's data (sae_vision.browser), without a browser
+
+
+def test_spread_pick_spans_the_whole_ranking():
+    order = [10, 11, 12, 13, 14, 15, 16, 17, 18]
+    assert browser.spread_pick(order, 3) == [10, 14, 18]
+    assert browser.spread_pick(order, 20) == order
+    assert browser.spread_pick(order, 0) == [] and browser.spread_pick(order, -1) == []
+
+
+def test_pick_units_takes_alive_priority_units_then_spreads_over_density():
+    ex = SimpleNamespace(n_active_F=torch.tensor([5, 0, 9, 1, 3]))
+    # 1 is dead and 7 out of range; the rest are ranked by density (2, 0, 3) and spread.
+    assert browser.pick_units(ex, [1, 7, 4, 4], 3) == [4, 2, 3]
+    assert browser.pick_units(ex, [], 10) == [2, 0, 4, 3]
+    assert browser.pick_units(ex, [3, 2, 0], 2) == [3, 2]
+
+
+def test_decoder_atoms_are_each_features_decoded_direction():
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="topk", n_features=1030, k=4), 6).eval()  # two 1024 chunks
+    atoms = browser.decoder_atoms(sae)
+    assert atoms.shape == (1030, 6) and atoms.dtype == torch.float32
+    with torch.no_grad():
+        zero = sae.decode(torch.zeros(1, 1030))
+        for f in (0, 1023, 1024, 1029):
+            one = torch.zeros(1, 1030)
+            one[0, f] = 1.0
+            torch.testing.assert_close(atoms[f], (sae.decode(one) - zero)[0])
+
+
+def test_write_js_assigns_strict_json_to_a_window_variable(tmp_path):
+    path = browser.write_js(tmp_path / "data" / "a.js", "REPORT", None,
+                            {"x": np.float32(1.5), "n": float("nan"), "t": (1, 2)})
+    assert path.read_text() == 'window.REPORT={"x":1.5,"n":null,"t":[1,2]};\n'
+    keyed = browser.write_js(tmp_path / "b.js", "REPORT_DATA", "neurons-mixed3a", [1])
+    assert keyed.read_text() == ("window.REPORT_DATA=window.REPORT_DATA||{};"
+                                 'window.REPORT_DATA["neurons-mixed3a"]=[1];\n')
+
+
+def unit_examples() -> UnitExamples:
+    """Three units: 0 and 1 share a dataset position, 2 is dead."""
+    inf, nan = float("inf"), float("nan")
+    return UnitExamples(
+        top_val_FK=torch.tensor([[2.0, 1.0], [3.0, -inf], [-inf, -inf]]),
+        top_pos_FK3=torch.tensor([[[0, 1, 1], [1, 2, 2]], [[0, 1, 1], [-1, -1, -1]],
+                                  [[-1, -1, -1], [-1, -1, -1]]]),
+        rand_val_FR=torch.tensor([[0.5], [nan], [nan]]),
+        rand_pos_FR3=torch.tensor([[[0, 1, 1]], [[-1, -1, -1]], [[-1, -1, -1]]]),
+        n_active_F=torch.tensor([4, 1, 0]), sum_F=torch.tensor([6.0, 3.0, 0.0], dtype=torch.float64),
+        n_vectors=10)
+
+
+def test_unit_records_carry_density_examples_curves_and_chips_with_shared_crops():
+    crops = {(0, 1, 1): {"file": "a.png", "clipped": True}, (1, 2, 2): {"error": "gone"}}
+    curve = {1: {"cv": 2.0, "cd": True, "o": 90.0, "ps": 7.0, "w": 30.0, "tc": [1.23456, 2.0]}}
+    units, table = browser.unit_records(unit_examples(), crops, {0, 1}, curve, {0},
+                                        [[[1, 0.5]], [], []], "nb")
+    assert table == [["a.png", 1]]  # one file for the position both units show
+    assert units[0] == {"i": 0, "d": 0.4, "n_active": 4, "mx": 2.0, "mu": 1.5,
+                        "top": [[0, 2.0]], "rnd": [[0, 0.5]], "fv": 1, "nb": [[1, 0.5]]}
+    assert units[1] == {"i": 1, "d": 0.1, "n_active": 1, "mx": 3.0, "mu": 3.0, "cv": 2.0, "cd": 1,
+                        "o": 90.0, "ps": 7.0, "w": 30.0, "tc": [1.23, 2.0], "top": [[0, 3.0]],
+                        "rnd": [], "nb": []}
+    assert units[2] == {"i": 2, "d": 0.0, "n_active": 0, "mx": None, "mu": 0.0, "nb": []}
+
+
+def test_unit_records_without_chips_or_chosen_units_have_no_examples():
+    units, table = browser.unit_records(unit_examples(), {}, set(), {}, set(), None, "fs")
+    assert table == [] and all("top" not in u and "fs" not in u for u in units)
+    assert [u["d"] for u in units] == [0.4, 0.1, 0.0]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from sae_vision import report, shards
+from sae_vision import records, report, shards
 from sae_vision.checkpoint import save_sae
 from sae_vision.config import Config, SAEConfig, to_plain
 from sae_vision.models import lucid_geometry
@@ -205,14 +205,14 @@ def test_report_has_summary_table_figures_census_and_cards(built):
     assert "fetch(" not in (out / "assets" / "report.js").read_text()  # works from file://
     idx = json.loads((out / "data" / "report.js").read_text().split("=", 1)[1].rstrip().rstrip(";"))
     ids = [b["id"] for b in idx["browsers"]]
-    assert ids == [f"neurons-{LAYER}", report.slugify(f"{LAYER}-topk-f512-k8"),
-                   report.slugify(f"{LAYER}-topk-f512-k32")]
+    assert ids == [f"neurons-{LAYER}", records.slugify(f"{LAYER}-topk-f512-k8"),
+                   records.slugify(f"{LAYER}-topk-f512-k32")]
 
 
 def test_feature_cards_carry_examples_density_curves_and_existing_crops(built):
     _, res, _ = built
     out = Path(res.report_dir)
-    b = load_browser(out, report.slugify(f"{LAYER}-topk-f512-k8"))
+    b = load_browser(out, records.slugify(f"{LAYER}-topk-f512-k8"))
     assert len(b["units"]) == 512 and b["kind"] == "sae"
     with_examples = [u for u in b["units"] if u.get("top")]
     assert 0 < len(with_examples) <= 40
@@ -286,7 +286,7 @@ def test_report_of_a_real_tiny_study_with_census_and_feature_vis(tmp_path, bvlc_
     out = Path(res.report_dir)
     page = Path(res.index_path).read_text()
     assert "coverage-figure" in page and "frontier-figure" in page and "FDR≈" in page
-    run_id = report.slugify(res.runs[0])
+    run_id = records.slugify(res.runs[0])
     b = load_browser(out, run_id)
     assert len(b["units"]) == 2 * 480
     shown = [u for u in b["units"] if u.get("top")]
@@ -309,5 +309,5 @@ def test_report_without_the_source_images_still_renders_cards(tmp_path, caplog):
     caplog.set_level("INFO", logger="sae_vision")
     res = report.run(cfg)
     assert "no dataset examples for mixed3a" in caplog.text
-    b = load_browser(Path(res.report_dir), report.slugify(f"{LAYER}-topk-f512-k8"))
+    b = load_browser(Path(res.report_dir), records.slugify(f"{LAYER}-topk-f512-k8"))
     assert len(b["units"]) == 512 and not any(u.get("top") for u in b["units"])

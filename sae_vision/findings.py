@@ -34,7 +34,7 @@ FINDINGS_COLUMNS = (
 def findings_rows(records: list[RunRecord]) -> list[dict]:
     """One row per evaluated run with the study's answer: copies vs new detectors, gaps,
     selectivity (the README table of `make study`)."""
-    from sae_vision.evaluate import summary_row
+    from sae_vision.summary import summary_row
 
     rows = []
     for r in records:

@@ -86,7 +86,7 @@ class ReportResult:
 
 def summary_rows(records: list[RunRecord]) -> list[dict]:
     """One table row per run (evaluation numbers where evaluate has run)."""
-    from sae_vision.evaluate import summary_row
+    from sae_vision.summary import summary_row
 
     rows = []
     for r in records:
@@ -118,9 +118,9 @@ def _static_sections(records: list[RunRecord], rows: list[dict], thumbs: dict[st
                      neuron_browser: dict[str, str], fig_dir: Path
                      ) -> tuple[list[tuple], list[str], list[dict]]:
     """The page's sections, the figures they show (relative paths) and the census table rows."""
-    from sae_vision import evaluate, plots
+    from sae_vision import plots, summary
 
-    metric_rows = [evaluate.summary_row(r.metrics) for r in records if r.metrics]
+    metric_rows = [summary.summary_row(r.metrics) for r in records if r.metrics]
     frontier = []
     for y_key, label in (("fvu", "FVU"), ("kl_sae", "splice KL (nats)")):
         path = fig_dir / f"frontier_l0_{y_key}.png"

@@ -55,8 +55,9 @@ def train_ours(arch: str, train_ND, held_ND, atoms, n_features: int, k: int, bat
                n_steps: int) -> dict:
     """One of our architectures at its shipped defaults on the planted vectors."""
     from sae_vision.config import TrainConfig
+    from sae_vision.loader import MemoryBatches
+    from sae_vision.loop import make_optimizer, train_loop
     from sae_vision.sae import make_sae
-    from sae_vision.train import MemoryBatches, train_loop
 
     d_in = train_ND.shape[1]
     # The goal compares at equal L0. relu_l1 ships a fixed, sweepable lambda (the paper's recipe),
@@ -69,7 +70,8 @@ def train_ours(arch: str, train_ND, held_ND, atoms, n_features: int, k: int, bat
     torch.manual_seed(0)
     sae = make_sae(scfg, d_in, input_scale=scale, mean=train_ND.mean(0))
     t0 = time.perf_counter()
-    train_loop(sae, MemoryBatches(train_ND, batch, seed=0), tcfg, scfg, log=lambda m, s: None)
+    train_loop(sae, MemoryBatches(train_ND, batch, seed=0), tcfg, scfg, log=lambda m, s: None,
+               optimizer=make_optimizer(sae, tcfg.lr))
     wall = time.perf_counter() - t0
     sae.eval()
 

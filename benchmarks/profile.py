@@ -18,16 +18,19 @@ def profile_training(data: TrainData, arch: str, n_features: int, batch_size: in
     """torch.profiler over n_steps of train_loop (after one warm-up run); op table to path."""
     from torch.profiler import ProfilerActivity, profile
 
+    from sae_vision.loader import MemoryBatches
+    from sae_vision.loop import make_optimizer, train_loop
     from sae_vision.sae import make_sae
-    from sae_vision.train import MemoryBatches, train_loop
 
     sae_cfg, train_cfg = our_config(arch, n_features, k, 5.0, batch_size, n_steps, device)
     sae = make_sae(sae_cfg, data.d_in, input_scale=data.input_scale, mean=data.mean_D).to(device)
     batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=torch.device(device))
-    train_loop(sae, batches, train_cfg, sae_cfg, log=lambda m, s: None)  # warm-up
+    train_loop(sae, batches, train_cfg, sae_cfg, log=lambda m, s: None,  # warm-up
+               optimizer=make_optimizer(sae, train_cfg.lr))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
-        train_loop(sae, batches, train_cfg, sae_cfg, log=lambda m, s: None)
+        train_loop(sae, batches, train_cfg, sae_cfg, log=lambda m, s: None,
+                   optimizer=make_optimizer(sae, train_cfg.lr))
     sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
     path.write_text(f"train_loop, arch={arch}, F={n_features}, batch={batch_size}, "
                     f"{n_steps} steps, device={device}\n\n"

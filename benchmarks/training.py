@@ -132,9 +132,11 @@ def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
     With `progress` the loop reports every step to the train stage's progress display, as the
     stage does (the off-terminal path: a clock read per step; its log line goes nowhere here).
     """
+    from sae_vision.loader import MemoryBatches
+    from sae_vision.loop import make_optimizer, train_loop
     from sae_vision.progress import Progress
     from sae_vision.sae import make_sae
-    from sae_vision.train import LIVE_METRICS, MemoryBatches, train_loop
+    from sae_vision.train import LIVE_METRICS
 
     def run(clock_kw: dict) -> Trained:
         sae_cfg, train_cfg = our_config(arch, n_features, k, l1_coeff, batch_size, n_steps,
@@ -151,6 +153,7 @@ def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
                 bar.set({show: metrics[k] for k, show in LIVE_METRICS.items() if k in metrics})
         try:
             train_loop(sae, clock, train_cfg, sae_cfg, log=log,
+                       optimizer=make_optimizer(sae, train_cfg.lr),
                        on_step=(lambda _: bar.update()) if bar is not None else None)
         finally:
             clock.finish()

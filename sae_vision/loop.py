@@ -152,11 +152,10 @@ class _Window:
 def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: SAEConfig,
                log: LogFn, on_checkpoint: CheckpointFn | None = None,
                state: TrainState | None = None, on_step: StepFn | None = None, *,
-               optimizer: torch.optim.Optimizer | None = None,
-               model: torch.nn.Module | None = None) -> dict:
+               optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> dict:
     """Train `sae` for cfg.n_steps on `batches`; logs via `log(metrics, step)`, returns metrics.
 
-    `optimizer` is built by the caller (`make_optimizer(sae, cfg.lr)`; None builds exactly that).
+    `optimizer` is built by the caller: `make_optimizer(sae, cfg.lr)` is the stage's Adam.
     `model` is what each step calls: `sae` itself (the default), or `sae` wrapped by the caller
     (`distributed.wrap_ddp`, `torch.compile`); `sae` is still the one whose decoder is normalised
     and whose counters move. `state` (from a checkpoint) resumes exactly; `on_checkpoint(step,
@@ -164,8 +163,7 @@ def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: 
     'density_log10' (numpy [F], log10 firing frequency over the interval); `on_step(done)` is
     called after every step (progress display) and must not read tensors.
     """
-    opt = optimizer if optimizer is not None else make_optimizer(sae, cfg.lr)
-    loop = _Loop(sae, model if model is not None else sae, opt, cfg, sae_cfg, state)
+    loop = _Loop(sae, model if model is not None else sae, optimizer, cfg, sae_cfg, state)
     return loop.run(batches, log, on_checkpoint, on_step)
 
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from sae_vision.config import ARCHS, SAEConfig, TrainConfig
 from sae_vision.loader import MemoryBatches
-from sae_vision.loop import train_loop
+from sae_vision.loop import make_optimizer, train_loop
 from sae_vision.planted import PlantedSpec, make_planted, recovery
 from sae_vision.sae import make_sae
 
@@ -48,7 +48,8 @@ def _train(arch: str, planted, before=None):
     sae = make_sae(scfg, SPEC.d_in, input_scale=scale, mean=train_ND.mean(0))
     if before is not None:
         before(sae)
-    train_loop(sae, MemoryBatches(train_ND, BATCH, seed=0), tcfg, scfg, log=lambda m, s: None)
+    train_loop(sae, MemoryBatches(train_ND, BATCH, seed=0), tcfg, scfg, log=lambda m, s: None,
+               optimizer=make_optimizer(sae, tcfg.lr))
     sae.eval()
     with torch.no_grad():
         out = sae(held_ND)

@@ -179,7 +179,8 @@ def test_loop_logs_every_term_l0_fvu_dead_fraction_density_and_throughput(plante
     x_ND, _ = planted_dictionary(4096, seed=1)
     logged: list[tuple[int, dict]] = []
     metrics = loop.train_loop(sae, MemoryBatches(x_ND, 256, seed=0), cfg.train, cfg.sae,
-                               lambda m, s: logged.append((s, m)), None, None)
+                               lambda m, s: logged.append((s, m)), None, None,
+                               optimizer=loop.make_optimizer(sae, cfg.train.lr))
     assert [s for s, _ in logged] == [5, 10, 15, 20]
     for _, m in logged:
         for key in ("loss", "mse", "auxk", "l0", "fvu", "dead_frac", "samples_per_s", "lr"):
@@ -203,7 +204,8 @@ def test_feature_that_never_fires_counts_as_dead_only_after_the_window(planted):
     x_ND, _ = planted_dictionary(4096, seed=2)
     logged = []
     loop.train_loop(sae, MemoryBatches(x_ND, 256, seed=0), cfg.train, cfg.sae,
-                     lambda m, s: logged.append(m), None, None)
+                     lambda m, s: logged.append(m), None, None,
+                     optimizer=loop.make_optimizer(sae, cfg.train.lr))
     dead = [m["dead_frac"] for m in logged]
     assert dead[:5] == [0.0] * 5  # 5 x 256 vectors < the 1536-vector window
     assert dead[5:] == [1 / 8] * 7
@@ -390,7 +392,8 @@ def test_relu_l1_resampling_revives_a_dead_feature():
     x_ND, _ = planted_dictionary(4096, seed=3)
     logged = []
     metrics = loop.train_loop(sae, MemoryBatches(x_ND, 256, seed=0), cfg.train, cfg.sae,
-                               lambda m, s: logged.append(m), None, None)
+                               lambda m, s: logged.append(m), None, None,
+                               optimizer=loop.make_optimizer(sae, cfg.train.lr))
     assert metrics["n_resampled"] >= 1
     assert float(sae.b_enc.detach()[0]) > -1.0  # re-initialised (bias 0, then trained)
     assert logged[-1]["dead_frac"] == 0.0 and logged[-1]["density_log10"][0] > -10.0

@@ -33,7 +33,7 @@ from sae_vision.runs import (
 )
 from sae_vision.sae import make_sae
 
-FORMAT_VERSION = 1  # of sae.safetensors + config.json
+FORMAT_VERSION = 2  # of sae.safetensors + config.json; 2: relu_l1 encodes x - b_dec
 STATE_FORMAT = 1  # of train_state.safetensors + train_state.json
 
 
@@ -127,6 +127,9 @@ def load_sae(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
                 f"the config (d_in={d_in}, n_features={sae.n_features}) needs "
                 f"{tuple(want.shape)}"
             )
+    if cfg.arch == "relu_l1" and int(config.get("format_version", 1)) < 2:
+        # Format 1 encoded x, not x - b_dec: the same map with b_enc + b_dec W_enc.
+        tensors["b_enc"] = tensors["b_enc"] + tensors["b_dec"] @ tensors["W_enc"]
     with torch.no_grad():
         for name, tensor in sae.state_dict().items():
             tensor.copy_(tensors[name])  # copy_ keeps W_enc's [F, D]-major layout

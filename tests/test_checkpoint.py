@@ -169,3 +169,22 @@ def test_run_lock_refuses_a_second_writer_and_clears_a_killed_runs_leftovers(tmp
                 pass
     with run_lock(run_dir):  # released on exit
         pass
+
+
+def test_relu_l1_format_1_checkpoint_loads_as_the_same_map(tmp_path):
+    # Format 1 encoded x rather than x - b_dec; load_sae folds b_dec W_enc into b_enc.
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="relu_l1", n_features=16), 4)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_()
+    x = torch.randn(8, 4)
+    old_codes = torch.relu(x @ sae.W_enc + sae.b_enc).detach()  # what format 1 computed
+    save_sae(sae, tmp_path, {})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["format_version"] == 2
+    config["format_version"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_sae(tmp_path)
+    torch.testing.assert_close(loaded.encode(x), old_codes, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(sae.encode(x), old_codes)  # the conversion is not a no-op here

@@ -107,24 +107,27 @@ def test_relu_l1_loss_matches_formula_on_hand_case():
         sae.W_dec.copy_(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 4.0]]))  # norms 2, 1, 5
         sae.b_dec.copy_(torch.tensor([0.5, 0.0]))
     x = torch.tensor([[1.0, 2.0]])
-    # pre = [1, 1.5, -1] -> f = [1, 1.5, 0]; x̂ = [2.5, 1.5]; ||x - x̂||² = 2.5; Σ f·||d|| = 3.5
+    # x - b_dec = [0.5, 2]: pre = [0.5, 1.5, -0.5] -> f = [0.5, 1.5, 0]; x̂ = [1.5, 1.5];
+    # ||x - x̂||² = 0.5; Σ f·||d|| = 2.5
     out = sae(x)
-    torch.testing.assert_close(out.codes, torch.tensor([[1.0, 1.5, 0.0]]))
-    torch.testing.assert_close(out.x_hat, torch.tensor([[2.5, 1.5]]))
-    assert float(out.losses["mse"]) == pytest.approx(2.5)
-    assert float(out.losses["l1"]) == pytest.approx(3.5)
-    assert float(out.losses["loss"].detach()) == pytest.approx(2.85)
-    assert float(sae(x, l1_scale=0.5).losses["loss"].detach()) == pytest.approx(2.675)
+    torch.testing.assert_close(out.codes, torch.tensor([[0.5, 1.5, 0.0]]))
+    torch.testing.assert_close(out.x_hat, torch.tensor([[1.5, 1.5]]))
+    assert float(out.losses["mse"]) == pytest.approx(0.5)
+    assert float(out.losses["l1"]) == pytest.approx(2.5)
+    assert float(out.losses["loss"].detach()) == pytest.approx(0.75)
+    assert float(sae(x, l1_scale=0.5).losses["loss"].detach()) == pytest.approx(0.625)
     sae.set_l1_scale(0.0)
-    assert float(sae(x).losses["loss"].detach()) == pytest.approx(2.5)
+    assert float(sae(x).losses["loss"].detach()) == pytest.approx(0.5)
 
 
-def test_relu_l1_init_follows_anthropic_april_update():
+def test_relu_l1_init_is_tied_with_unit_rows_and_stays_unconstrained():
     sae = make_sae(SAEConfig(arch="relu_l1", n_features=40), 10)
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((40,), 0.1))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((40,), 1.0))
     assert torch.equal(sae.W_enc, sae.W_dec.t()) and not sae.b_enc.any()
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5)
     sae.normalize_decoder_()  # unconstrained: a no-op
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((40,), 0.1))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.full((40,), 0.5))
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu"])

@@ -280,7 +280,7 @@ def gemm_party(kind: str, batch_size: int, d_in: int, n_features: int, k: int, n
     return run
 
 
-def _fvu_at_l0(points: list[dict], l0: float) -> float | None:
+def fvu_at_l0(points: list[dict], l0: float) -> float | None:
     """FVU at L0 by linear interpolation in log L0 between the two runs that bracket it (None if
     fewer than 2 runs or if they do not bracket l0: a straight line extrapolated in log L0 can
     run below 0, and the caller then falls back to the nearest run, flagged as unbracketed)."""
@@ -350,7 +350,7 @@ def compare_with_peer(data: TrainData, n_features: int, batch_size: int, n_steps
         peers.append(train_peer(data, "relu_l1", n_features, batch_size, n_steps, device,
                                 l1_coeff=lam2))
     nearest = min(peers, key=lambda p: abs(math.log(max(p["l0"], 1e-9) / max(ours["l0"], 1e-9))))
-    at_l0 = _fvu_at_l0(peers, ours["l0"]) if len(peers) > 1 else None
+    at_l0 = fvu_at_l0(peers, ours["l0"]) if len(peers) > 1 else None
     peer_fvu = at_l0 if at_l0 is not None else nearest["fvu"]
     # Throughput from the lockstep pair only: the calibration run was timed on its own.
     l0s = [p["l0"] for p in peers]

@@ -79,7 +79,7 @@ def unit_objective(unit_ids: Sequence[int], encode: Callable | None = None):
                      description=f"centre {kind} objective")
 
 
-class _RedirectedReLU(torch.autograd.Function):
+class RedirectedReLU(torch.autograd.Function):
     """ReLU whose backward lets a dead unit be pushed up (Lucid's redirected ReLU gradient).
 
     A unit that starts inactive at the probed position has zero gradient through a plain ReLU,
@@ -109,7 +109,7 @@ def redirected_relus(model: nn.Module) -> Iterator[None]:
     """Inside the block every nn.ReLU of model uses the redirected gradient (forward unchanged)."""
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     for m in relus:
-        m.forward = _RedirectedReLU.apply  # an instance attribute shadows the class's forward
+        m.forward = RedirectedReLU.apply  # an instance attribute shadows the class's forward
     try:
         yield
     finally:

@@ -97,7 +97,7 @@ def resolve_mode(config_mode: str) -> str:
     return mode
 
 
-def _base_url() -> str:
+def base_url() -> str:
     import wandb
 
     return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
@@ -152,7 +152,7 @@ def open_tracker(
     os.environ.setdefault("WANDB_CONSOLE", "off")
     fell_back = False
     if mode == "online":
-        url = _base_url()
+        url = base_url()
         if not has_credentials(url):
             raise ValueError(f"logger.mode=online needs W&B credentials for {url}: run "
                              "`wandb login` or set WANDB_API_KEY, or log offline with "

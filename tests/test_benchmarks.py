@@ -25,15 +25,15 @@ needs_peer = pytest.mark.skipif(importlib.util.find_spec("overcomplete") is None
 
 
 def test_fvu_at_l0_interpolates_in_log_l0():
-    from benchmarks.training import _fvu_at_l0
+    from benchmarks.training import fvu_at_l0
 
     runs = [{"l0": 10.0, "fvu": 0.4}, {"l0": 40.0, "fvu": 0.2}]
-    assert _fvu_at_l0(runs, 20.0) == pytest.approx(0.3)  # log-midpoint of 10 and 40
-    assert _fvu_at_l0(runs, 10.0) == pytest.approx(0.4)
-    assert _fvu_at_l0(runs[:1], 20.0) is None
+    assert fvu_at_l0(runs, 20.0) == pytest.approx(0.3)  # log-midpoint of 10 and 40
+    assert fvu_at_l0(runs, 10.0) == pytest.approx(0.4)
+    assert fvu_at_l0(runs[:1], 20.0) is None
     # Outside the bracket a line in log L0 can fall below 0 (it did: a ratio of -6.4); the
     # caller then uses the nearest run instead.
-    assert _fvu_at_l0(runs, 400.0) is None and _fvu_at_l0(runs, 2.0) is None
+    assert fvu_at_l0(runs, 400.0) is None and fvu_at_l0(runs, 2.0) is None
 
 
 def test_step_clock_times_each_step_after_warmup():

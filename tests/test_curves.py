@@ -25,7 +25,7 @@ K = 31  # toy kernel side
 TOY_ORIENTATIONS = [0.0, 45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0]
 
 
-def _template(kind: str, theta: float, radius: float = 7.0) -> torch.Tensor:
+def template(kind: str, theta: float, radius: float = 7.0) -> torch.Tensor:
     c = (K - 1) / 2
     if kind == "curve":
         t = S.curve_sweep([theta], [radius], size=K, centre=(c, c), arc_length_deg=150,
@@ -48,12 +48,12 @@ class ToyNet(nn.Module):
 
     def __init__(self):
         super().__init__()
-        temps = [_template("curve", t) for t in TOY_ORIENTATIONS] + [_template("line", 90.0)]
+        temps = [template("curve", t) for t in TOY_ORIENTATIONS] + [template("line", 90.0)]
         w = torch.stack(temps)[:, None]
         self.conv = nn.Conv2d(1, len(temps), K, padding=K // 2, bias=False)
         self.conv.weight.data = w / w.flatten(1).sum(1).view(-1, 1, 1, 1)
         self.flip = nn.Conv2d(1, 2, K, padding=K // 2, bias=False)
-        f = torch.stack([_template("curve", 0.0), _template("curve", 180.0)])[:, None]
+        f = torch.stack([template("curve", 0.0), template("curve", 180.0)])[:, None]
         self.flip.weight.data = f / f.flatten(1).sum(1).view(-1, 1, 1, 1)
         self.register_buffer("threshold", torch.tensor(0.2))
         g = torch.exp(-torch.arange(-3.0, 4.0) ** 2 / (2 * 1.5**2))

@@ -20,7 +20,7 @@ def noise(n, size=SIZE, seed=0):
 
 def test_redirected_relu_is_a_relu_that_lets_dead_units_be_pushed_up():
     x = torch.tensor([[-1.0, -2.0], [1.0, -1.0]], requires_grad=True)
-    y = featurevis._RedirectedReLU.apply(x)
+    y = featurevis.RedirectedReLU.apply(x)
     assert torch.equal(y, torch.relu(x))
     # Row 0 is all dead: a plain ReLU gives it no gradient; redirected, a push upwards (negative
     # loss gradient) passes, and a push further down does not.

@@ -3,7 +3,8 @@
 - no module of sae_vision/ is over about 500 lines, and no function over about 80, unless a
   `# long: <why>` comment says why (for a module: anywhere at its top level; for a function: on
   its `def` line or the line above it);
-- no module imports or reaches into another module's private (`_name`) names.
+- no module (package, run.py, benchmarks, tests) imports or reaches into another module's
+  private (`_name`) names.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _private_uses(path: Path) -> list[str]:
 
 
 def test_no_module_uses_another_modules_private_names():
-    files = [*MODULES, REPO / "run.py", *sorted((REPO / "benchmarks").glob("*.py"))]
+    files = [*MODULES, REPO / "run.py", *sorted((REPO / "benchmarks").glob("*.py")),
+             *sorted((REPO / "tests").glob("*.py"))]
     bad = {p.relative_to(REPO).as_posix(): u for p in files if (u := _private_uses(p))}
     assert not bad, f"private names used across modules: {bad}"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_curves import TOY_ORIENTATIONS, K, ToyNet, _template, toy_cfg
+from test_curves import TOY_ORIENTATIONS, K, ToyNet, template, toy_cfg
 
 from sae_vision import census as CS
 from sae_vision import curves as C
@@ -24,7 +24,7 @@ class BroadToyNet(ToyNet):
     def __init__(self):
         super().__init__()
         grid = torch.arange(0.0, 360.0, 15.0)
-        t = torch.stack([_template("curve", float(a)) for a in grid])[:, None]
+        t = torch.stack([template("curve", float(a)) for a in grid])[:, None]
         self.fine = nn.Conv2d(1, len(grid), K, padding=K // 2, bias=False)
         self.fine.weight.data = t / t.flatten(1).sum(1).view(-1, 1, 1, 1)
         d = (grid[None, :] - torch.tensor(TOY_ORIENTATIONS)[:, None] + 180) % 360 - 180

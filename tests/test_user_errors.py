@@ -243,9 +243,9 @@ def test_online_logger_without_credentials_is_an_error_with_the_fix(root):
 def test_online_logger_without_network_falls_back_to_offline_within_seconds(root):
     import time
 
-    from sae_vision.tracker import _base_url, reachable
+    from sae_vision.tracker import base_url, reachable
 
-    if reachable(_base_url()):
+    if reachable(base_url()):
         pytest.skip("this machine can reach W&B; the no-network path needs it unreachable")
     env = wandb_env(root, WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567")
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from test_kernels import randomised
 
 from sae_vision.checkpoint import (
     RunLocked,
@@ -18,27 +19,16 @@ from sae_vision.checkpoint import (
     save_train_state,
     write_checkpoint,
 )
-from sae_vision.config import SAEConfig
+from sae_vision.config import ARCHS, SAEConfig
 from sae_vision.loop import make_optimizer
 from sae_vision.runs import CKPT_FILES
 from sae_vision.sae import make_sae
-
-ARCHS = ("relu_l1", "topk", "batchtopk", "jumprelu")
-
-
-def _randomised(sae, seed=0):
-    """Perturb biases so that every gradient path is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=g))
-        sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=g))
-    return sae
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip_is_exact(arch, tmp_path):
     torch.manual_seed(0)
-    sae = _randomised(
+    sae = randomised(
         make_sae(
             SAEConfig(arch=arch, n_features=48, k=4), 12, input_scale=2.5, mean=torch.randn(12)
         )

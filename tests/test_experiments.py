@@ -11,23 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from test_import_acts import compose_cfg
 
 from sae_vision import cache, train
-from sae_vision.config import Config, check_config, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
 D_IN = 16
-
-
-def compose_cfg(overrides) -> Config:
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
-    check_config(cfg)
-    return cfg
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from sae_vision.kernels import JumpReLUFn, StepFn, batch_topk_flat
 from sae_vision.sae import forward_reference, make_sae
 
 
-def _randomised(sae, seed=0):
+def randomised(sae, seed=0):
     """Perturb biases so that every gradient path is exercised."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -35,7 +35,7 @@ def _grads(sae, fn):
 def test_sparse_backward_matches_dense_autograd_float64(arch, with_dead):
     torch.manual_seed(0)
     cfg = SAEConfig(arch=arch, n_features=96, k=5, aux_k=8)
-    sae = _randomised(make_sae(cfg, 16, input_scale=1.7, mean=torch.randn(16)).double())
+    sae = randomised(make_sae(cfg, 16, input_scale=1.7, mean=torch.randn(16)).double())
     x = torch.randn(64, 16, dtype=torch.float64)
     dead = torch.arange(96) % 3 == 0 if with_dead else None
     out, g_sparse = _grads(sae, lambda: sae(x, dead_mask=dead))
@@ -54,7 +54,7 @@ def test_sparse_backward_matches_dense_autograd_float64(arch, with_dead):
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_sparse_backward_gives_input_gradient_like_autograd(arch):
     torch.manual_seed(1)
-    sae = _randomised(make_sae(SAEConfig(arch=arch, n_features=48, k=4), 8).double())
+    sae = randomised(make_sae(SAEConfig(arch=arch, n_features=48, k=4), 8).double())
     x0 = torch.randn(32, 8, dtype=torch.float64)
     grads = []
     for fn in (sae, forward_reference):
@@ -109,7 +109,7 @@ def test_straight_through_estimators_match_hand_case():
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_sparse_kernels_match_dense_autograd_on_cuda(arch):
     torch.manual_seed(0)
-    sae = _randomised(make_sae(SAEConfig(arch=arch, n_features=512, k=8, aux_k=16), 64)).cuda()
+    sae = randomised(make_sae(SAEConfig(arch=arch, n_features=512, k=8, aux_k=16), 64)).cuda()
     x = torch.randn(256, 64, device="cuda")
     dead = (torch.arange(512) % 4 == 0).cuda()
     out, g_sparse = _grads(sae, lambda: sae(x, dead_mask=dead))

@@ -9,15 +9,6 @@ from sae_vision.config import ARCH_TRAITS, ARCHS, SAEConfig
 from sae_vision.sae import SAE_CLASSES, make_sae, resample_dead
 
 
-def _randomised(sae, seed=0):
-    """Perturb biases so that every gradient path is exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=g))
-        sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=g))
-    return sae
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_make_sae_builds_the_registered_class_with_the_config_traits(arch):
     sae = make_sae(SAEConfig(arch=arch, n_features=16, k=2), 4)

@@ -199,6 +199,11 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     logger.info(f"[cache] {len(layers)} layer(s), {n_total} images in {n_shards} shards; "
           f"rank {rank}/{world}: {len(done)} done, {len(todo)} to write")
 
+    # layer.dim agrees with the layer name (check_config); the model's width is the truth here.
+    # Both are computed once: a timm layer's geometry is probed with gradient passes.
+    dims = {la: model.layer_dim(la) for la in layers}
+    geoms = {la: _geometry(model, la) for la in layers}
+
     t0, n_img_done = time.perf_counter(), 0
     n_vec = dict.fromkeys(layers, 0)
     bar = Progress("cache", total=len(todo) * cfg.cache.images_per_shard, unit="img")
@@ -206,7 +211,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
                   if dataset is not None else _stream_shards(cfg, done | set(
                       s for s in range(n_shards) if s % world != rank)))
     for shard, batches in shard_iter:
-        n_here = _write_shard(cfg, model, dirs, shard, batches, n_total, n_vec, bar,
+        n_here = _write_shard(cfg, model, dirs, dims, geoms, shard, batches, n_total, n_vec, bar,
                               n_complete=len(done) + todo.index(shard))
         if n_here is None:  # another process holds this shard
             continue
@@ -252,15 +257,14 @@ def _reuse_or_repair(cfg: Config, dirs: dict[str, Path]) -> CacheResult | None:
     return None
 
 
-def _write_shard(cfg: Config, model, dirs: dict[str, Path], shard: int, batches, n_total: int,
-                 n_vec: dict[str, int], bar: Progress, n_complete: int) -> int | None:
+def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int],
+                 geoms: dict, shard: int, batches, n_total: int, n_vec: dict[str, int],
+                 bar: Progress, n_complete: int) -> int | None:
     """Write one shard of every layer from its image batches, under the shard's lock; returns
-    the images done (None when another process holds the shard). `n_vec` counts vectors per layer;
-    `n_complete` (shards already complete) goes into the out-of-space message."""
+    the images done (None when another process holds the shard). `dims` and `geoms` are each
+    layer's width and geometry, `n_vec` counts vectors per layer, and `n_complete` (shards
+    already complete) goes into the out-of-space message."""
     layers = list(dirs)
-    # layer.dim agrees with the layer name (check_config); the model's width is the truth here.
-    dims = {la: model.layer_dim(la) for la in layers}
-    geoms = {la: _geometry(model, la) for la in layers}
     device = next(model.parameters()).device
     n_img_done = 0
     # One lock per shard, in the first layer's folder: every layer's shard is written together.

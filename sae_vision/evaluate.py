@@ -27,10 +27,7 @@ import torch
 from sae_vision import metrics as M
 from sae_vision import paths, plots
 from sae_vision.census import NeuronCensusMemo
-from sae_vision.config import (
-    Config,
-    ModelConfig,
-)
+from sae_vision.config import Config, DataConfig, ModelConfig
 from sae_vision.fidelity import (
     baseline_logits,
     batches_of,
@@ -40,6 +37,7 @@ from sae_vision.fidelity import (
     splice_metrics,
 )
 from sae_vision.io import drop_stale_tmp, to_json, write_json
+from sae_vision.models import pick_device
 from sae_vision.progress import Progress, track
 from sae_vision.runs import (
     EVAL_DIR,
@@ -74,12 +72,6 @@ class EvalResult:
 # The stage
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class _Session:
     """Things shared by the runs of one evaluation: loaded models and splice baselines."""
 
@@ -90,6 +82,15 @@ class _Session:
         # the neuron census of one (model, layer, data), reused across the runs of a sweep
         self.census_memo = NeuronCensusMemo()
         self.data_overrides: list[str] = []  # the command line's data overrides (other_data)
+
+    def images_of(self, data_cfg: DataConfig, ids: list[int]) -> tuple[tuple, torch.Tensor,
+                                                                         list[int]]:
+        """The images with these ids from this data, loaded once per session (the splice and
+        the census of every run share them); returns (key, images, the ids that loaded)."""
+        key = (json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), tuple(ids))
+        if key not in self.images:
+            self.images[key] = load_images(data_cfg, ids)
+        return (key, *self.images[key])
 
     def model(self, mc: ModelConfig):
         key = json.dumps(dataclasses.asdict(mc), sort_keys=True)
@@ -190,10 +191,7 @@ def _splice(cfg: Config, session: _Session, mc: ModelConfig, sae, info: RunInfo,
     check_weights(model, cache_meta, info)
     data_cfg, want, how = splice_image_ids(cache_meta, info, ev.n_splice_images, cfg.data)
     # Layers cached from the same images share them; each layer has its own baselines.
-    img_key = (json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), tuple(want))
-    if img_key not in session.images:
-        session.images[img_key] = load_images(data_cfg, want)
-    images, ids = session.images[img_key]
+    img_key, images, ids = session.images_of(data_cfg, want)
     base_key = (json.dumps(dataclasses.asdict(mc), sort_keys=True), info.layer,
                 str(info.cache_dir), img_key)
     mean_C = torch.tensor(cache_meta["mean"], dtype=torch.float32)
@@ -218,7 +216,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
                                                             requested_layer)
     ev = cfg.eval
     mc = model_config(cfg, cache_meta)
-    device = _device(mc.device)
+    device = pick_device(mc.device)
     sae = sae.to(device).eval()
     logger.info(f"[evaluate] {info.name}: layer {info.layer}, {info.arch}, d_in={info.d_in}, "
                 f"F={info.n_features}, held-out shards {list(info.holdout_shards)}")
@@ -334,10 +332,7 @@ def census_inputs(cfg: Config, info: RunInfo, cache_meta: dict, session: _Sessio
     input-block check use `cfg.curves.n_reference_images` held-out photos of the same data."""
     data_cfg, ids, how = splice_image_ids(cache_meta, info, cfg.curves.n_reference_images,
                                           cfg.data)
-    img_key = (json.dumps(dataclasses.asdict(data_cfg), sort_keys=True), tuple(ids))
-    if img_key not in session.images:
-        session.images[img_key] = load_images(data_cfg, ids)
-    images, got = session.images[img_key]
+    _, images, got = session.images_of(data_cfg, ids)
     sampling = cache_meta.get("sampling")
     unbiased = sampling in ("all", "uniform") and "mean" in cache_meta and "std" in cache_meta
     out = {"images": images,

@@ -14,6 +14,7 @@ import torch
 
 from sae_vision import metrics as M
 from sae_vision.config import DataConfig
+from sae_vision.models import model_device
 from sae_vision.progress import track
 from sae_vision.runs import RunInfo, data_config
 
@@ -151,13 +152,6 @@ def splice_metrics(model, sae, layer: str, images_B3HW: torch.Tensor, mean_C: to
     # Reconstruction at every position of the held-out images, not just the cache's samples.
     out["fvu_all_positions"] = rec.compute()["fvu"]
     return out
-
-
-def model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def holdout_image_ids(cache_meta: dict, holdout_shards: Iterable[str],

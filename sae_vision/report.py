@@ -42,6 +42,7 @@ from sae_vision.browser import layer_browsers, write_js
 from sae_vision.config import Config, to_plain, uses_l1_coeff
 from sae_vision.findings import findings_markdown, findings_rows, write_findings
 from sae_vision.io import copy_file, to_json, write_json, write_text
+from sae_vision.models import pick_device
 from sae_vision.pages import (
     BROWSER_HTML,
     html_census,
@@ -177,7 +178,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     run_dirs = find_runs(cfg)
     out = paths.report_dir(cfg)
     fig_dir = _fresh_folders(out)
-    device = _device(cfg)
+    device = pick_device(cfg.model.device)
     records = sorted(load_runs(run_dirs, cfg), key=_order)
     logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
 
@@ -284,13 +285,6 @@ def _order(r: RunRecord) -> tuple:
     """Runs in table order: layer, architecture, then sparsity (L0 when evaluated)."""
     l0 = dig(r.metrics, "reconstruction", "l0")
     return (r.info.layer, r.info.arch, l0 if l0 is not None else math.inf, _natural(r.name))
-
-
-def _device(cfg: Config) -> torch.device:
-    name = cfg.model.device
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _git_commit() -> str | None:

@@ -16,14 +16,10 @@ import torch.nn as nn
 from sae_vision import stimuli as S
 from sae_vision.config import CurvesConfig
 from sae_vision.curves import Probe, evidence
+from sae_vision.models import model_device
 
 # Progress hook: on_batch(n_stimuli_in_this_batch, n_stimuli_in_the_battery) per forward pass.
 BatchFn = Callable[[int, int], None]
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def make_probe(model, layer: str, canvas_size: int = 0) -> Probe:
@@ -67,7 +63,7 @@ def make_probe(model, layer: str, canvas_size: int = 0) -> Probe:
 def centre_activations(model, layer: str, table: S.StimulusTable, probe: Probe,
                        batch_size: int = 128, on_batch: BatchFn | None = None) -> torch.Tensor:
     """Activation vectors [N, D] at the probed position, one chunked forward pass."""
-    dev = _device(model)
+    dev = model_device(model)
     out = []
     for _, imgs in S.iter_chunks(table, batch_size):
         acts = model.activations(imgs.to(dev), [layer])[layer]
@@ -91,7 +87,7 @@ def make_reference_images(n: int = 32, size: int = 224, seed: int = 0) -> torch.
 def layer_vectors(model, layer: str, images: torch.Tensor, batch_size: int = 16,
                   border: int = 0) -> torch.Tensor:
     """Activation vectors [B*H*W, D] of `layer` at every position (minus `border`) of `images`."""
-    dev = _device(model)
+    dev = model_device(model)
     out = []
     for i in range(0, len(images), batch_size):
         a = model.activations(images[i:i + batch_size].to(dev), [layer])[layer].float()
@@ -111,7 +107,7 @@ def unit_stats(acts_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def feature_responses(sae, acts_ND: torch.Tensor, batch_size: int = 4096,
                       which: Sequence[str] = ("pre_acts", "encode")) -> dict[str, torch.Tensor]:
     """`pre_acts` and/or `encode` of an SAE (or anything with those methods) on vectors [N, D]."""
-    dev = _device(sae) if isinstance(sae, nn.Module) else torch.device("cpu")
+    dev = model_device(sae) if isinstance(sae, nn.Module) else torch.device("cpu")
     out: dict[str, list] = {k: [] for k in which}
     for i in range(0, len(acts_ND), batch_size):
         x = acts_ND[i:i + batch_size].to(dev)

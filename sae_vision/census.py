@@ -8,7 +8,6 @@ the null networks are `sae_vision.nulls`; the figures are `sae_vision.plots`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from sae_vision import stimuli as S
+from sae_vision.config import to_plain
 from sae_vision.curves import (
     calibrate,
     count_detected,
@@ -100,7 +100,7 @@ class NeuronCensusMemo:
     def key_of(model, layer: str, ccfg, n_seeds: int, source: str) -> tuple:
         """What the neuron census depends on: the data behind the unit stats (`source`), the
         network's weights, the layer, the number of null seeds and every curves setting."""
-        settings = dataclasses.asdict(ccfg) if dataclasses.is_dataclass(ccfg) else _plain(ccfg)
+        settings = to_plain(ccfg)
         return (source, getattr(model, "weights_sha256", None), layer, n_seeds,
                 json.dumps(settings, sort_keys=True, default=str))
 
@@ -111,12 +111,6 @@ class NeuronCensusMemo:
     def put(self, key: tuple, census: NeuronCensus) -> None:
         """Keep `census` under `key`, dropping whatever was kept before."""
         self._key, self._census = key, census
-
-
-def _plain(cfg) -> Any:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
 def input_block_check(model, layer: str, ccfg, images: torch.Tensor, probe_of, say) -> dict:

@@ -15,13 +15,12 @@ import json
 import os
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from sae_vision import io
-from sae_vision.config import SAEConfig
 from sae_vision.runs import (
     CHECKPOINTS_DIR,
     CKPT_FILES,
@@ -31,7 +30,7 @@ from sae_vision.runs import (
     TRAIN_STATE_JSON,
     WEIGHTS_FILE,
 )
-from sae_vision.sae import make_sae
+from sae_vision.sae import as_sae_config, make_sae
 
 FORMAT_VERSION = 2  # of sae.safetensors + config.json; 2: relu_l1 encodes x - b_dec
 STATE_FORMAT = 1  # of train_state.safetensors + train_state.json
@@ -43,12 +42,6 @@ class RunLocked(RuntimeError):
 
 # --------------------------------------------------------------------------------------------
 # The SAE
-
-
-def _sae_config(plain: dict) -> SAEConfig:
-    """An SAEConfig from a config.json's "sae" entry (keys of other versions ignored)."""
-    known = {f.name for f in fields(SAEConfig)}
-    return SAEConfig(**{k: v for k, v in dict(plain).items() if k in known})
 
 
 def save_sae(sae, run_dir: str | os.PathLike, meta: dict) -> None:
@@ -99,7 +92,7 @@ def load_sae(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
         )
     try:
         config = json.loads(config_path.read_text())
-        cfg = _sae_config(config["sae"])
+        cfg = as_sae_config(dict(config["sae"]))  # keys of other versions are ignored
         d_in = int(config["d_in"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{config_path} is not a valid SAE config: {err!r}") from err

@@ -146,7 +146,7 @@ class SAE(nn.Module):
         self, cfg: SAEConfig, d_in: int, input_scale: float = 1.0, mean: Tensor | None = None
     ):
         super().__init__()
-        cfg = _as_sae_config(cfg)
+        cfg = as_sae_config(cfg)
         if cfg.arch != self.arch:
             raise ValueError(f"sae.arch={cfg.arch!r} given to {type(self).__name__} "
                              f"({self.arch!r}); build SAEs with make_sae")
@@ -554,7 +554,7 @@ def _finish_losses(loss: Tensor, terms: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _as_sae_config(cfg: Any) -> SAEConfig:
+def as_sae_config(cfg: Any) -> SAEConfig:
     """An SAEConfig from a dataclass, an OmegaConf node or a dict (unknown keys ignored)."""
     if isinstance(cfg, SAEConfig):
         return cfg
@@ -573,7 +573,7 @@ def make_sae(
     cfg: SAEConfig, d_in: int, input_scale: float = 1.0, mean: Tensor | None = None
 ) -> SAE:
     """Build an SAE for `d_in`-dim activations; `mean` (raw units) initialises b_dec."""
-    cfg = _as_sae_config(cfg)
+    cfg = as_sae_config(cfg)
     if cfg.arch not in SAE_CLASSES:
         raise ValueError(f"sae.arch={cfg.arch!r} is not valid; choose one of {sorted(SAE_CLASSES)}")
     return SAE_CLASSES[cfg.arch](cfg, d_in, input_scale=input_scale, mean=mean)

@@ -13,16 +13,12 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sae_vision.config import (
-    Config,
-    check_config,
-    register_configs,
-    to_plain,
-    unused_overrides,
-)
+from sae_vision.core import Config, check_config, register_configs, to_plain, unused_overrides
 
 register_configs()
 
+# The package that owns each stage; it exports the stage as `run_<stage>`.
+STAGE_PACKAGES = {"cache": "activations", "train": "sae", "evaluate": "evaluate", "report": "report"}
 # Errors a user can fix from the command line: print the message, not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
 # OS errors that mean "this folder cannot be written": read-only, no permission, disk full.
@@ -42,16 +38,14 @@ def main(dcfg: DictConfig):
     """Compose, validate, open the tracker, run one stage."""
     from hydra.core.hydra_config import HydraConfig
 
-    from sae_vision import progress
-    from sae_vision.checkpoint import RunLocked
-    from sae_vision.loop import TrainingDiverged
-    from sae_vision.shards import CacheError
-    from sae_vision.tracker import open_tracker
+    from sae_vision.activations import CacheError
+    from sae_vision.core import open_tracker, progress
+    from sae_vision.sae import RunLocked, TrainingDiverged
 
     cfg: Config = OmegaConf.to_object(dcfg)
     try:
         if cfg.data.name == "imagefolder":
-            from sae_vision.data import resolve_data_root
+            from sae_vision.activations import resolve_data_root
 
             cfg.data.root = resolve_data_root(cfg.data.root)
         check_config(cfg)
@@ -61,12 +55,13 @@ def main(dcfg: DictConfig):
         if ignored:
             print(f"warning: stage={cfg.stage.name} does not use {' '.join(ignored)}; these "
                   "overrides have no effect here", file=sys.stderr)
-        stage = importlib.import_module(f"sae_vision.{cfg.stage.name}")
+        package = importlib.import_module(f"sae_vision.{STAGE_PACKAGES[cfg.stage.name]}")
+        run_stage = getattr(package, f"run_{cfg.stage.name}")
         out_dir = HydraConfig.get().runtime.output_dir
         with open_tracker(cfg.logger, out_dir, to_plain(cfg), job_type=cfg.stage.name) as tracker:
             # train and evaluate print (or act on) the command line's overrides; Hydra stays here.
             extra = {"overrides": overrides} if cfg.stage.name in ("train", "evaluate") else {}
-            result = stage.run(cfg, tracker, **extra)
+            result = run_stage(cfg, tracker, **extra)
     except (*USER_ERRORS, CacheError, RunLocked, TrainingDiverged) as e:
         fail(str(e))
     except OSError as e:
@@ -93,7 +88,7 @@ if __name__ == "__main__":
     # until the run ends. Line buffering writes each message as it happens.
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
-    from sae_vision.callbacks import unknown_override
+    from sae_vision.core import unknown_override
 
     sys.argv = _quote_run_globs(sys.argv)
     if (why := unknown_override(sys.argv[1:], os.path.join(os.path.dirname(__file__), "conf"))):

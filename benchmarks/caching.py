@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import sync
-from sae_vision.config import (
+from sae_vision.core.config import (
     CacheConfig,
     Config,
     DataConfig,
@@ -43,7 +43,7 @@ def cache_config(root: Path, n_images: int, image_size: int, batch_size: int, sa
 
 def decoded_images(cfg: Config) -> tuple[torch.Tensor, float]:
     """The exact images the cache stage will see, as [N, 3, H, W], and seconds per decode."""
-    from sae_vision.data import make_images
+    from sae_vision.activations.images import make_images
 
     dataset = make_images(cfg.data)
     t0 = time.perf_counter()
@@ -66,7 +66,7 @@ def forward_rate(model, images: torch.Tensor, batch_size: int, device: str) -> f
 
 def run_cache_stage(cfg: Config, log_path: Path) -> tuple[object, float]:
     """cache.run(cfg) with its console output sent to log_path; returns (result, wall seconds)."""
-    from sae_vision import cache
+    from sae_vision.activations import cache
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a") as log, contextlib.redirect_stdout(log):
@@ -85,7 +85,7 @@ def bench_caching(work_dir: Path, n_images: int, image_size: int, batch_size: in
     images/s excludes start-up (imports, model load) but includes decoding, sampling and
     writing; its wall-clock rate is recorded too.
     """
-    from sae_vision.models import load_model
+    from sae_vision.activations.models import load_model
 
     cache_dir = work_dir / "caching-bench"
     cfg = cache_config(work_dir, n_images, image_size, batch_size, "norm_weighted", device,
@@ -132,8 +132,8 @@ def bench_caching(work_dir: Path, n_images: int, image_size: int, batch_size: in
 def build_train_cache(work_dir: Path, n_images: int, image_size: int, images_per_shard: int,
                       device: str, log_path: Path) -> tuple[Path, dict, dict]:
     """Every position of n_images demo images at mixed3b (sampling=all), reused when complete."""
-    from sae_vision import paths
-    from sae_vision.shards import load_cache_meta
+    from sae_vision.activations.shards import load_cache_meta
+    from sae_vision.core import paths
 
     cfg = cache_config(work_dir, n_images, image_size, 32, "all", device,
                        images_per_shard=images_per_shard)

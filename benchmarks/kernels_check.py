@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from sae_vision.config import SAEConfig
-from sae_vision.sae import forward_reference, make_sae
+from sae_vision.core.config import SAEConfig
+from sae_vision.sae.architectures import forward_reference, make_sae
 
 
 def synthetic_batches(n_batches: int, batch: int, d_in: int, seed: int = 0) -> list[torch.Tensor]:

@@ -13,7 +13,7 @@ from benchmarks.training import TrainData
 def stream_rate(cache_dir: Path, shards: list[str], batch_size: int, shuffle_buffer: int,
                 min_vectors: int, max_seconds: float) -> dict:
     """Vectors/s of shards.stream_vectors (decode, shuffle buffer, batching), fill included."""
-    from sae_vision.shards import stream_vectors
+    from sae_vision.activations.shards import stream_vectors
 
     it = stream_vectors(cache_dir, shards, batch_size, shuffle_buffer=shuffle_buffer, seed=0)
     n = 0
@@ -33,7 +33,7 @@ def stream_rate(cache_dir: Path, shards: list[str], batch_size: int, shuffle_buf
 
 def memory_rate(data: TrainData, batch_size: int, device: str, n_batches: int) -> dict:
     """Vectors/s of the trainer's in-memory loader (train.MemoryBatches: permuted gathers)."""
-    from sae_vision.train import MemoryBatches
+    from sae_vision.sae.train import MemoryBatches
 
     batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=torch.device(device))
     next(batches)  # first permutation built outside the timing, as in a long run
@@ -50,7 +50,7 @@ def memory_rate(data: TrainData, batch_size: int, device: str, n_batches: int) -
 def verify_cost(cache_dir: Path, shards: list[str], trainer_samples_per_s: float) -> dict:
     """Seconds to sha256 the shards (the check on first open) against reading them once
     (decode, no shuffle) and against training one epoch over them."""
-    from sae_vision.shards import load_cache_meta, read_shard, sha256_file
+    from sae_vision.activations.shards import load_cache_meta, read_shard, sha256_file
 
     by_name = {s["name"]: s for s in load_cache_meta(cache_dir)["shards"]}
     for name in shards:  # warm the page cache, so both timings read from memory alike
@@ -74,8 +74,8 @@ def bench_loader(cache_dir: Path, meta: dict, data: TrainData, batch_size: int, 
                  trainer_samples_per_s: float, max_seconds: float, progress,
                  shuffle_buffer: int | None = None) -> dict:
     """Stream (default shuffle buffer) and in-memory loaders vs our TopK trainer's consumption."""
-    from sae_vision.config import TrainConfig
-    from sae_vision.shards import split_shards
+    from sae_vision.activations.shards import split_shards
+    from sae_vision.core.config import TrainConfig
 
     train_shards, _ = split_shards(meta, 0.1)
     n_train = len(data.train_ND)

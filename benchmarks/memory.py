@@ -30,7 +30,7 @@ def write_subset_cache(train_ND: torch.Tensor, layer: str, n_vectors: int, cache
 
     Repeats are fine here: only the size matters to a memory test.
     """
-    from sae_vision.shards import METADATA, load_cache_meta, write_cache
+    from sae_vision.activations.shards import METADATA, load_cache_meta, write_cache
 
     if (cache_dir / METADATA).exists():
         meta = load_cache_meta(cache_dir)
@@ -105,9 +105,9 @@ def bench_memory(train_ND: torch.Tensor, layer: str, work_dir: Path, small_vecto
 
 def _child_train(args) -> dict:
     """train.run streaming from args.cache_dir (loader=stream); returns peak RSS and speed."""
-    from sae_vision import train
-    from sae_vision.config import Config, LayerConfig, SAEConfig, TrainConfig
-    from sae_vision.shards import load_cache_meta
+    from sae_vision.activations.shards import load_cache_meta
+    from sae_vision.core.config import Config, LayerConfig, SAEConfig, TrainConfig
+    from sae_vision.sae import train
 
     meta = load_cache_meta(args.cache_dir)
     cfg = Config()
@@ -134,7 +134,7 @@ def _child_train(args) -> dict:
 def _child_cache(args) -> dict:
     """cache.run on args.n_images demo images into a fresh folder; returns peak RSS and speed."""
     from benchmarks.caching import cache_config
-    from sae_vision import cache
+    from sae_vision.activations import cache
 
     cache_dir = Path(args.root) / f"n{args.n_images}"
     shutil.rmtree(cache_dir, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Benchmark 7: recovery of a planted dictionary, every architecture at its defaults and the peer.
 
-The data (sae_vision.planted) imitates a post-ReLU conv layer: a non-negative offset, power-law
+The data (sae_vision.sae.planted) imitates a post-ReLU conv layer: a non-negative offset, power-law
 feature frequencies, correlated groups and clipping at zero. Every party sees the same training
 vectors in the same number (equal samples seen) and is scored on the same held-out vectors:
   - MMCS: the mean over planted atoms of the best cosine with any decoder row;
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from sae_vision.planted import PlantedSpec, make_planted, recovery
+from sae_vision.sae.planted import PlantedSpec, make_planted, recovery
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "sae"
 ARCHS = ("topk", "batchtopk", "relu_l1", "jumprelu")
@@ -32,7 +32,7 @@ ARCHS = ("topk", "batchtopk", "relu_l1", "jumprelu")
 
 def shipped_sae_config(arch: str, **overrides):
     """conf/sae/<arch>.yaml over the schema defaults (what `sae=<arch>` gives a user)."""
-    from sae_vision.config import SAEConfig
+    from sae_vision.core.config import SAEConfig
 
     merged = OmegaConf.merge(OmegaConf.structured(SAEConfig),
                              OmegaConf.load(CONF / f"{arch}.yaml"), overrides)
@@ -54,10 +54,10 @@ def _fvu_l0(reconstruct, held_ND: torch.Tensor, chunk: int = 8192) -> dict:
 def train_ours(arch: str, train_ND, held_ND, atoms, n_features: int, k: int, batch: int,
                n_steps: int) -> dict:
     """One of our architectures at its shipped defaults on the planted vectors."""
-    from sae_vision.config import TrainConfig
-    from sae_vision.loader import MemoryBatches
-    from sae_vision.loop import make_optimizer, train_loop
-    from sae_vision.sae import make_sae
+    from sae_vision.core.config import TrainConfig
+    from sae_vision.sae.architectures import make_sae
+    from sae_vision.sae.loader import MemoryBatches
+    from sae_vision.sae.loop import make_optimizer, train_loop
 
     d_in = train_ND.shape[1]
     # The goal compares at equal L0. relu_l1 ships a fixed, sweepable lambda (the paper's recipe),
@@ -124,7 +124,7 @@ def train_peer(train_ND, held_ND, atoms, n_features: int, k: int, batch: int,
 def bench_planted(spec: PlantedSpec, expansion: int, k: int, batch: int, n_samples: int,
                   peer: bool, progress) -> dict:
     """Every architecture and (when installed) the peer on one planted dictionary."""
-    from sae_vision.config import TrainConfig
+    from sae_vision.core.config import TrainConfig
 
     pl = make_planted(spec)
     n_train = min(n_samples, 400_000)  # later samples revisit the set: epochs, as on a cache

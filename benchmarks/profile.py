@@ -18,9 +18,9 @@ def profile_training(data: TrainData, arch: str, n_features: int, batch_size: in
     """torch.profiler over n_steps of train_loop (after one warm-up run); op table to path."""
     from torch.profiler import ProfilerActivity, profile
 
-    from sae_vision.loader import MemoryBatches
-    from sae_vision.loop import make_optimizer, train_loop
-    from sae_vision.sae import make_sae
+    from sae_vision.sae.architectures import make_sae
+    from sae_vision.sae.loader import MemoryBatches
+    from sae_vision.sae.loop import make_optimizer, train_loop
 
     sae_cfg, train_cfg = our_config(arch, n_features, k, 5.0, batch_size, n_steps, device)
     sae = make_sae(sae_cfg, data.d_in, input_scale=data.input_scale, mean=data.mean_D).to(device)
@@ -42,7 +42,7 @@ def profile_caching(work_dir: Path, n_images: int, image_size: int, batch_size: 
                     device: str, path: Path) -> Path:
     """cProfile of cache.run (Python-level: decode, forward, sampling, shard writing)."""
     from benchmarks.caching import cache_config
-    from sae_vision import cache
+    from sae_vision.activations import cache
 
     cache_dir = work_dir / "caching-profile"
     shutil.rmtree(cache_dir, ignore_errors=True)

@@ -144,7 +144,7 @@ def run_benchmarks(device: str, sizes: Sizes, out_dir: Path, parts: tuple[str, .
 
     needs_data = {"train", "loader", "memory", "scaling"} & set(parts)
     if needs_data and train_cache is not None:
-        from sae_vision.shards import load_cache_meta
+        from sae_vision.activations.shards import load_cache_meta
 
         progress(f"data: the given cache {train_cache}")
         cache_dir, meta = Path(train_cache), load_cache_meta(train_cache)
@@ -228,7 +228,7 @@ def run_benchmarks(device: str, sizes: Sizes, out_dir: Path, parts: tuple[str, .
 
     if "planted" in parts:
         from benchmarks import planted
-        from sae_vision.planted import PlantedSpec
+        from sae_vision.sae.planted import PlantedSpec
 
         spec = PlantedSpec(d_in=sizes.planted_d, n_atoms=sizes.planted_atoms,
                            k_mean=float(sizes.planted_k), alpha=1.2, noise=0.1)

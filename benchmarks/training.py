@@ -46,7 +46,7 @@ def load_train_data(cache_dir: Path, meta: dict, holdout_frac: float = 0.1) -> T
     """The training and held-out shards in memory (the trainer's own split rule)."""
     import time
 
-    from sae_vision.shards import load_vectors, split_shards
+    from sae_vision.activations.shards import load_vectors, split_shards
 
     train_shards, holdout_shards = split_shards(meta, holdout_frac)
     t0 = time.perf_counter()
@@ -101,7 +101,7 @@ def _peer_reconstruct(model, scale: float, mean_D: torch.Tensor):
 def our_config(arch: str, n_features: int, k: int, l1_coeff: float, batch_size: int,
                n_steps: int, device: str):
     """SAE and train configs for a benchmark run (constant LR, no sparsity warm-up)."""
-    from sae_vision.config import SAEConfig, TrainConfig
+    from sae_vision.core.config import SAEConfig, TrainConfig
 
     sae_cfg = SAEConfig(arch=arch, n_features=n_features, k=k, l1_coeff=l1_coeff,
                         l1_warmup_frac=0.0)
@@ -127,16 +127,16 @@ class Trained:
 def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_steps: int,
                device: str, k: int = 32, l1_coeff: float = 5.0, warmup: int = 1,
                progress: bool = True):
-    """A party running sae_vision.train.train_loop with its in-memory loader.
+    """A party running sae_vision.sae.train_loop with its in-memory loader.
 
     With `progress` the loop reports every step to the train stage's progress display, as the
     stage does (the off-terminal path: a clock read per step; its log line goes nowhere here).
     """
-    from sae_vision.loader import MemoryBatches
-    from sae_vision.loop import make_optimizer, train_loop
-    from sae_vision.progress import Progress
-    from sae_vision.sae import make_sae
-    from sae_vision.train import LIVE_METRICS
+    from sae_vision.core.progress import Progress
+    from sae_vision.sae.architectures import make_sae
+    from sae_vision.sae.loader import MemoryBatches
+    from sae_vision.sae.loop import make_optimizer, train_loop
+    from sae_vision.sae.train import LIVE_METRICS
 
     def run(clock_kw: dict) -> Trained:
         sae_cfg, train_cfg = our_config(arch, n_features, k, l1_coeff, batch_size, n_steps,

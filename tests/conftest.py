@@ -23,8 +23,8 @@ def weights_dir() -> Path:
 @pytest.fixture(scope="session")
 def bvlc_model(weights_dir):
     """The pretrained BVLC GoogLeNet on CPU, shared by all tests: leave it as you found it."""
-    from sae_vision.config import ModelConfig
-    from sae_vision.models import load_model
+    from sae_vision.activations.models import load_model
+    from sae_vision.core.config import ModelConfig
 
     return load_model(
         ModelConfig(family="googlenet_bvlc", weights_dir=str(weights_dir), device="cpu")

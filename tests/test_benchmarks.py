@@ -70,7 +70,7 @@ def test_lockstep_parties_take_turns_one_step_each():
 
 
 def _synthetic_cache(cache_dir: Path, n_vectors: int = 3072, dim: int = 64) -> Path:
-    from sae_vision.shards import write_cache
+    from sae_vision.activations.shards import write_cache
 
     gen = torch.Generator().manual_seed(0)
     acts = torch.relu(torch.randn(n_vectors, dim, generator=gen))

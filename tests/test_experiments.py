@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_import_acts import compose_cfg
 
-from sae_vision import cache, train
+from sae_vision.activations import cache
+from sae_vision.sae import train
+from tests.activations.test_import_acts import compose_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))

@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from sae_vision.config import ALL_LAYER_DIMS, Config, check_config, register_configs
-from sae_vision.data import resolve_data_root
+from sae_vision.activations.images import resolve_data_root
+from sae_vision.core.config import ALL_LAYER_DIMS, Config, check_config, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
@@ -54,7 +54,7 @@ def _leaves(tree, prefix=""):
 
 
 def test_study_data_root_resolves_explicit_then_env_then_shared_sample(monkeypatch, tmp_path):
-    from sae_vision import data
+    from sae_vision.activations import images as data
 
     monkeypatch.delenv(data.DATA_ENV, raising=False)
     shared = data.resolve_data_root(None)

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_shards import _OpenOnUnpickle, plant_member, rehash
+
+from tests.activations.test_shards import _OpenOnUnpickle, plant_member, rehash
 
 REPO = Path(__file__).resolve().parents[1]
 # Four shards of six images, so one repair run can meet four kinds of damage at once.
@@ -243,7 +244,7 @@ def test_online_logger_without_credentials_is_an_error_with_the_fix(root):
 def test_online_logger_without_network_falls_back_to_offline_within_seconds(root):
     import time
 
-    from sae_vision.tracker import base_url, reachable
+    from sae_vision.core.tracker import base_url, reachable
 
     if reachable(base_url()):
         pytest.skip("this machine can reach W&B; the no-network path needs it unreachable")
@@ -279,7 +280,7 @@ def test_unknown_key_is_refused_with_or_without_plus_naming_the_closest(arg, tmp
 
 
 def test_valid_keys_groups_and_hydra_settings_pass_the_key_check():
-    from sae_vision.callbacks import unknown_override
+    from sae_vision.core.callbacks import unknown_override
 
     ok = ["stage=train", "layer=mixed3a", "sae=relu_l1", "sae.l1_coeff=1,3", "+experiment=demo",
           "hydra/launcher=local", "hydra.run.dir=/tmp/x", "seed=3", "cache.layers=[a,b]", "-m",

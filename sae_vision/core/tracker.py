@@ -1,0 +1,183 @@
+"""The one place that talks to W&B: init, log, finish (in a `finally`).
+
+Stages receive a Tracker; library code only ever sees its `log` callable. Every stage also writes
+its metrics as JSON beside its artifacts, so nothing depends on reading W&B back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import netrc
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .config import LoggerConfig
+
+
+class Tracker:
+    """A thin wrapper around a W&B run; mode offline, online or disabled."""
+
+    def __init__(self, run=None):
+        self._run = run
+
+    @property
+    def enabled(self) -> bool:
+        """True when a real W&B run is attached (online or offline)."""
+        return self._run is not None
+
+    @property
+    def run_dir(self) -> str | None:
+        """Folder of the W&B run (offline runs can be synced later with `wandb sync`)."""
+        return getattr(self._run, "dir", None) if self._run is not None else None
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Log scalar metrics (and W&B objects) at a step; a numpy array becomes a histogram."""
+        if self._run is not None:
+            import numpy as np
+
+            if any(isinstance(v, np.ndarray) for v in metrics.values()):
+                import wandb
+
+                metrics = {k: wandb.Histogram(v) if isinstance(v, np.ndarray) else v
+                           for k, v in metrics.items()}
+            self._run.log(metrics, step=step)
+
+    def log_image(self, key: str, png_path: str | os.PathLike, step: int | None = None) -> None:
+        """Log a PNG written elsewhere (figures are always written to disk first)."""
+        if self._run is not None:
+            import wandb
+
+            self._run.log({key: wandb.Image(str(png_path))}, step=step)
+
+    def log_table(self, key: str, rows: list[dict], step: int | None = None) -> None:
+        """Log a list of flat dicts as a W&B table."""
+        if self._run is not None and rows:
+            import wandb
+
+            columns = list(rows[0].keys())
+            table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+            self._run.log({key: table}, step=step)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        """Set run-summary values (final metrics)."""
+        if self._run is not None:
+            for k, v in metrics.items():
+                self._run.summary[k] = v
+
+
+def disabled() -> Tracker:
+    """A tracker that records nothing (for library use and tests)."""
+    return Tracker(None)
+
+
+MODES = ("online", "offline", "disabled")
+# W&B's own aliases for WANDB_MODE.
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+
+
+def resolve_mode(config_mode: str) -> str:
+    """The W&B mode to use: WANDB_MODE from the environment wins over logger.mode, with a note
+    when the two differ (so neither is overridden silently)."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return config_mode
+    mode = _MODE_ALIASES.get(env, env)
+    if mode not in MODES:
+        raise ValueError(f"WANDB_MODE={env!r} in the environment; use one of {', '.join(MODES)} "
+                         "or unset it")
+    if mode != config_mode:
+        print(f"note: WANDB_MODE={env} from the environment overrides logger.mode={config_mode}; "
+              "unset WANDB_MODE to use the config", file=sys.stderr)
+    return mode
+
+
+def base_url() -> str:
+    import wandb
+
+    return os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+
+
+def has_credentials(base_url: str) -> bool:
+    """True when WANDB_API_KEY is set or the netrc file (as `wandb login` writes) has this host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        return netrc.netrc(path).authenticators(urlsplit(base_url).hostname or "") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def reachable(base_url: str, timeout_s: float = 5.0) -> bool:
+    """True when a TCP connection to the W&B server opens within timeout_s (DNS included)."""
+    parts = urlsplit(base_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    ok = threading.Event()
+
+    def connect():
+        with contextlib.suppress(OSError):
+            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+            ok.set()
+
+    # A thread, because name resolution ignores the socket timeout and can block for minutes.
+    threading.Thread(target=connect, daemon=True, name="wandb-probe").start()
+    ok.wait(timeout_s)
+    return ok.is_set()
+
+
+@contextlib.contextmanager
+def open_tracker(
+    cfg: LoggerConfig, run_dir: str | os.PathLike, config: dict, name: str | None = None,
+    job_type: str | None = None,
+) -> Iterator[Tracker]:
+    """Open a W&B run in `run_dir` (offline by default) and always finish it.
+
+    Online mode never hangs: missing credentials are a ValueError, and an unreachable server
+    falls back to offline with a warning that says how to `wandb sync` the run later."""
+    mode = resolve_mode(cfg.mode)
+    if mode == "disabled" or _rank() != 0:
+        yield Tracker(None)
+        return
+    import wandb
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    # Silence W&B's console chatter; never let it read or print keys into our logs.
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("WANDB_CONSOLE", "off")
+    fell_back = False
+    if mode == "online":
+        url = base_url()
+        if not has_credentials(url):
+            raise ValueError(f"logger.mode=online needs W&B credentials for {url}: run "
+                             "`wandb login` or set WANDB_API_KEY, or log offline with "
+                             "logger=wandb_offline")
+        if not reachable(url):
+            print(f"warning: W&B at {url} cannot be reached; logging offline instead",
+                  file=sys.stderr)
+            mode, fell_back = "offline", True
+    try:
+        run = wandb.init(
+            project=cfg.project, entity=cfg.entity, tags=list(cfg.tags or []), group=cfg.group,
+            mode=mode, dir=str(run_dir), config=config, name=name, job_type=job_type,
+            reinit="create_new",
+        )
+    except wandb.errors.Error as e:
+        raise ValueError(f"W&B could not start a {mode} run ({e}); check `wandb login`, or use "
+                         "logger=wandb_offline or logger=disabled") from e
+    try:
+        yield Tracker(run)
+    finally:
+        run.finish()
+        if fell_back:
+            print(f"warning: the W&B run was logged offline; upload it with `wandb sync "
+                  f"{Path(run.dir).parent}` once online", file=sys.stderr)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))

@@ -1,0 +1,90 @@
+"""The study's findings table: one row per evaluated run answering its question.
+
+Copies of neurons against new curve detectors, orientation gaps, and selectivity of features
+against their neurons; stage=report writes it beside the report as findings.json and
+findings.md (the README table of `make study`) and logs the Markdown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sae_vision.core import write_json, write_text
+
+from .records import RunRecord, dig
+
+FINDINGS_COLUMNS = (
+    ("arch", "arch"), ("n_features", "F"), ("l0", "L0"), ("fvu", "FVU"),
+    ("frac_recovered_zero", "splice KL recovered"), ("epochs", "epochs"),
+    ("loss_flatness", "loss drop, end of full-lr phase"),
+    ("loss_decay_gain", "loss drop, lr decay"), ("curve_features", "curve features"),
+    ("copies", "copies"), ("new", "new"), ("new_fdr", "new: random-dir. FDR"),
+    ("new_in_neuron_gaps", "new in neuron gaps"),
+    ("new_in_gaps_uncovered", "…not covered by a curve-tuned top neuron"),
+    ("largest_gap_neurons_deg", "largest gap, neurons"),
+    ("largest_gap_with_new_deg", "largest gap, neurons + new"),
+    ("largest_gap_curve_tuned_deg", "largest gap, curve-tuned neurons (criteria 1-3)"),
+    ("frac_more_selective", "features more selective than their neuron"),
+    ("frac_more_selective_random", "same, random dictionary"),
+    ("n_neurons_split", "neurons split into ≥ 2 features"),
+    ("frac_more_selective_split", "…their features more selective"),
+    ("frac_more_selective_single", "…same, neurons with one feature (copies)"),
+)
+
+
+def findings_rows(records: list[RunRecord]) -> list[dict]:
+    """One row per evaluated run with the study's answer: copies vs new detectors, gaps,
+    selectivity (the README table of `make study`)."""
+    from sae_vision.evaluate import summary_row
+
+    rows = []
+    for r in records:
+        if not r.metrics:
+            continue
+        row = summary_row(r.metrics)
+        row["epochs"] = (r.metrics.get("training") or {}).get("epochs")
+        if r.poly and r.poly.get("neurons"):
+            from sae_vision.census import split_selectivity
+
+            row.update(split_selectivity(r.poly["neurons"]))
+        band = dig(r.metrics, "curves", "band", default={}) or {}
+        for k in ("n_new_in_neuron_gaps_range", "largest_gap_neurons_deg_range",
+                  "largest_gap_neurons_plus_new_deg_range", "n_new_range"):
+            row[f"band_{k}"] = band.get(k)
+        row["band_n_points"] = band.get("n_points")
+        row["run"] = r.name
+        rows.append(row)
+    return sorted(rows, key=lambda x: (str(x.get("arch")), x.get("n_features") or 0))
+
+
+def findings_markdown(rows: list[dict]) -> str:
+    """The findings rows as a Markdown table (percentages for fractions)."""
+    def cell(key: str, v) -> str:
+        if v is None:
+            return "–"
+        if key in ("frac_recovered_zero", "frac_more_selective", "frac_more_selective_random",
+                   "loss_flatness", "loss_decay_gain", "frac_more_selective_split",
+                   "frac_more_selective_single"):
+            return f"{100 * v:.1f}%"
+        if key.endswith("_deg"):
+            return f"{v:.0f}°"
+        if isinstance(v, float):
+            return f"{v:.3g}" if key != "l0" else f"{v:.1f}"
+        return str(v)
+
+    head = "| " + " | ".join(label for _, label in FINDINGS_COLUMNS) + " |"
+    sep = "|" + "---|" * len(FINDINGS_COLUMNS)
+    body = ["| " + " | ".join(cell(k, r.get(k)) for k, _ in FINDINGS_COLUMNS) + " |"
+            for r in rows]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def write_findings(records: list[RunRecord], out: Path) -> list[Path]:
+    """findings.json and findings.md beside the report (nothing when no run is evaluated)."""
+    rows = findings_rows(records)
+    if not rows:
+        return []
+    json_path, md_path = out / "findings.json", out / "findings.md"
+    write_json(json_path, {"columns": [k for k, _ in FINDINGS_COLUMNS], "rows": rows})
+    write_text(md_path, findings_markdown(rows))
+    return [json_path, md_path]

@@ -1,0 +1,123 @@
+"""Tests for sae_vision/sae/kernels.py: sparse kernels against dense autograd, top-k selection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sae_vision.core.config import SAEConfig
+from sae_vision.sae.architectures import forward_reference, make_sae
+from sae_vision.sae.kernels import JumpReLUFn, StepFn, batch_topk_flat
+
+
+def randomised(sae, seed=0):
+    """Perturb biases so that every gradient path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        sae.b_enc.copy_(0.1 * torch.randn(sae.b_enc.shape, generator=g))
+        sae.b_dec.copy_(torch.randn(sae.b_dec.shape, generator=g))
+    return sae
+
+
+def _grads(sae, fn):
+    sae.zero_grad(set_to_none=True)
+    out = fn()
+    out.losses["loss"].backward()
+    return out, {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+
+# --------------------------------------------------------------------------------------------
+# Sparse kernels against dense autograd
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_backward_matches_dense_autograd_float64(arch, with_dead):
+    torch.manual_seed(0)
+    cfg = SAEConfig(arch=arch, n_features=96, k=5, aux_k=8)
+    sae = randomised(make_sae(cfg, 16, input_scale=1.7, mean=torch.randn(16)).double())
+    x = torch.randn(64, 16, dtype=torch.float64)
+    dead = torch.arange(96) % 3 == 0 if with_dead else None
+    out, g_sparse = _grads(sae, lambda: sae(x, dead_mask=dead))
+    ref, g_dense = _grads(sae, lambda: forward_reference(sae, x, dead_mask=dead))
+    assert set(out.losses) == {"loss", "mse", "auxk"}
+    for key in ref.losses:
+        torch.testing.assert_close(out.losses[key], ref.losses[key], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.x_hat, ref.x_hat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.codes, ref.codes, rtol=0, atol=0)
+    for name in g_dense:
+        torch.testing.assert_close(g_sparse[name], g_dense[name], rtol=1e-5, atol=1e-10)
+    if with_dead:
+        assert out.losses["auxk"] > 0
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_backward_gives_input_gradient_like_autograd(arch):
+    torch.manual_seed(1)
+    sae = randomised(make_sae(SAEConfig(arch=arch, n_features=48, k=4), 8).double())
+    x0 = torch.randn(32, 8, dtype=torch.float64)
+    grads = []
+    for fn in (sae, forward_reference):
+        x = x0.clone().requires_grad_(True)
+        fn(sae, x).losses["loss"].backward() if fn is forward_reference else fn(x).losses[
+            "loss"
+        ].backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "shape,n", [((64, 96), 320), ((3, 10), 25), ((300, 400), 1200), ((7, 5), 35)]
+)
+def test_batch_topk_selection_is_exact(shape, n):
+    torch.manual_seed(0)
+    pre = torch.randn(shape)
+    idx, vals = batch_topk_flat(pre, n)
+    want = pre.reshape(-1).topk(n).values
+    assert torch.equal(vals.sort(descending=True).values, want)
+    assert torch.equal(pre.reshape(-1)[idx], vals)
+    assert bool((idx[1:] > idx[:-1]).all())  # ascending, hence CSR row-major order
+
+
+def test_batch_topk_selection_handles_ties():
+    pre = torch.zeros(40, 30)
+    pre[:5] = 1.0
+    idx, vals = batch_topk_flat(pre, 100)
+    assert idx.numel() == 100 and idx.unique().numel() == 100
+    assert torch.equal(vals.sort(descending=True).values, pre.reshape(-1).topk(100).values)
+
+
+def test_straight_through_estimators_match_hand_case():
+    # Hand case for the straight-through estimators: z - θ inside the window (|u| < ε/2) or not.
+    z = torch.tensor([[0.30, 0.55, 1.00, 0.0]], requires_grad=True)
+    theta = torch.tensor([0.25, 0.50, 0.50, 0.5], requires_grad=True)
+    eps = 0.2
+    JumpReLUFn.apply(z, theta, eps).sum().backward()
+    assert torch.equal(z.grad, torch.tensor([[1.0, 1.0, 1.0, 0.0]]))
+    torch.testing.assert_close(theta.grad, torch.tensor([-0.25 / eps, -0.5 / eps, 0.0, 0.0]))
+    theta.grad = None
+    StepFn.apply(z.detach(), theta, eps).sum().backward()
+    torch.testing.assert_close(theta.grad, torch.tensor([-1 / eps, -1 / eps, 0.0, 0.0]))
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_kernels_match_dense_autograd_on_cuda(arch):
+    torch.manual_seed(0)
+    sae = randomised(make_sae(SAEConfig(arch=arch, n_features=512, k=8, aux_k=16), 64)).cuda()
+    x = torch.randn(256, 64, device="cuda")
+    dead = (torch.arange(512) % 4 == 0).cuda()
+    out, g_sparse = _grads(sae, lambda: sae(x, dead_mask=dead))
+    ref, g_dense = _grads(sae, lambda: forward_reference(sae, x, dead_mask=dead))
+    torch.testing.assert_close(out.losses["loss"], ref.losses["loss"], rtol=1e-4, atol=1e-4)
+    for name in g_dense:
+        torch.testing.assert_close(g_sparse[name], g_dense[name], rtol=1e-3, atol=1e-4)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = sae(x, dead_mask=dead)
+    out.losses["loss"].backward()
+    assert out.x_hat.dtype == torch.float32 and torch.isfinite(sae.W_enc.grad).all()

@@ -25,7 +25,7 @@ RUN := $(PY) run.py
 # `make study DATA_ROOT=/path/to/photos` points the study at another ImageNet folder.
 STUDY_DATA := $(if $(DATA_ROOT),data.root=$(DATA_ROOT),)
 
-.PHONY: help setup browser demo study test test-all reproduce bench lint format clean cache train evaluate report
+.PHONY: help setup browser demo study test test-all reproduce bench gpu-bundle gpu-check lint format clean cache train evaluate report
 
 help: ## Show this help (one line per target)
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -75,6 +75,13 @@ reproduce: setup ## The paper-scale study on ImageNet (needs DATA_ROOT=/path/to/
 bench: setup ## Benchmarks as ratios (cache vs forward, trainer vs overcomplete and roofline, loader, memory, planted dictionary)
 	$(PIP) install -c constraints.txt -e ".[bench]"
 	$(PY) -m benchmarks.run $(ARGS)
+
+gpu-bundle: setup ## Wheels, weights and 224-px photos for gpu-check, in gpu-bundle/ (ignored, <= 60 MiB)
+	$(PY) -m benchmarks.gpu_bundle --out gpu-bundle
+
+# Runs on a bare GPU machine (PyTorch, timm, scikit-image, matplotlib; no venv, no network).
+gpu-check: ## Prove and measure the CUDA path in <= 8 min (needs gpu-bundle/); artifacts/gpu-check/
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m benchmarks.gpu_check
 
 cache: setup ## Stage cache: python run.py stage=cache $(ARGS)
 	$(RUN) stage=cache $(ARGS)

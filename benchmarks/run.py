@@ -120,7 +120,7 @@ class Progress:
 
 def run_benchmarks(device: str, sizes: Sizes, out_dir: Path, parts: tuple[str, ...],
                    progress: Callable[[str], None], profile: bool = False,
-                   train_cache: Path | None = None) -> dict:
+                   train_cache: Path | None = None, precision: str | None = None) -> dict:
     """Run the chosen parts on `device`; returns this run's record (ratios included)."""
     import torch
 
@@ -130,7 +130,10 @@ def run_benchmarks(device: str, sizes: Sizes, out_dir: Path, parts: tuple[str, .
     work = out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "bench.log"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # Every party trains at this precision (bf16 on a GPU unless --dtype fp32, which runs fp32
+    # with TF32 matmuls: setup_torch enables TF32 for every party alike).
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[
+        precision or ("bf16" if device == "cuda" else "fp32")]
     run: dict = {"machine": machine_info(device), "sizes": asdict(sizes), "parts": list(parts)}
     ratios: dict[str, float] = {}
 
@@ -471,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="only print the tables of the runs already in <out>/results.json")
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--expansion", type=int, default=None,
+                   help="dictionary expansion of the training benchmarks (default: the sizes')")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default=None,
+                   help="training precision for every party (default bf16 on --gpu, else fp32)")
     args = p.parse_args(argv)
 
     if args.table:
@@ -504,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             os.environ["SAE_VISION_WEIGHTS_DIR"] = str(shared)
     setup_torch(device)
     sizes = QUICK if args.quick else (GPU if device == "cuda" else FULL)
+    if args.expansion:
+        sizes = replace(sizes, expansion=args.expansion)
     out_dir = Path(args.out or ("artifacts/bench-quick" if args.quick else "artifacts/bench"))
     out_dir.mkdir(parents=True, exist_ok=True)
     progress = Progress()
@@ -515,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"warning: load average {load:.1f} on {os.cpu_count()} cores; figures will be "
                  "noisy, rerun when the machine is quieter")
     run = run_benchmarks(device, sizes, out_dir, parts, progress, profile=args.profile,
-                         train_cache=Path(args.train_cache) if args.train_cache else None)
+                         train_cache=Path(args.train_cache) if args.train_cache else None,
+                         precision=args.dtype)
     path = write_results(out_dir, device, run)
     print(markdown_table(run))
     print(f"\nwrote {path}")

@@ -9,6 +9,7 @@ are taken by the same StepClock around each trainer's batch iterator.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -191,9 +192,36 @@ def import_overcomplete():
     if not hasattr(matplotlib.cm, "get_cmap"):
         # Removed in matplotlib 3.9; overcomplete 0.3.0's visualisation module uses it at import.
         matplotlib.cm.get_cmap = matplotlib.colormaps.get_cmap
-    import overcomplete.sae
-
+    try:
+        import overcomplete.sae
+    except ImportError as e:  # a bare GPU machine: no OpenCV or scikit-learn
+        return _overcomplete_sae_core(e)
     return overcomplete.sae
+
+
+def _overcomplete_sae_core(why: ImportError):
+    """The SAE classes, loss and training loops of overcomplete, without its package __init__,
+    which imports its visualisation (OpenCV) and optimisation (scikit-learn) modules: neither is
+    on a bare GPU machine (`make gpu-check`), and the training code needs neither."""
+    import importlib
+    import importlib.util
+    import types
+
+    spec = importlib.util.find_spec("overcomplete")
+    if spec is None or not spec.submodule_search_locations:
+        raise why
+    root = Path(next(iter(spec.submodule_search_locations)))
+    for name, folder in (("overcomplete", root), ("overcomplete.sae", root / "sae")):
+        stub = types.ModuleType(name)
+        stub.__path__ = [str(folder)]
+        sys.modules[name] = stub
+    sae = sys.modules["overcomplete.sae"]
+    sae.SAE = importlib.import_module("overcomplete.sae.base").SAE
+    sae.TopKSAE = importlib.import_module("overcomplete.sae.topk_sae").TopKSAE
+    sae.mse_l1 = importlib.import_module("overcomplete.sae.losses").mse_l1
+    train = importlib.import_module("overcomplete.sae.train")
+    sae.train, sae.train_sae, sae.train_sae_amp = train, train.train_sae, train.train_sae_amp
+    return sae
 
 
 def peer_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_steps: int,

@@ -78,3 +78,27 @@ def test_bundle_names_a_missing_source(tmp_path, capsys):
     assert gpu_bundle.main(["--out", str(tmp_path / "b"), "--weights", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no weights at") and "--weights" in err[0]
+
+
+def test_peer_imports_without_opencv_or_sklearn(tmp_path):
+    """On a bare GPU machine overcomplete's package __init__ fails (it imports OpenCV and
+    scikit-learn); the harness then loads only its SAE training modules. A stand-in package
+    with the same layout, whose __init__ fails the same way, shows the fallback loads them."""
+    root = tmp_path / "overcomplete"
+    (root / "sae").mkdir(parents=True)
+    (root / "__init__.py").write_text("import cv2_not_here\n")
+    (root / "sae" / "__init__.py").write_text("raise ImportError('the package init ran')\n")
+    (root / "sae" / "base.py").write_text("class SAE:\n    pass\n")
+    (root / "sae" / "topk_sae.py").write_text(
+        "from overcomplete.sae.base import SAE\n\nclass TopKSAE(SAE):\n    pass\n")
+    (root / "sae" / "losses.py").write_text("def mse_l1():\n    return 'mse_l1'\n")
+    (root / "sae" / "train.py").write_text(
+        "def train_sae():\n    return 1\n\ndef train_sae_amp():\n    return 2\n")
+    code = ("from benchmarks.training import import_overcomplete\n"
+            "oc = import_overcomplete()\n"
+            "assert issubclass(oc.TopKSAE, oc.SAE) and oc.mse_l1() == 'mse_l1'\n"
+            "print(oc.train_sae(), oc.train_sae_amp())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}"))
+    assert out.returncode == 0, out.stderr[-1500:]
+    assert out.stdout.split() == ["1", "2"]

@@ -173,9 +173,10 @@ def _reconstruction(sae, info: RunInfo, cache_meta: dict, ev, device, out_dir: P
     return rec, files
 
 
-def _skipped(ev, info: RunInfo, cache_meta: dict, other) -> dict[str, str]:
+def _skipped(ev, info: RunInfo, cache_meta: dict) -> dict[str, str]:
     """What cannot run on this data, each with a note in the log: splice and census need the
-    images behind the cache (an imported array has none), and the splice runs in-distribution."""
+    images behind the cache (an imported array has none). On another image folder both run, on
+    its images (the images are known: its cache records them)."""
     skipped: dict[str, str] = {}
     if cache_meta.get("source") == "array":  # imported arrays: no images behind them
         wanted = [n for n, on in (("splice", ev.splice), ("curve census", ev.curves)) if on]
@@ -184,10 +185,6 @@ def _skipped(ev, info: RunInfo, cache_meta: dict, other) -> dict[str, str]:
                         f"arrays (data=array), so there are no images: skipping the "
                         f"{' and the '.join(wanted)}")
         skipped.update({n: "no images behind an imported array cache" for n in wanted})
-    elif ev.splice and other is not None:
-        logger.info(f"[evaluate] note: the splice runs on the run's own held-out images only; "
-                    f"skipping it on {info.cache_dir}")
-        skipped["splice"] = "not run on other data"
     return skipped
 
 
@@ -242,7 +239,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
                       "in_distribution": other is None},
     }
     m["training"] = training_summary(run_dir, n_train)
-    skipped = _skipped(ev, info, cache_meta, other)
+    skipped = _skipped(ev, info, cache_meta)
     if skipped:
         m["skipped"] = skipped
     if ev.splice and "splice" not in skipped:

@@ -363,3 +363,33 @@ def test_curve_census_writes_curves_json_and_coverage_into_the_metrics(env):
     assert m["curves"]["n_neuron_detectors"] == census["neurons"]["n_detected"]
     assert "largest_gap_neurons_deg" in m["curves"]
     assert Path(m["files"]["curves_coverage_png"]).is_file()
+
+
+def test_evaluation_on_another_image_folder_splices_its_photos(env, tmp_path):
+    """Generalisation on photos the cache never saw: the other folder's images are known, so the
+    splice runs there too (it was skipped as "not run on other data"), on its own images."""
+    photos = Path(__file__).resolve().parents[3] / "shared" / "data" / "imagenet-sample"
+    if not photos.is_dir():
+        pytest.skip("no ../shared/data/imagenet-sample")
+    cfg, cache_dir, meta = env
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for f in sorted(photos.glob("*.JPEG"))[::150][:6]:  # 6 real photos of 6 classes
+        (folder / f.name).write_bytes(f.read_bytes())
+    other_cfg = dataclasses.replace(cfg, stage=dataclasses.replace(cfg.stage, name="cache"),
+                                    data=dataclasses.replace(cfg.data, name="imagefolder",
+                                                             root=str(folder), n_images=6),
+                                    cache=dataclasses.replace(cfg.cache, images_per_shard=3))
+    other_dir = Path(cache.run(other_cfg).cache_dirs[LAYER])
+    run_dir = save_run(cfg, cache_dir, meta, "other-identity", identity_sae(480))
+    ev = dataclasses.replace(cfg.eval, cache=str(other_dir), curves=False, polysemantic=False)
+    res = evaluate.run(dataclasses.replace(
+        cfg, eval=ev, sae=dataclasses.replace(cfg.sae, run="other-identity")))
+    m = res.metrics["other-identity"]
+    assert m["eval_data"]["in_distribution"] is False
+    assert "splice" not in m.get("skipped", {})
+    s = m["splice"]
+    assert set(s["image_ids"]) <= set(range(6)) and len(s["image_ids"]) == 3  # its own photos
+    assert s["kl_sae"] < 1e-8 and s["kl_zero"] > 0.1  # a lossless SAE splices losslessly there
+    out = run_dir / "eval" / f"on-{shards.load_cache_meta(other_dir)['key']}" / "metrics.json"
+    assert json.loads(out.read_text())["splice"]["image_ids"] == s["image_ids"]

@@ -132,6 +132,7 @@ def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
     With `progress` the loop reports every step to the train stage's progress display, as the
     stage does (the off-terminal path: a clock read per step; its log line goes nowhere here).
     """
+    from sae_vision.activations import pick_device
     from sae_vision.core.progress import Progress
     from sae_vision.sae.architectures import make_sae
     from sae_vision.sae.loader import MemoryBatches
@@ -144,7 +145,7 @@ def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
         torch.manual_seed(0)
         sae = make_sae(sae_cfg, data.d_in, input_scale=data.input_scale,
                        mean=data.mean_D).to(device)
-        batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=torch.device(device))
+        batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=pick_device(device))
         clock = StepClock(batches, warmup=warmup, device=device, **clock_kw)
         bar = Progress("bench train", n_steps, "step", terminal=False) if progress else None
 

@@ -40,3 +40,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def count_ops():
+    """A context manager that counts the aten ops run inside it, by name (`nonzero`, `_to_copy`,
+    `_local_scalar_dense` for `.item()`): device-independent evidence of copies and host syncs.
+    `float_counts` counts only the ops whose first argument is a floating-point tensor (data, as
+    against indices)."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts: collections.Counter = collections.Counter()
+            self.float_counts: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.counts[name] += 1
+            if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+                self.float_counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    return OpCounter

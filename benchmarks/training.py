@@ -197,6 +197,17 @@ def import_overcomplete():
     return overcomplete.sae
 
 
+def peer_train_loop(device: str):
+    """overcomplete's training loop for `device`: its mixed-precision train_sae_amp on CUDA.
+
+    0.3.0 exports only train_sae from overcomplete.sae; train_sae_amp lives in its `train` module.
+    """
+    import_overcomplete()
+    from overcomplete.sae import train as oc_train
+
+    return oc_train.train_sae_amp if torch.device(device).type == "cuda" else oc_train.train_sae
+
+
 def peer_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_steps: int,
                device: str, k: int = 32, l1_coeff: float = 5.0, warmup: int = 1):
     """A party running overcomplete's TopKSAE (or SAE + mse_l1) with train_sae, as its docs say.
@@ -239,7 +250,7 @@ def peer_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
         loader = DataLoader(TensorDataset(x_scaled), sampler=sampler, batch_size=None)
         clock = StepClock(loader, warmup=warmup, device=device, **clock_kw)
         optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-        loop = oc.train_sae_amp if device == "cuda" else oc.train_sae
+        loop = peer_train_loop(device)
         try:
             loop(model, clock, criterion, optimizer, nb_epochs=1, clip_grad=GRAD_CLIP,
                  monitoring=0, device=device)

@@ -67,3 +67,20 @@ def count_ops():
             return func(*args, **(kwargs or {}))
 
     return OpCounter
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A setter `gpus(n)` that makes torch see n GPUs (no GPU needed); it returns the list of
+    indices later passed to torch.cuda.set_device."""
+    import torch
+
+    chosen: list[int] = []
+
+    def gpus(n: int) -> list[int]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1] if chosen else 0)
+        return chosen
+    return gpus

@@ -56,11 +56,10 @@ def pick_device(name: str, field: str = "device") -> torch.device:
 
     `cuda` (and `auto` with CUDA) is cuda:LOCAL_RANK, made the current device, so every torchrun
     rank of every stage gets its own GPU. `cuda` without CUDA is a ValueError naming `field`;
-    `auto` without CUDA falls back to the CPU and logs why.
+    `auto` without CUDA is the CPU (`stage_device` logs why).
     """
     if name == "auto":
         if not torch.cuda.is_available():
-            logger.warning(f"{field}=auto: using the CPU ({cuda_unavailable_reason()})")
             return torch.device("cpu")
         name = "cuda"
     device = torch.device(name)
@@ -95,6 +94,11 @@ def stage_device(stage: str, name: str, field: str) -> torch.device:
     """`pick_device` for a stage's start: also enables TF32 and logs the device it chose."""
     device = pick_device(name, field)
     enable_tf32()
-    logger.info(f"{stage}: device {device}" + (f" (LOCAL_RANK={_local_rank()})"
-                                               if device.type == "cuda" else ""))
+    if device.type == "cuda":
+        logger.info(f"{stage}: device {device} (LOCAL_RANK={_local_rank()}, TF32 on)")
+    elif name == "auto":
+        logger.warning(f"{stage}: device cpu, as {field}=auto finds no GPU: "
+                       f"{cuda_unavailable_reason()}")
+    else:
+        logger.info(f"{stage}: device {device}")
     return device

@@ -45,7 +45,8 @@ def one_thread():
 @pytest.fixture
 def count_ops():
     """A context manager that counts the aten ops run inside it, by name (`nonzero`, `_to_copy`,
-    `_local_scalar_dense` for `.item()`): device-independent evidence of copies and host syncs.
+    `_local_scalar_dense` for `.item()`, `index[bool]` for a boolean-mask index):
+    device-independent evidence of copies and host syncs.
     `float_counts` counts only the ops whose first argument is a floating-point tensor (data, as
     against indices)."""
     import collections
@@ -61,6 +62,11 @@ def count_ops():
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.overloadpacket.__name__
+            if name.startswith("index") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                    for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple))
+                              else ())):
+                name += "[bool]"  # a boolean mask index: its result's size is read on the host
             self.counts[name] += 1
             if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
                 self.float_counts[name] += 1

@@ -87,3 +87,14 @@ def test_memory_batches_copy_each_batch_to_another_device():
     batches = MemoryBatches(acts_ND, 16, seed=0, device=torch.device("meta"))
     assert batches.copy and batches.acts_ND.device.type == "cpu"
     assert all(next(batches).device.type == "meta" for _ in range(3))
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_both_loaders_deliver_batches_on_the_trainers_device(planted, loader):
+    # `meta` stands in for a GPU: every batch must arrive there, whichever loader reads the cache.
+    cache_dir, _ = planted
+    meta = json.loads((cache_dir / METADATA).read_text())
+    shards, _ = split_shards(meta, 0.2)
+    cfg = TrainConfig(batch_size=500, loader=loader, shuffle_buffer=3000, seed=3)
+    it = make_batches(cache_dir, shards, cfg, PLANTED_DIM, device=torch.device("meta"))
+    assert all(next(it).device.type == "meta" for _ in range(3))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -28,9 +30,14 @@ def cuda_unavailable_reason() -> str:
     """Why torch cannot use CUDA here (for the `auto` fallback and the `cuda` error)."""
     if not torch.backends.cuda.is_built():
         return f"this torch {torch.__version__} is built without CUDA"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "CUDA_VISIBLE_DEVICES hides every GPU"
+    driver = Path("/proc/driver/nvidia/version")
+    if sys.platform == "linux" and not driver.exists():
+        return "no NVIDIA driver is loaded on this machine"
     # A build for a newer CUDA than the driver supports reports no device at all.
-    return (f"no usable CUDA device: torch {torch.__version__} (CUDA {torch.version.cuda}) finds "
-            "no GPU, or the driver is older than that CUDA needs")
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU; if "
+            "one is installed, its driver may be too old for that CUDA")
 
 
 def canonical_device(device: torch.device | str) -> torch.device:

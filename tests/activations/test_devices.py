@@ -77,3 +77,10 @@ def test_the_cache_stages_model_goes_to_the_gpu_of_its_rank(fake_gpus, monkeypat
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: moved.append(a) or self)
     load_model(ModelConfig(family="googlenet_bvlc", weights_dir=str(weights_dir), device="cuda"))
     assert moved == [(torch.device("cuda", 3),)]
+
+
+def test_the_fallback_reason_names_a_hidden_gpu(monkeypatch):
+    if not torch.backends.cuda.is_built():
+        pytest.skip("this torch has no CUDA: that is the reason given")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert DV.cuda_unavailable_reason() == "CUDA_VISIBLE_DEVICES hides every GPU"

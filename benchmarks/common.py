@@ -73,8 +73,9 @@ def setup_torch(device: str) -> None:
     torch.set_num_threads(n_cores())
     torch.manual_seed(0)
     if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        from sae_vision.activations import enable_tf32
+
+        enable_tf32()  # the stages' setting, so the harness's figures describe them
 
 
 def peak_rss_mb() -> float:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import torch
-
 from benchmarks.training import TrainData
 
 
@@ -33,9 +31,10 @@ def stream_rate(cache_dir: Path, shards: list[str], batch_size: int, shuffle_buf
 
 def memory_rate(data: TrainData, batch_size: int, device: str, n_batches: int) -> dict:
     """Vectors/s of the trainer's in-memory loader (train.MemoryBatches: permuted gathers)."""
-    from sae_vision.sae.train import MemoryBatches
+    from sae_vision.activations import pick_device
+    from sae_vision.sae.loader import MemoryBatches
 
-    batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=torch.device(device))
+    batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=pick_device(device))
     next(batches)  # first permutation built outside the timing, as in a long run
     t0 = time.perf_counter()
     for _ in range(n_batches):

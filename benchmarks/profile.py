@@ -8,8 +8,6 @@ import pstats
 import shutil
 from pathlib import Path
 
-import torch
-
 from benchmarks.training import TrainData, our_config
 
 
@@ -18,13 +16,14 @@ def profile_training(data: TrainData, arch: str, n_features: int, batch_size: in
     """torch.profiler over n_steps of train_loop (after one warm-up run); op table to path."""
     from torch.profiler import ProfilerActivity, profile
 
+    from sae_vision.activations import pick_device
     from sae_vision.sae.architectures import make_sae
     from sae_vision.sae.loader import MemoryBatches
     from sae_vision.sae.loop import make_optimizer, train_loop
 
     sae_cfg, train_cfg = our_config(arch, n_features, k, 5.0, batch_size, n_steps, device)
     sae = make_sae(sae_cfg, data.d_in, input_scale=data.input_scale, mean=data.mean_D).to(device)
-    batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=torch.device(device))
+    batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=pick_device(device))
     train_loop(sae, batches, train_cfg, sae_cfg, log=lambda m, s: None,  # warm-up
                optimizer=make_optimizer(sae, train_cfg.lr))
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])

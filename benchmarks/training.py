@@ -133,6 +133,7 @@ def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
     With `progress` the loop reports every step to the train stage's progress display, as the
     stage does (the off-terminal path: a clock read per step; its log line goes nowhere here).
     """
+    from sae_vision.activations import pick_device
     from sae_vision.core.progress import Progress
     from sae_vision.sae.architectures import make_sae
     from sae_vision.sae.loader import MemoryBatches
@@ -145,7 +146,7 @@ def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
         torch.manual_seed(0)
         sae = make_sae(sae_cfg, data.d_in, input_scale=data.input_scale,
                        mean=data.mean_D).to(device)
-        batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=torch.device(device))
+        batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=pick_device(device))
         clock = StepClock(batches, warmup=warmup, device=device, **clock_kw)
         bar = Progress("bench train", n_steps, "step", terminal=False) if progress else None
 
@@ -224,6 +225,17 @@ def _overcomplete_sae_core(why: ImportError):
     return sae
 
 
+def peer_train_loop(device: str):
+    """overcomplete's training loop for `device`: its mixed-precision train_sae_amp on CUDA.
+
+    0.3.0 exports only train_sae from overcomplete.sae; train_sae_amp lives in its `train` module.
+    """
+    import_overcomplete()
+    from overcomplete.sae import train as oc_train
+
+    return oc_train.train_sae_amp if torch.device(device).type == "cuda" else oc_train.train_sae
+
+
 def peer_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_steps: int,
                device: str, k: int = 32, l1_coeff: float = 5.0, warmup: int = 1):
     """A party running overcomplete's TopKSAE (or SAE + mse_l1) with train_sae, as its docs say.
@@ -266,7 +278,7 @@ def peer_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
         loader = DataLoader(TensorDataset(x_scaled), sampler=sampler, batch_size=None)
         clock = StepClock(loader, warmup=warmup, device=device, **clock_kw)
         optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-        loop = oc.train_sae_amp if device == "cuda" else oc.train_sae
+        loop = peer_train_loop(device)
         try:
             loop(model, clock, criterion, optimizer, nb_epochs=1, clip_grad=GRAD_CLIP,
                  monitoring=0, device=device)

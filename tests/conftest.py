@@ -40,3 +40,53 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def count_ops():
+    """A context manager that counts the aten ops run inside it, by name (`nonzero`, `_to_copy`,
+    `_local_scalar_dense` for `.item()`, `index[bool]` for a boolean-mask index):
+    device-independent evidence of copies and host syncs.
+    `float_counts` counts only the ops whose first argument is a floating-point tensor (data, as
+    against indices)."""
+    import collections
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts: collections.Counter = collections.Counter()
+            self.float_counts: collections.Counter = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name.startswith("index") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                    for i in (args[1] if len(args) > 1 and isinstance(args[1], (list, tuple))
+                              else ())):
+                name += "[bool]"  # a boolean mask index: its result's size is read on the host
+            self.counts[name] += 1
+            if args and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+                self.float_counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    return OpCounter
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A setter `gpus(n)` that makes torch see n GPUs (no GPU needed); it returns the list of
+    indices later passed to torch.cuda.set_device."""
+    import torch
+
+    chosen: list[int] = []
+
+    def gpus(n: int) -> list[int]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: chosen[-1] if chosen else 0)
+        return chosen
+    return gpus

@@ -151,3 +151,25 @@ def test_quick_bench_writes_results_with_every_ratio(tmp_path, weights_dir):
     assert run["machine"]["peer"] == "0.3.0"
     assert (out / "scaling-cpu.png").stat().st_size > 0
     assert "| 2a | TopK" in proc.stdout and "overcomplete 0.3.0" in proc.stdout
+
+
+def test_the_peer_trains_with_overcompletes_amp_loop_on_cuda(tmp_path, monkeypatch):
+    from benchmarks.training import peer_train_loop
+
+    fake = importlib.util.find_spec("overcomplete") is None
+    if fake:  # overcomplete 0.3.0's layout: train_sae_amp is not re-exported by overcomplete.sae
+        pkg = tmp_path / "overcomplete" / "sae"
+        pkg.mkdir(parents=True)
+        (pkg.parent / "__init__.py").write_text("")
+        (pkg / "__init__.py").write_text("from .train import train_sae\n")
+        (pkg / "train.py").write_text("def train_sae():\n    pass\n\n\n"
+                                      "def train_sae_amp():\n    pass\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert peer_train_loop("cuda").__name__ == "train_sae_amp"
+        assert peer_train_loop("cuda:0").__name__ == "train_sae_amp"
+        assert peer_train_loop("cpu").__name__ == "train_sae"
+    finally:
+        if fake:
+            for name in [m for m in sys.modules if m.split(".")[0] == "overcomplete"]:
+                del sys.modules[name]

@@ -287,3 +287,16 @@ def test_valid_keys_groups_and_hydra_settings_pass_the_key_check():
           "debug=tiny", "~logger.tags"]
     assert unknown_override(ok, REPO / "conf") is None
     assert "did you mean train.n_steps?" in unknown_override(["train.n_stepz=3"], REPO / "conf")
+
+
+def test_device_cuda_without_a_gpu_is_one_error_line(tmp_path):
+    args = [a for a in TINY if a != "model.device=cpu"]
+    out = cli("stage=cache", f"paths.root={tmp_path}", *args, "model.device=cuda",
+              env={"CUDA_VISIBLE_DEVICES": ""})
+    assert_user_error(out, "model.device=cuda but CUDA is not available", "use model.device=auto")
+
+
+def test_train_device_cuda_without_a_gpu_is_one_error_line(root):
+    out = cli("stage=train", f"paths.root={root}", *TINY, "train.device=cuda", "train.n_steps=2",
+              env={"CUDA_VISIBLE_DEVICES": ""})
+    assert_user_error(out, "train.device=cuda but CUDA is not available", "use train.device=auto")

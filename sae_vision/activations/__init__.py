@@ -3,8 +3,16 @@ sharded activation cache (the `cache` stage) and the import of your own arrays.
 """
 
 from .cache import run as run_cache
+from .devices import (
+    canonical_device,
+    enable_tf32,
+    model_device,
+    pick_device,
+    same_device,
+    stage_device,
+)
 from .images import DemoImages, iter_webdataset, make_images, resolve_data_root
-from .models import load_model, lucid_geometry, model_device, pick_device
+from .models import load_model, lucid_geometry
 from .shards import (
     CacheError,
     iter_chunks,
@@ -18,6 +26,8 @@ from .shards import (
 __all__ = [
     "CacheError",
     "DemoImages",
+    "canonical_device",
+    "enable_tf32",
     "iter_chunks",
     "iter_webdataset",
     "load_cache_meta",
@@ -29,7 +39,9 @@ __all__ = [
     "pick_device",
     "resolve_data_root",
     "run_cache",
+    "same_device",
     "sha256_file",
     "split_shards",
+    "stage_device",
     "stream_vectors",
 ]

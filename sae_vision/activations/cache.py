@@ -34,6 +34,7 @@ from sae_vision.core import (
     to_plain,
 )
 
+from .devices import stage_device
 from .images import Item, collate_items, iter_webdataset, make_images
 from .shards import (
     METADATA,
@@ -192,6 +193,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     if reused is not None:
         return reused
 
+    stage_device("cache", cfg.model.device, "model.device")
     model = load_model(cfg.model)
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)

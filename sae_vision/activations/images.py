@@ -147,8 +147,34 @@ def resolve_data_root(root: str | None) -> str | None:
     return str(SHARED_SAMPLE) if SHARED_SAMPLE.is_dir() else None
 
 
+def stratified_subset(files: list[Path], root: Path, n_images: int, seed: int) -> list[Path]:
+    """`n_images` of `files` (all when <= 0), the same number from every class folder (the first
+    folder under `root`), drawn and then shuffled with `seed` so that every shard, the held-out
+    ones included, mixes the classes. When n_images is not a multiple of the class count, the
+    remainder goes one image each to classes drawn at random; a class with fewer images than
+    its share gives all it has."""
+    by_class: dict[str, list[Path]] = {}
+    for f in files:
+        parts = f.relative_to(root).parts
+        by_class.setdefault(parts[0] if len(parts) > 1 else "", []).append(f)
+    rng = np.random.default_rng([int(seed), 0x5EB5E7])
+    names = sorted(by_class)
+    if n_images > 0:
+        share = np.full(len(names), n_images // len(names))
+        share[rng.choice(len(names), n_images % len(names), replace=False)] += 1
+    else:
+        share = np.array([len(by_class[c]) for c in names])
+    picked = []
+    for name, n in zip(names, share):
+        members = by_class[name]
+        take = rng.choice(len(members), min(int(n), len(members)), replace=False)
+        picked += [members[i] for i in sorted(take)]
+    return [picked[i] for i in rng.permutation(len(picked))]
+
+
 class FolderImages(torch.utils.data.Dataset):
-    """ImageNet-style class folders (or any tree of images), sorted for a stable order."""
+    """ImageNet-style class folders (or any tree of images), sorted for a stable order; with
+    data.subset=stratified, a seeded class-balanced sample (`stratified_subset`)."""
 
     def __init__(self, cfg: DataConfig):
         root = Path(cfg.root or "")
@@ -161,7 +187,9 @@ class FolderImages(torch.utils.data.Dataset):
         self.files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-        if cfg.n_images > 0:
+        if cfg.subset == "stratified":
+            self.files = stratified_subset(self.files, root, cfg.n_images, cfg.seed)
+        elif cfg.n_images > 0:
             self.files = self.files[: cfg.n_images]
         self.size = cfg.image_size
 

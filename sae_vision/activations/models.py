@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from sae_vision.core import ALL_LAYER_DIMS, MODELS, ModelConfig, check_layer
 
+from .devices import pick_device
 from .googlenet import caffe_key, make_googlenet, same_pads
 from .weights import file_sha256, find_weights
 
@@ -268,17 +269,5 @@ def load_model(cfg: ModelConfig) -> VisionModel:
         raise ValueError(
             f"model.family={cfg.family!r} is not valid; choose one of {sorted(MODELS)}"
         )
-    return _BUILDERS[cfg.family](cfg).eval().requires_grad_(False).to(pick_device(cfg.device))
-
-
-def pick_device(name: str) -> torch.device:
-    """A device setting (`auto`, `cpu`, `cuda`) as a torch.device: auto is cuda when available."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where a module's parameters live (cpu for a module without parameters)."""
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
+    device = pick_device(cfg.device, "model.device")
+    return _BUILDERS[cfg.family](cfg).eval().requires_grad_(False).to(device)

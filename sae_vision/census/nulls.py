@@ -78,7 +78,8 @@ def reinit_null(model, layer: str, seed: int):
         w = conv.weight
         flat = w.reshape(w.shape[0], -1).double()
         mu, sd = flat.mean(1), flat.std(1)
-        noise = torch.randn(flat.shape, generator=g, dtype=torch.float64)
+        # Drawn on the CPU (the same noise on every device), then moved to the weights.
+        noise = torch.randn(flat.shape, generator=g, dtype=torch.float64).to(w.device)
         conv.weight.copy_((mu[:, None] + sd[:, None] * noise).reshape(w.shape).to(w.dtype))
     return null
 

@@ -44,6 +44,7 @@ MODELS = ("googlenet_bvlc", "inceptionv1", "timm")
 DATASETS = ("demo", "imagefolder", "webdataset", "array")
 ARRAY_LAYER = "array"  # the layer name of a cache imported from arrays (data=array), any width
 SAMPLINGS = ("all", "uniform", "norm_weighted")
+SUBSETS = ("first", "stratified")
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -111,7 +112,8 @@ class DataConfig:
     n_images: int = 256  # images to cache (demo: number of random crops); <=0 means all
     min_scale: float = 0.08  # demo random-resized-crop scale range
     max_scale: float = 1.0
-    seed: int = 0  # fixes the demo crops and flips
+    seed: int = 0  # fixes the demo crops and flips, and the stratified subset
+    subset: str = "first"  # imagefolder's n_images: first (of the sorted tree) | stratified
     num_workers: int = 0  # DataLoader workers for decoding
 
 
@@ -374,6 +376,7 @@ def check_config(cfg: Config) -> None:
     _one_of("model.device", cfg.model.device, DEVICES)
     _one_of("train.device", cfg.train.device, DEVICES)
     _one_of("data.name", cfg.data.name, DATASETS)
+    _one_of("data.subset", cfg.data.subset, SUBSETS)
     _one_of("cache.sampling", cfg.cache.sampling, SAMPLINGS)
     _one_of("cache.dtype", cfg.cache.dtype, DTYPES)
     _one_of("sae.arch", cfg.sae.arch, ARCHS)

@@ -22,11 +22,14 @@ def cache_settings(cfg: Config, layer: str) -> dict:
         except ValueError:  # the source is gone: its cache can still be named by the path
             files = [{"path": str(Path(data["path"]).expanduser().resolve())}]
         return {"data": {"name": "array", "files": files}, "layer": layer, "dtype": cache["dtype"]}
+    data_key = {k: data[k] for k in ("name", "root", "urls", "image_size", "n_images",
+                                     "min_scale", "max_scale", "seed")}
+    if data.get("subset", "first") != "first":  # the default keeps earlier caches' names
+        data_key["subset"] = data["subset"]
     return {
         "model": {k: model[k] for k in ("family", "name", "pretrained", "weights_path")},
         "layer": layer,
-        "data": {k: data[k] for k in ("name", "root", "urls", "image_size", "n_images",
-                                      "min_scale", "max_scale", "seed")},
+        "data": data_key,
         "sampling": {k: cache[k] for k in ("sampling", "n_per_image", "exclude_border")},
         "dtype": cache["dtype"],
         "images_per_shard": cache["images_per_shard"],

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from sae_vision.activations import iter_chunks, load_cache_meta, pick_device
+from sae_vision.activations import iter_chunks, load_cache_meta, pick_device, stage_device
 from sae_vision.census import NeuronCensusMemo
 from sae_vision.core import (
     Config,
@@ -222,7 +222,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
                                                             requested_layer)
     ev = cfg.eval
     mc = model_config(cfg, cache_meta)
-    device = pick_device(mc.device)
+    device = pick_device(mc.device, "model.device")
     sae = sae.to(device).eval()
     logger.info(f"[evaluate] {info.name}: layer {info.layer}, {info.arch}, d_in={info.d_in}, "
                 f"F={info.n_features}, held-out shards {list(info.holdout_shards)}")
@@ -440,6 +440,7 @@ def run(cfg: Config, tracker: Tracker | None = None,
     `overrides` are the command line's (run.py passes them): data overrides there select other
     data to evaluate on (see other_data)."""
     tracker = tracker or disabled()
+    stage_device("evaluate", cfg.model.device, "model.device")
     run_dirs, is_set = resolve_runs(cfg)
     session = _Session()
     session.data_overrides = data_overrides(overrides)

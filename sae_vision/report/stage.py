@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from sae_vision.activations import pick_device
+from sae_vision.activations import stage_device
 from sae_vision.core import (
     Config,
     Tracker,
@@ -182,7 +182,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     run_dirs = find_runs(cfg)
     out = paths.report_dir(cfg)
     fig_dir = _fresh_folders(out)
-    device = pick_device(cfg.model.device)
+    device = stage_device("report", cfg.model.device, "model.device")
     records = sorted(load_runs(run_dirs, cfg), key=_order)
     logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
 

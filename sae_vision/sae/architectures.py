@@ -109,8 +109,9 @@ class SAEOutput:
         """Number of samples in which each feature is > 0, as float [F]."""
         if self.pairs is None:
             return (self.dense_codes > 0).sum(0).float()
-        active = self.vals.detach() > 0
-        return torch.bincount(self.pairs.cols[active], minlength=self.pairs.n_features).float()
+        # A scatter of 0/1 per pair: no boolean compaction or bincount, so no host sync.
+        active = (self.vals.detach() > 0).float()
+        return active.new_zeros(self.pairs.n_features).index_add_(0, self.pairs.cols, active)
 
     @property
     def l0(self) -> Tensor:
@@ -345,6 +346,10 @@ class JumpReLUSAE(SAE, arch="jumprelu"):
         if bw is None and cfg.jumprelu_threshold is not None:
             bw = JUMPRELU_BANDWIDTH_FRAC * cfg.jumprelu_threshold
         self.register_buffer("jump_bandwidth", torch.tensor(-1.0 if bw is None else float(bw)))
+        # Whether jump_bandwidth is known (on the host) to be set, so a training step need not
+        # read it back from the device; a loaded state dict makes it unknown again.
+        self._jump_set = bw is not None and bw > 0
+        self.register_load_state_dict_post_hook(_forget_jump_set)
 
     @property
     def jump_threshold(self) -> Tensor:
@@ -358,8 +363,10 @@ class JumpReLUSAE(SAE, arch="jumprelu"):
                 {"params": [self.log_threshold], "lr_mult": JUMPRELU_THRESHOLD_LR_MULT}]
 
     def _before_dense_forward(self, pre_BF: Tensor) -> None:
-        if self.training and float(self.jump_bandwidth) < 0:
-            self._init_jump_from_data(pre_BF)
+        if self.training and not self._jump_set:
+            if float(self.jump_bandwidth) < 0:  # read once, not every step
+                self._init_jump_from_data(pre_BF)
+            self._jump_set = float(self.jump_bandwidth) > 0
 
     @torch.no_grad()
     def _init_jump_from_data(self, pre_BF: Tensor) -> None:
@@ -385,9 +392,15 @@ class JumpReLUSAE(SAE, arch="jumprelu"):
     def _sparsity_term(self, pre_BF: Tensor, codes_BF: Tensor) -> tuple[str, Tensor]:
         return "l0", StepFn.apply(pre_BF, self.jump_threshold, self._bandwidth()).sum(1).mean()
 
-    def _bandwidth(self) -> float:
+    def _bandwidth(self) -> Tensor | float:
+        if self._jump_set:  # a 0-d tensor: no host read in the step
+            return self.jump_bandwidth
         bw = float(self.jump_bandwidth)
         return bw if bw > 0 else float(self.jump_threshold.detach().median())
+
+
+def _forget_jump_set(module: JumpReLUSAE, _keys) -> None:
+    module._jump_set = False
 
 
 class TopKSAE(SAE, arch="topk"):
@@ -396,9 +409,12 @@ class TopKSAE(SAE, arch="topk"):
     Codes stay sparse (pairs + values) through the forward and backward passes; see kernels.py.
     """
 
+    # AuxK selection: True, fixed-shape (no host sync); False, compacted; None, fixed-shape on
+    # every device but the CPU, where reading the host is free and the compacted pairs are fewer.
+    sync_free: bool | None = None
+
     def _init_arch_state(self, cfg: SAEConfig, n_feat: int) -> None:
         self._pre_buf: Tensor | None = None  # reused [B, F] pre-activation buffer
-        self._aux_buf: Tensor | None = None  # reused [B, n_dead] AuxK candidates
 
     def encode(self, x_BD: Tensor) -> Tensor:
         """Dense codes [B, F] (>= 0, scaled units) as the current mode (train/eval) defines them."""
@@ -431,6 +447,8 @@ class TopKSAE(SAE, arch="topk"):
                 variance = (residual - residual.mean(0)).pow(2).sum() / x_s.shape[0]
                 aux = F.mse_loss(aux_hat, residual, reduction="sum") / x_s.shape[0]
                 aux = aux / variance.clamp_min(1e-12)  # normalised by the residual's variance
+                # No dead feature: 0, as if the term were skipped (decided on the device).
+                aux = torch.where(dead_mask.to(aux.device).any(), aux, aux.new_zeros(()))
                 losses["auxk"] = aux
                 loss = loss + self.cfg.aux_coeff * aux
             else:
@@ -493,23 +511,13 @@ class TopKSAE(SAE, arch="topk"):
         """
         x_in = self._encoder_input(x_s).detach()
         pre = self._pre_into_buffer(x_in)
-        n_rows = x_s.shape[0]
         pairs, sel = self._choose(pre)
-        aux_pairs, aux_sel = None, sel.new_zeros(0)
+        aux_pairs, aux_sel, aux_keep = None, sel.new_zeros(0), None
         if dead_mask is not None and self.aux_k > 0 and self.cfg.aux_coeff > 0:
-            dead_idx = dead_mask.to(device=pre.device, dtype=torch.bool).nonzero().squeeze(1)
-            if dead_idx.numel() > 0:
-                pre_dead = self._scratch("_aux_buf", (n_rows, dead_idx.numel()), pre)
-                torch.index_select(pre, 1, dead_idx, out=pre_dead)
-                a_vals, a_j = pre_dead.topk(
-                    min(self.aux_k, dead_idx.numel()), dim=1, sorted=False
-                )
-                a_cols, a_vals = sort_rows_for_csr(dead_idx[a_j], a_vals)
-                keep = a_vals > 0  # ReLU'd zeros contribute nothing: drop them from the pairs
-                crow = torch.zeros(n_rows + 1, dtype=torch.long, device=pre.device)
-                crow[1:] = keep.sum(1).cumsum(0)
-                aux_pairs = Pairs(crow, a_cols[keep], n_rows, self.n_features)
-                aux_sel = a_vals[keep]
+            if self.sync_free if self.sync_free is not None else pre.device.type != "cpu":
+                aux_pairs, aux_sel, aux_keep = self._aux_pairs(pre, dead_mask)
+            else:
+                aux_pairs, aux_sel = self._aux_pairs_compact(pre, dead_mask, aux_sel)
         if pre.dtype != self.W_enc.dtype:
             # A low-precision GEMM (autocast) only chose the pairs; their values are recomputed
             # in full precision, which costs one sampled dot product per pair.
@@ -518,7 +526,43 @@ class TopKSAE(SAE, arch="topk"):
                 sel = pairs.sampled_dot(x_in, W_FD) + b_enc[pairs.cols]
                 if aux_pairs is not None:
                     aux_sel = aux_pairs.sampled_dot(x_in, W_FD) + b_enc[aux_pairs.cols]
+                    if aux_keep is not None:
+                        aux_sel = torch.where(aux_keep, aux_sel, 0.0)
         return pairs, sel.to(self.W_dec.dtype), x_in, aux_pairs, aux_sel.to(self.W_dec.dtype)
+
+    def _aux_pairs_compact(self, pre_BF: Tensor, dead_mask: Tensor, none: Tensor):
+        """AuxK pairs on the CPU: only the dead features' columns, only positive values (the
+        host counts both, which costs nothing there and saves the sparse work of padding).
+        Returns (pairs or None when no feature is dead, values)."""
+        n_rows = pre_BF.shape[0]
+        dead_idx = dead_mask.to(device=pre_BF.device, dtype=torch.bool).nonzero().squeeze(1)
+        if dead_idx.numel() == 0:
+            return None, none
+        pre_dead = pre_BF.index_select(1, dead_idx)
+        a_vals, a_j = pre_dead.topk(min(self.aux_k, dead_idx.numel()), dim=1, sorted=False)
+        a_cols, a_vals = sort_rows_for_csr(dead_idx[a_j], a_vals)
+        keep = a_vals > 0  # ReLU'd zeros contribute nothing: drop them from the pairs
+        crow = torch.zeros(n_rows + 1, dtype=torch.long, device=pre_BF.device)
+        crow[1:] = keep.sum(1).cumsum(0)
+        return Pairs(crow, a_cols[keep], n_rows, self.n_features), a_vals[keep]
+
+    def _aux_pairs(self, pre_BF: Tensor, dead_mask: Tensor) -> tuple[Pairs, Tensor, Tensor]:
+        """AuxK pairs without a host sync (the default off the CPU): the top min(aux_k, F) dead
+        entries of every row of `pre_BF` (which it overwrites). A fixed number of pairs per row,
+        so the host never counts the dead features or the positive values; a pair that is not a
+        positive dead pre-activation keeps the value 0, which (through ReLU) adds nothing to the
+        AuxK loss or its gradients. Returns (pairs, values, kept mask)."""
+        n_rows, n_aux = pre_BF.shape[0], min(self.aux_k, self.n_features)
+        dead_F = dead_mask.to(device=pre_BF.device, dtype=torch.bool)
+        # In place: the main pairs are chosen and `pre` is a scratch buffer read by no one else.
+        pre_BF.masked_fill_(~dead_F, -torch.inf)
+        a_vals, a_cols = pre_BF.topk(n_aux, dim=1, sorted=False)
+        a_cols, a_vals = sort_rows_for_csr(a_cols, a_vals)
+        keep = a_vals > 0  # ReLU'd zeros and live features (at -inf) contribute nothing
+        crow = torch.arange(0, n_rows * n_aux + 1, n_aux, device=pre_BF.device)
+        pairs = Pairs(crow, a_cols.reshape(-1), n_rows, self.n_features, k=n_aux)
+        keep = keep.reshape(-1)
+        return pairs, torch.where(keep, a_vals.reshape(-1), 0.0), keep
 
 
 class BatchTopKSAE(TopKSAE, arch="batchtopk"):

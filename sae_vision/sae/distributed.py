@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from sae_vision.activations import stage_device
+
 
 def world_info() -> tuple[int, int]:
     """(rank, world size) of the initialised process group, else (0, 1)."""
@@ -20,28 +22,15 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
-def resolve_device(want: str) -> torch.device:
-    """train.device (auto, cpu or cuda) as a device; cuda without CUDA is an error."""
-    if want == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=auto")
-    return torch.device("cuda" if want == "cuda" or (want == "auto" and torch.cuda.is_available())
-                        else "cpu")
-
-
 def setup_distributed(device: str) -> tuple[torch.device, bool]:
-    """Join the torchrun process group when RANK/WORLD_SIZE say so; returns (device, created)."""
-    want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    """This rank's device (activations.pick_device: cuda:LOCAL_RANK), logged, with TF32 on; joins
+    the torchrun process group when WORLD_SIZE says so. Returns (device, created)."""
+    dev = stage_device("train", device, "train.device")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
-        return torch.device("cuda" if want_cuda else "cpu"), False
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if want_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+        return dev, False
     if dist.is_initialized():
         return dev, False
-    dist.init_process_group(backend="nccl" if want_cuda else "gloo")
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return dev, True
 
 
@@ -49,8 +38,6 @@ def setup_distributed(device: str) -> tuple[torch.device, bool]:
 def process_group(device: str) -> Iterator[tuple[torch.device, int, int]]:
     """(device, rank, world) of this process for the block; a group it created is left on exit."""
     dev, created = setup_distributed(device)
-    if not created and world_info()[1] == 1:
-        dev = resolve_device(device)
     try:
         yield (dev, *world_info())
     finally:

@@ -20,6 +20,13 @@ from torch import Tensor
 # Sparse codes as CSR pairs and the custom autograd Functions that use them
 
 
+def feature_counts(idx: Tensor, n: int) -> Tensor:
+    """How often each of 0..n-1 occurs in `idx` (bincount with minlength=n), without the host
+    sync that bincount makes on CUDA to size its output."""
+    return torch.zeros(n, dtype=idx.dtype, device=idx.device).index_add_(
+        0, idx, torch.ones_like(idx))
+
+
 class Pairs:
     """Active (sample, feature) pairs in CSR order; the by-feature sort is built once, lazily."""
 
@@ -50,7 +57,7 @@ class Pairs:
             offsets = torch.zeros(
                 self.n_features + 1, dtype=self.cols.dtype, device=self.cols.device
             )
-            offsets[1:] = torch.bincount(self.cols, minlength=self.n_features).cumsum(0)
+            offsets[1:] = feature_counts(self.cols, self.n_features).cumsum(0)
             self._by_feature = (perm, rows, offsets)
         return self._by_feature
 
@@ -299,7 +306,7 @@ def pairs_from_flat(flat_idx: Tensor, n_rows: int, n_features: int) -> Pairs:
     """CSR pairs from ascending flat indices into a [B, F] matrix."""
     rows = flat_idx // n_features
     crow = torch.zeros(n_rows + 1, dtype=torch.long, device=flat_idx.device)
-    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    crow[1:] = feature_counts(rows, n_rows).cumsum(0)
     return Pairs(crow, flat_idx % n_features, n_rows, n_features)
 
 

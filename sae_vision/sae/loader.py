@@ -12,7 +12,14 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from sae_vision.activations import CacheError, load_cache_meta, load_vectors, stream_vectors
+from sae_vision.activations import (
+    CacheError,
+    canonical_device,
+    load_cache_meta,
+    load_vectors,
+    same_device,
+    stream_vectors,
+)
 from sae_vision.core import TrainConfig
 
 
@@ -33,18 +40,26 @@ class MemoryBatches:
         if batch_size % world:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of "
                              f"processes ({world})")
-        self.device = torch.device(device or "cpu")
+        self.device = canonical_device(device or "cpu")
         self.n, self.batch_size, self.seed = len(acts_ND), batch_size, seed
         self.step, self.rank, self.world = start_step, rank, world
         self.local = batch_size // world
-        on_gpu = self.device.type == "cuda" and _fits_on_gpu(acts_ND, self.device)
-        # Whole dataset on the GPU when it fits (no host->device copy per step); else pinned host
-        # memory with non-blocking copies from two alternating buffers.
-        self.acts_ND = acts_ND.to(self.device) if on_gpu else acts_ND
-        self.copy = self.device.type == "cuda" and not on_gpu
-        pin = self.copy
+        # Data already on the device is used where it sits (no copy, ever); else the whole
+        # dataset goes onto the GPU when it fits (no host->device copy per step); else each
+        # batch is gathered where the data lives and copied over, from two alternating buffers
+        # (pinned when the target is a GPU, so the copies are non-blocking).
+        if (not same_device(acts_ND.device, self.device) and self.device.type == "cuda"
+                and _fits_on_gpu(acts_ND, self.device)):
+            acts_ND = acts_ND.to(self.device)
+        self.acts_ND = acts_ND
+        self.copy = not same_device(acts_ND.device, self.device)
+        pin = self.copy and self.device.type == "cuda" and acts_ND.device.type == "cpu"
         D = acts_ND.shape[1]
-        self._bufs = [torch.empty(self.local, D, pin_memory=pin) for _ in range(2)]
+        # Gathers into reused buffers avoid a fresh allocation (and its page faults) every step;
+        # on a GPU the caching allocator already does that.
+        self._bufs = ([torch.empty(self.local, D, dtype=acts_ND.dtype, device=acts_ND.device,
+                                   pin_memory=pin) for _ in range(2)]
+                      if acts_ND.device.type == "cpu" else [])
         self._events: list = [None, None]
         self._perm_cache: dict[int, torch.Tensor] = {}
 
@@ -74,17 +89,18 @@ class MemoryBatches:
         idx = self.indices(self.step)
         slot = self.step % 2
         self.step += 1
-        if self.acts_ND.device == self.device and not self.copy:
-            if self.device.type == "cuda":
-                return self.acts_ND.index_select(0, idx)
-            # Reusing two buffers avoids a fresh allocation (and its page faults) every step.
-            return torch.index_select(self.acts_ND, 0, idx, out=self._bufs[slot])
+        if not self._bufs:
+            batch = self.acts_ND.index_select(0, idx)
+            return batch.to(self.device) if self.copy else batch
         if self._events[slot] is not None:
             self._events[slot].synchronize()  # the copy that last read this buffer is done
         torch.index_select(self.acts_ND, 0, idx, out=self._bufs[slot])
-        out = self._bufs[slot].to(self.device, non_blocking=True)
-        self._events[slot] = torch.cuda.Event()
-        self._events[slot].record()
+        if not self.copy:
+            return self._bufs[slot]
+        out = self._bufs[slot].to(self.device, non_blocking=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            self._events[slot] = torch.cuda.Event()
+            self._events[slot].record()
         return out
 
 
@@ -140,7 +156,7 @@ def _stream_batches(cache_dir, shards, cfg: TrainConfig, rank: int, world: int, 
     for step, part in enumerate(_prefetch(it)):
         if step < start_step:  # a streamed resume replays the stream up to where it stopped
             continue
-        yield part.to(device, non_blocking=True) if device.type == "cuda" else part
+        yield part.to(device, non_blocking=device.type == "cuda")
 
 
 def choose_loader(meta: dict, shards: list[str], cfg: TrainConfig) -> str:
@@ -159,7 +175,7 @@ def make_batches(cache_dir, train_shards: list[str], cfg: TrainConfig, d_in: int
     if cfg.batch_size % world:
         raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by the number of "
                          f"processes ({world})")
-    device = torch.device(device or "cpu")
+    device = canonical_device(device or "cpu")
     meta = meta or load_cache_meta(cache_dir)
     if choose_loader(meta, train_shards, cfg) == "memory":
         acts_ND = load_vectors(cache_dir, train_shards)

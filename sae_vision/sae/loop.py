@@ -153,7 +153,8 @@ class _Window:
 def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: SAEConfig,
                log: LogFn, on_checkpoint: CheckpointFn | None = None,
                state: TrainState | None = None, on_step: StepFn | None = None, *,
-               optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None) -> dict:
+               optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None,
+               sync_free: bool | None = None) -> dict:
     """Train `sae` for cfg.n_steps on `batches`; logs via `log(metrics, step)`, returns metrics.
 
     `optimizer` is built by the caller: `make_optimizer(sae, cfg.lr)` is the stage's Adam.
@@ -162,10 +163,20 @@ def train_loop(sae, batches: Iterator[torch.Tensor], cfg: TrainConfig, sae_cfg: 
     and whose counters move. `state` (from a checkpoint) resumes exactly; `on_checkpoint(step,
     state)` is called every cfg.ckpt_every steps and at the end. `log` gets floats plus
     'density_log10' (numpy [F], log10 firing frequency over the interval); `on_step(done)` is
-    called after every step (progress display) and must not read tensors.
+    called after every step (progress display) and must not read tensors. `sync_free`: a step
+    that does not log never waits for the device (None: on every device but the CPU, where a
+    host read costs nothing and the per-step divergence check and compacted AuxK pairs are
+    cheaper).
     """
     loop = _Loop(sae, model if model is not None else sae, optimizer, cfg, sae_cfg, state)
-    return loop.run(batches, log, on_checkpoint, on_step)
+    if sync_free is None:
+        return loop.run(batches, log, on_checkpoint, on_step)
+    before = getattr(sae, "sync_free", None)
+    loop.lazy_check = sae.sync_free = bool(sync_free)
+    try:
+        return loop.run(batches, log, on_checkpoint, on_step)
+    finally:
+        sae.sync_free = before
 
 
 class _Loop:
@@ -181,7 +192,9 @@ class _Loop:
         self.params = [p for g in opt.param_groups for p in g["params"]]
         self.warmup_steps = warmup_steps_of(cfg)
         self.use_amp = bool(cfg.autocast) and device.type == "cuda"
-        self.lazy_check = device.type == "cuda"  # on CPU a per-step finiteness check costs nothing
+        # Off the CPU the divergence flag is read only at log points and checkpoints (nothing
+        # from a diverged step is saved); on the CPU every step checks, which costs nothing.
+        self.lazy_check = device.type != "cpu"
         # Vectors seen since each feature last fired: a feature is dead once this reaches the window.
         self.since_fired_F = torch.zeros(self.F, dtype=torch.int64, device=device)
         self.window = _Window(self.F, device)

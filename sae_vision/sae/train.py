@@ -286,7 +286,7 @@ def train(job: TrainJob, log: LogFn) -> TrainResult:
         _truncate_log(log_path, start)
         logger.info(f"train: {job.name}: {scfg.arch}, {int(sae.n_features)} features on "
                     f"{job.d_in}-d {cfg.layer.name}, {int(tcfg.n_steps)} steps of "
-                    f"{int(tcfg.batch_size)} on {job.device.type}"
+                    f"{int(tcfg.batch_size)} on {job.device}"
                     f"{f' x{job.world}' if job.world > 1 else ''}")
     bar = Progress("train", total=int(tcfg.n_steps), unit="step", initial=start) \
         if job.rank == 0 else None

@@ -1,6 +1,9 @@
 """Image sources: the demo crops are deterministic, and every kind of bad image is handled."""
 
+import collections
+import dataclasses
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -72,3 +75,50 @@ def test_bad_images_are_converted_or_skipped_and_named(messy_folder):
 def test_missing_imagefolder_root_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.root"):
         FolderImages(DataConfig(name="imagefolder", root=str(tmp_path / "nope")))
+
+
+@pytest.fixture
+def class_tree(tmp_path):
+    """A fake ImageNet train/ tree: 8 class folders of 10 (class 7: 3) tiny PNGs."""
+    for c in range(8):
+        d = tmp_path / f"n{c:08d}"
+        d.mkdir()
+        for i in range(10 if c < 7 else 3):
+            Image.new("RGB", (4, 4), (c * 30, i * 20, 0)).save(d / f"img{i}.png")
+    return tmp_path
+
+
+def _classes(ds) -> list[str]:
+    return [p.parent.name for p in ds.files]
+
+
+def test_stratified_subset_takes_the_same_number_from_every_class_seeded(class_tree):
+    cfg = DataConfig(name="imagefolder", root=str(class_tree), n_images=16, subset="stratified")
+    ds = FolderImages(cfg)
+    counts = collections.Counter(_classes(ds))
+    assert len(ds) == 16 and len(counts) == 8 and set(counts.values()) == {2}
+    assert _classes(ds)[:8] != sorted(_classes(ds)[:8])  # shuffled: every shard mixes classes
+    assert FolderImages(cfg).files == ds.files  # seeded
+    other = FolderImages(dataclasses.replace(cfg, seed=1))
+    assert sorted(other.files) != sorted(ds.files)
+    # The default keeps the first n of the sorted tree: 16 files from only two classes.
+    first = FolderImages(dataclasses.replace(cfg, subset="first"))
+    assert len(set(_classes(first))) == 2
+
+
+def test_stratified_subset_spreads_a_remainder_and_a_short_class_gives_all(class_tree):
+    cfg = DataConfig(name="imagefolder", root=str(class_tree), n_images=60, subset="stratified")
+    counts = collections.Counter(_classes(FolderImages(cfg)))
+    # 60 = 8 x 7 + 4: four classes draw 8, four draw 7; class 7 has only 3 images.
+    assert counts["n00000007"] == 3
+    assert sorted(v for k, v in counts.items() if k != "n00000007") in (
+        [7, 7, 7, 8, 8, 8, 8], [7, 7, 7, 7, 8, 8, 8])
+    ds_all = FolderImages(dataclasses.replace(cfg, n_images=0))
+    assert sorted(ds_all.files) == sorted(p for p in class_tree.rglob("*.png"))
+
+
+def test_the_paper_experiment_draws_a_stratified_subset():
+    from omegaconf import OmegaConf
+
+    paper = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/experiment/paper.yaml")
+    assert paper.data.subset == "stratified" and paper.data.n_images == 200_000

@@ -1,5 +1,8 @@
 """Tests for sae_vision/census/nulls.py: each null network changes exactly the weights it should."""
 
+import copy
+
+import pytest
 import torch
 import torch.nn as nn
 
@@ -51,3 +54,11 @@ def test_nulls_permute_redraw_or_scramble_only_the_convolutions_they_should(bvlc
     assert NL.input_block_of(bvlc_model, "conv2d2") is None
     after = bvlc_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # the real model is untouched
+
+
+@pytest.mark.parametrize("name", sorted(NL.NULLS))
+def test_every_null_builds_on_the_device_of_its_model(bvlc_model, name):
+    # A `meta` copy stands in for a GPU model: any CPU tensor mixed into its weights fails.
+    meta = copy.deepcopy(bvlc_model).to("meta")
+    null = NL.NULLS[name](meta, "mixed3b", seed=0)
+    assert {p.device.type for p in null.parameters()} == {"meta"}

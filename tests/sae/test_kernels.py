@@ -51,6 +51,30 @@ def test_sparse_backward_matches_dense_autograd_float64(arch, with_dead):
         assert out.losses["auxk"] > 0
 
 
+@pytest.mark.parametrize("sync_free", [True, False])
+@pytest.mark.parametrize("n_dead", [0, 3, 40])
+def test_auxk_with_any_number_of_dead_features_matches_dense_autograd(n_dead, sync_free):
+    # sync_free AuxK keeps aux_k pairs per row whatever the number of dead features (no host
+    # count): the padding pairs must add nothing, and no dead feature must give an AuxK loss of 0.
+    torch.manual_seed(2)
+    sae = randomised(make_sae(SAEConfig(arch="topk", n_features=96, k=5, aux_k=8), 16).double())
+    sae.sync_free = sync_free
+    x = torch.randn(64, 16, dtype=torch.float64)
+    dead = torch.arange(96) < n_dead
+    out, g_sparse = _grads(sae, lambda: sae(x, dead_mask=dead))
+    ref, g_dense = _grads(sae, lambda: forward_reference(sae, x, dead_mask=dead))
+    for key in ref.losses:
+        torch.testing.assert_close(out.losses[key], ref.losses[key], rtol=1e-12, atol=1e-12)
+    for name in g_dense:
+        torch.testing.assert_close(g_sparse[name], g_dense[name], rtol=1e-5, atol=1e-10)
+    assert (out.losses["auxk"] > 0) == (n_dead > 0)
+    if n_dead:  # bf16 selection, float32 values recomputed for the kept pairs only
+        sae = sae.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = sae(x.float(), dead_mask=dead).losses["auxk"]
+        torch.testing.assert_close(low, out.losses["auxk"].float(), rtol=0.05, atol=1e-3)
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_sparse_backward_gives_input_gradient_like_autograd(arch):
     torch.manual_seed(1)

@@ -59,3 +59,42 @@ def test_stream_loader_resumes_by_skipping_to_the_same_batches(planted):
     assert torch.equal(torch.cat(halves), seq[1])
     assert choose_loader(meta, shards, TrainConfig(loader="auto")) == "memory"
     assert choose_loader(meta, shards, TrainConfig(memory_limit_gb=1e-4)) == "stream"
+
+
+COPIES = ("_to_copy", "copy_", "_copy_from")
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu", 0), "meta"])
+def test_memory_batches_never_copy_data_that_already_sits_on_their_device(device, count_ops):
+    # A device named in another form than the data's (cpu:0 against a tensor's cpu, as cuda
+    # against cuda:0 on a GPU) is still the data's device: no copy of the data, no per-step
+    # copy of the batch, and no gather into a buffer on another device.
+    acts_ND = torch.rand(64, 4).to(torch.device(device).type)
+    batches = MemoryBatches(acts_ND, 16, seed=0, device=torch.device(device))
+    assert batches.acts_ND is acts_ND
+    for step in range(5):
+        with count_ops() as ops:
+            batch = next(batches)
+        assert not any(ops.float_counts[c] for c in COPIES), ops.float_counts
+        assert batch.device == acts_ND.device and batch.shape == (16, 4)
+        if acts_ND.device.type == "cpu":
+            assert torch.equal(batch, acts_ND[batches.indices(step)])
+
+
+def test_memory_batches_copy_each_batch_to_another_device():
+    # Host data for a `meta` trainer stands in for host data and a GPU too small to hold it.
+    acts_ND = torch.rand(64, 4)
+    batches = MemoryBatches(acts_ND, 16, seed=0, device=torch.device("meta"))
+    assert batches.copy and batches.acts_ND.device.type == "cpu"
+    assert all(next(batches).device.type == "meta" for _ in range(3))
+
+
+@pytest.mark.parametrize("loader", ["memory", "stream"])
+def test_both_loaders_deliver_batches_on_the_trainers_device(planted, loader):
+    # `meta` stands in for a GPU: every batch must arrive there, whichever loader reads the cache.
+    cache_dir, _ = planted
+    meta = json.loads((cache_dir / METADATA).read_text())
+    shards, _ = split_shards(meta, 0.2)
+    cfg = TrainConfig(batch_size=500, loader=loader, shuffle_buffer=3000, seed=3)
+    it = make_batches(cache_dir, shards, cfg, PLANTED_DIM, device=torch.device("meta"))
+    assert all(next(it).device.type == "meta" for _ in range(3))

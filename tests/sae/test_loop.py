@@ -37,3 +37,34 @@ def test_loop_uses_the_optimizer_and_model_it_is_given(one_thread):
                log=lambda m, s: None, optimizer=opt, model=model)
     assert calls == [16, 16, 16]
     assert all(s["step"].item() == 3 for s in opt.state.values())  # our optimizer stepped
+
+
+# Ops whose result size or value the host must read: on a GPU each waits for the queued work.
+HOST_SYNCS = ("_local_scalar_dense", "nonzero", "masked_select", "index[bool]", "index_put[bool]",
+              "index_put_[bool]", "bincount", "repeat_interleave", "unique", "_unique2")
+
+
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "relu_l1"])
+def test_a_training_step_that_does_not_log_makes_no_host_sync(arch, count_ops, one_thread):
+    # sync_free=True is what every device but the CPU runs by default (the CPU, where a host
+    # read is free, keeps its per-step divergence check and compacted AuxK pairs).
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch=arch, n_features=64, k=4, aux_k=8), 8)
+    # dead_window=16: after one step of 16 vectors, features that did not fire are dead, so the
+    # AuxK path runs in the counted step.
+    cfg = TrainConfig(n_steps=6, batch_size=16, log_every=6, dead_window=16, device="cpu")
+    counter = count_ops()
+    counted = []
+
+    def on_step(done):  # counts the whole third step: batch, forward, backward, update
+        if done == 2:
+            counter.__enter__()
+        elif done == 3:
+            counter.__exit__(None, None, None)
+            counted.append(dict(counter.counts))
+    train_loop(sae, MemoryBatches(torch.randn(256, 8), 16, seed=0), cfg, sae.cfg,
+               log=lambda m, s: None, optimizer=make_optimizer(sae, 1e-3), on_step=on_step,
+               sync_free=True)
+    (ops,) = counted
+    assert ops.get("topk" if arch == "topk" else "addmm", 0) >= 1  # the step was counted
+    assert {k: v for k, v in ops.items() if k in HOST_SYNCS} == {}

@@ -158,6 +158,27 @@ def test_corrupt_checkpoint_is_named_with_the_fix(run_root):
     assert_user_error(out, str(weights), "damaged", "rerun")
 
 
+@pytest.mark.slow
+def test_evaluate_never_falls_back_to_a_checkpoint_and_the_advised_train_rerun_restores(run_root):
+    root, run_dir = run_root
+    weights = run_dir / "sae.safetensors"
+    weights.unlink()
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    (ckpt,) = list((run_dir / "checkpoints").iterdir())
+    assert_user_error(out, f"run folder {run_dir} has no sae.safetensors", "stage=train",
+                      f"sae.run={ckpt}")
+    assert not (ckpt / "eval").exists() and not (run_dir / "eval").exists()
+    # The advised command, then the original one: the pair succeeds.
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"restored the run folder's files from the checkpoint {ckpt}" in out.stdout + out.stderr
+    assert weights.read_bytes() == (ckpt / "sae.safetensors").read_bytes()
+    assert weights.stat().st_ino != (ckpt / "sae.safetensors").stat().st_ino  # a copy
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"loading {weights} (step" in out.stdout + out.stderr
+
+
 def test_run_name_reused_with_other_settings_is_an_error_naming_the_key(run_root):
     root, run_dir = run_root
     out = cli("stage=train", f"paths.root={root}", f"train.run_name={run_dir.name}",

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shlex
 import time
 from collections.abc import Iterator, Sequence
@@ -35,12 +36,14 @@ from .checkpoint import (
     latest_checkpoint,
     load_sae,
     load_train_state,
+    restore_final,
     run_lock,
     write_checkpoint,
 )
 from .loader import MemoryBatches, make_batches
 from .loop import LogFn, TrainingDiverged, make_optimizer, train_loop
 from .runs import (
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     EVAL_DIR,
     TRAIN_LOG,
@@ -180,6 +183,7 @@ def run(cfg, tracker=None, overrides: Sequence[str] | None = None) -> TrainResul
     `overrides` are the command line's (run.py passes them), used only to print the exact
     commands that build the cache or evaluate the run."""
     job = make_job(cfg, overrides)
+    _restore(job.run_dir)
     finished = _finished_result(job.run_dir, job.settings_hash, int(cfg.train.n_steps))
     if finished is not None:
         logger.info(f"train: reusing finished run {job.run_dir}")
@@ -213,6 +217,19 @@ def _run_folder_lock(job: TrainJob) -> Iterator[None]:
         if locked is not None:
             raise locked
         yield
+
+
+def _restore(run_dir: Path) -> None:
+    """Put back a missing or damaged sae.safetensors (and its companions) from the newest intact
+    checkpoint, and say so; a folder another live run is writing is left to that run."""
+    if not (run_dir / CHECKPOINTS_DIR).is_dir() or os.environ.get("RANK", "0") != "0":
+        return
+    with contextlib.suppress(RunLocked), run_lock(run_dir):
+        restored = restore_final(run_dir)
+        if restored is not None:
+            ckpt, problem = restored
+            logger.info(f"train: restored the run folder's files from the checkpoint {ckpt} "
+                        f"({run_dir} was {problem})")
 
 
 def _finished_result(run_dir: Path, s_hash: str, n_steps: int) -> TrainResult | None:

@@ -157,6 +157,31 @@ def test_finished_run_is_returned_without_training_again(planted, tmp_path, capl
             (first.run_dir / "checkpoints" / "step-0000020" / name).read_bytes()
 
 
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_rerun_restores_a_missing_or_damaged_final_file_from_the_checkpoint(damage, planted,
+                                                                            tmp_path, caplog):
+    cache_dir, _ = planted
+    cfg = make_cfg(tmp_path, cache_dir, "topk", n_steps=20, ckpt_every=10, log_every=10)
+    first = train.run(cfg)
+    weights = first.run_dir / "sae.safetensors"
+    clean = weights.read_bytes()
+    if damage == "delete":
+        weights.unlink()
+    else:
+        blob = bytearray(clean)
+        blob[-3] ^= 0x01  # inside the tensor data: the file still parses
+        weights.write_bytes(bytes(blob))
+    caplog.clear()
+    caplog.set_level("INFO", logger="sae_vision")
+    again = train.run(cfg)
+    assert weights.read_bytes() == clean
+    assert again.metrics == first.metrics
+    assert "restored the run folder's files from the checkpoint" in caplog.text
+    assert str(first.run_dir / "checkpoints" / "step-0000020") in caplog.text
+    assert ("missing sae.safetensors" if damage == "delete" else "damaged") in caplog.text
+    load_sae(first.run_dir)
+
+
 def test_sweep_points_get_distinct_run_folders(planted, tmp_path):
     cache_dir, _ = planted
     names = set()

@@ -308,3 +308,33 @@ def test_valid_keys_groups_and_hydra_settings_pass_the_key_check():
           "debug=tiny", "~logger.tags"]
     assert unknown_override(ok, REPO / "conf") is None
     assert "did you mean train.n_steps?" in unknown_override(["train.n_stepz=3"], REPO / "conf")
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Hydra's own composition errors and non-finite numbers: one `error:` line, exit code 2
+
+
+@pytest.mark.parametrize("arg, needles", [
+    ("train.lr=abc", ["train.lr=abc is not valid", "takes a number", "train.lr=0.004"]),
+    ("sae.k=8.5", ["sae.k=8.5 is not valid", "takes an integer"]),
+    ("sae=topkk", ["did you mean sae=topk?", "batchtopk, jumprelu, relu_l1, topk"]),
+    ("stage=trian", ["did you mean stage=train?", "cache, evaluate, report, train"]),
+    ("layer=mixed9z", ["layer=mixed9z is not a choice for layer", "mixed3a, ", "conv2d0, "]),
+    ("train.lr=[1", ["cannot compose the config", "override_grammar"]),
+    ("train.lr=inf", ["train.lr=inf is not a finite number"]),
+    ("sae.l1_coeff=nan", ["sae.l1_coeff=nan is not a finite number"]),
+])
+def test_hydra_composition_errors_and_non_finite_numbers_are_one_error_line(arg, needles,
+                                                                             tmp_path):
+    out = cli("stage=train", arg, f"paths.root={tmp_path}", "logger=disabled", timeout=120)
+    assert_user_error(out, *needles)
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "sae").exists()  # refused at start
+
+
+def test_hydra_full_error_still_gives_hydras_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "run.py", "stage=train", "sae=topkk",
+                          f"paths.root={tmp_path}", "logger=disabled"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert out.returncode == 1 and "MissingConfigException" in out.stderr, out.stderr[-2000:]

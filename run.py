@@ -15,7 +15,14 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sae_vision.core import Config, check_config, register_configs, to_plain, unused_overrides
+from sae_vision.core import (
+    Config,
+    check_config,
+    file_in_the_way,
+    register_configs,
+    to_plain,
+    unused_overrides,
+)
 
 register_configs()
 
@@ -73,6 +80,10 @@ def main(dcfg: DictConfig):
     except (*USER_ERRORS, CacheError, RunLocked, TrainingDiverged) as e:
         fail(str(e))
     except OSError as e:
+        in_the_way = e.errno in (errno.ENOTDIR, errno.EEXIST) and file_in_the_way(e.filename)
+        if in_the_way:
+            fail(f"cannot create {e.filename}: {in_the_way}; move it away or point paths.root "
+                 "elsewhere")
         if e.errno not in WRITE_ERRNOS:
             raise
         fail(f"cannot write {e.filename or 'a file'}: {e.strerror}; make it writable (or free "

@@ -338,3 +338,37 @@ def test_hydra_full_error_still_gives_hydras_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     assert out.returncode == 1 and "MissingConfigException" in out.stderr, out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# 8. A file where a folder is expected, and a metadata.json that is not an object
+
+
+def test_paths_root_that_is_a_file_is_one_error_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = cli("stage=cache", f"paths.root={afile}", *TINY, timeout=120)
+    assert_user_error(out, f"{afile} is a file where a folder is expected")
+
+
+@pytest.mark.parametrize("stage, name", [("cache", "cache"), ("train", "sae")])
+def test_a_file_named_like_a_stage_folder_is_one_error_line(stage, name, root):
+    if (root / name).exists():
+        shutil.rmtree(root / name)
+    (root / name).write_text("x")
+    out = cli(f"stage={stage}", f"paths.root={root}", *TINY, timeout=120)
+    assert_user_error(out, f"{root / name} is a file where a folder is expected", "move it away")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", ["[]", "null"])
+def test_metadata_that_is_not_an_object_is_named_and_the_advised_fix_works(content, root):
+    meta = cache_dir_of(root) / "metadata.json"
+    meta.write_text(content)
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert_user_error(out, f"{meta} holds {content}", "delete it and rerun stage=cache")
+    meta.unlink()  # the advised fix, then the original command
+    out = cli("stage=cache", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]

@@ -2,6 +2,7 @@
 runs, a damaged cache is named and repaired byte for byte, and every mistake a user can make ends
 with one `error:` line and exit code 2, not a traceback."""
 
+import contextlib
 import os
 import pickle
 import shutil
@@ -372,3 +373,51 @@ def test_metadata_that_is_not_an_object_is_named_and_the_advised_fix_works(conte
     assert out.returncode == 0, out.stderr[-3000:]
     out = cli("stage=train", f"paths.root={root}", *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])  # kept open, never read from or written to
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_online_logger_with_a_silent_server_goes_offline_within_the_deadline(root,
+                                                                             silent_server):
+    import time
+
+    args = ["stage=cache", f"paths.root={root}", *TINY]
+    t0 = time.perf_counter()
+    out = cli_env(wandb_env(root), *args)  # the run itself (TINY says logger=disabled)
+    alone = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr[-3000:]
+    env = wandb_env(root, WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567",
+                    WANDB_BASE_URL=silent_server)
+    t0 = time.perf_counter()
+    out = cli_env(env, *args, "logger=wandb")
+    extra = time.perf_counter() - t0 - alone
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert extra < 20, f"the silent server cost {extra:.0f} s"
+    assert f"W&B at {silent_server} cannot be reached; logging offline instead" in out.stderr
+    (offline,) = list((root / "runs" / "cache").glob("*/wandb/offline-run-*"))
+    assert f"`wandb sync {offline}`" in out.stderr

@@ -22,7 +22,7 @@ from .config import LoggerConfig
 # each log call and finish. Past one, the run carries on offline (its local files are kept for
 # `wandb sync`).
 PROBE_TIMEOUT_S = 5.0
-INIT_TIMEOUT_S = 15.0
+INIT_TIMEOUT_S = 10.0  # W&B's own WANDB_INIT_TIMEOUT, when set, replaces it
 LOG_TIMEOUT_S = 10.0
 FINISH_TIMEOUT_S = 15.0
 
@@ -217,8 +217,10 @@ def open_tracker(
                   f"within {PROBE_TIMEOUT_S:.0f} s)", file=sys.stderr)
             mode, fell_back = "offline", True
 
+    init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
+
     def init(mode: str):
-        settings = wandb.Settings(init_timeout=INIT_TIMEOUT_S) if mode == "online" else None
+        settings = wandb.Settings(init_timeout=init_timeout) if mode == "online" else None
         return wandb.init(
             project=cfg.project, entity=cfg.entity, tags=list(cfg.tags or []), group=cfg.group,
             mode=mode, dir=str(run_dir), config=config, name=name, job_type=job_type,
@@ -231,7 +233,7 @@ def open_tracker(
                 e, wandb.errors.AuthenticationError):
             raise ValueError(f"W&B could not start a {mode} run ({e}); check `wandb login`, or "
                              "use logger=wandb_offline or logger=disabled") from e
-        print(f"warning: W&B at {url} did not start the run within {INIT_TIMEOUT_S:.0f} s; "
+        print(f"warning: W&B at {url} did not start the run within {init_timeout:.0f} s; "
               "logging offline instead", file=sys.stderr)
         mode, fell_back = "offline", True
         run = init(mode)

@@ -5,15 +5,24 @@ It only composes the config, validates it, opens the tracker and calls the stage
 
 from __future__ import annotations
 
+import difflib
 import errno
 import importlib
 import os
+import re
 import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sae_vision.core import Config, check_config, register_configs, to_plain, unused_overrides
+from sae_vision.core import (
+    Config,
+    check_config,
+    file_in_the_way,
+    register_configs,
+    to_plain,
+    unused_overrides,
+)
 
 register_configs()
 
@@ -21,6 +30,11 @@ register_configs()
 STAGE_PACKAGES = {"cache": "activations", "train": "sae", "evaluate": "evaluate", "report": "report"}
 # Errors a user can fix from the command line: print the message, not a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+# Whether the user asked for Hydra's full tracebacks (run.py sets the variable itself while Hydra
+# composes the config, so that composition errors reach composition_error).
+USER_FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR")
+# The type names in omegaconf's conversion errors, as a user would write them.
+TYPE_WORDS = {"Float": "a number", "Integer": "an integer", "Boolean": "true or false"}
 # OS errors that mean "this folder cannot be written": read-only, no permission, disk full.
 WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT)
 
@@ -42,6 +56,7 @@ def main(dcfg: DictConfig):
     from sae_vision.core import open_tracker, progress
     from sae_vision.sae import RunLocked, TrainingDiverged
 
+    _restore_full_error()
     cfg: Config = OmegaConf.to_object(dcfg)
     try:
         if cfg.data.name == "imagefolder":
@@ -65,11 +80,48 @@ def main(dcfg: DictConfig):
     except (*USER_ERRORS, CacheError, RunLocked, TrainingDiverged) as e:
         fail(str(e))
     except OSError as e:
+        in_the_way = e.errno in (errno.ENOTDIR, errno.EEXIST) and file_in_the_way(e.filename)
+        if in_the_way:
+            fail(f"cannot create {e.filename}: {in_the_way}; move it away or point paths.root "
+                 "elsewhere")
         if e.errno not in WRITE_ERRNOS:
             raise
         fail(f"cannot write {e.filename or 'a file'}: {e.strerror}; make it writable (or free "
              "space), or point paths.root elsewhere")
     return result
+
+
+def _restore_full_error() -> None:
+    """Put HYDRA_FULL_ERROR back as the user had it, once Hydra has composed the config."""
+    if USER_FULL_ERROR is None:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+    else:
+        os.environ["HYDRA_FULL_ERROR"] = USER_FULL_ERROR
+
+
+def composition_error(err: Exception) -> str:
+    """One line for an error Hydra raised while composing the config, naming the valid choices."""
+    options = getattr(err, "options", None)
+    missing = getattr(err, "missing_cfg_file", None)
+    if options and missing and "/" in str(missing):
+        group, _, value = str(missing).rpartition("/")
+        close = difflib.get_close_matches(value, options, n=1)
+        hint = f" (did you mean {group}={close[0]}?)" if close else ""
+        return (f"{group}={value} is not a choice for {group}{hint}; the choices are: "
+                f"{', '.join(options)}")
+    cause = err.__cause__
+    key, value = getattr(cause, "full_key", None), getattr(cause, "value", None)
+    if key:
+        found = re.search(r"converted to (\w+)", str(getattr(cause, "msg", "")))
+        want = TYPE_WORDS.get(found.group(1), found.group(1)) if found else "another value"
+        node = Config()
+        for part in str(key).split("."):
+            node = getattr(node, part, None)
+        example = f", such as its default {key}={node}" if node is not None else ""
+        return f"{key}={value} is not valid: {key} takes {want}{example}"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return (f"cannot compose the config: {first}; see `python run.py --help` and "
+            "https://hydra.cc/docs/advanced/override_grammar/basic")
 
 
 def _quote_run_globs(argv: list[str]) -> list[str]:
@@ -98,4 +150,13 @@ if __name__ == "__main__":
     # as composed for one stage (the page lists every stage anyway).
     if {"--help", "-h"} & set(sys.argv) and not any(a.startswith("stage=") for a in sys.argv):
         sys.argv.append("stage=cache")
-    main()
+    from hydra.errors import ConfigCompositionException, OverrideParseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises composition errors instead of printing
+    try:
+        main()
+    except (ConfigCompositionException, OverrideParseException) as e:
+        if USER_FULL_ERROR == "1":
+            raise
+        print(f"error: {composition_error(e)}", file=sys.stderr)
+        sys.exit(2)

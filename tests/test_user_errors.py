@@ -2,6 +2,7 @@
 runs, a damaged cache is named and repaired byte for byte, and every mistake a user can make ends
 with one `error:` line and exit code 2, not a traceback."""
 
+import contextlib
 import os
 import pickle
 import shutil
@@ -158,6 +159,27 @@ def test_corrupt_checkpoint_is_named_with_the_fix(run_root):
     assert_user_error(out, str(weights), "damaged", "rerun")
 
 
+@pytest.mark.slow
+def test_evaluate_never_falls_back_to_a_checkpoint_and_the_advised_train_rerun_restores(run_root):
+    root, run_dir = run_root
+    weights = run_dir / "sae.safetensors"
+    weights.unlink()
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    (ckpt,) = list((run_dir / "checkpoints").iterdir())
+    assert_user_error(out, f"run folder {run_dir} has no sae.safetensors", "stage=train",
+                      f"sae.run={ckpt}")
+    assert not (ckpt / "eval").exists() and not (run_dir / "eval").exists()
+    # The advised command, then the original one: the pair succeeds.
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"restored the run folder's files from the checkpoint {ckpt}" in out.stdout + out.stderr
+    assert weights.read_bytes() == (ckpt / "sae.safetensors").read_bytes()
+    assert weights.stat().st_ino != (ckpt / "sae.safetensors").stat().st_ino  # a copy
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"loading {weights} (step" in out.stdout + out.stderr
+
+
 def test_run_name_reused_with_other_settings_is_an_error_naming_the_key(run_root):
     root, run_dir = run_root
     out = cli("stage=train", f"paths.root={root}", f"train.run_name={run_dir.name}",
@@ -300,3 +322,115 @@ def test_train_device_cuda_without_a_gpu_is_one_error_line(root):
     out = cli("stage=train", f"paths.root={root}", *TINY, "train.device=cuda", "train.n_steps=2",
               env={"CUDA_VISIBLE_DEVICES": ""})
     assert_user_error(out, "train.device=cuda but CUDA is not available", "use train.device=auto")
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Hydra's own composition errors and non-finite numbers: one `error:` line, exit code 2
+
+
+@pytest.mark.parametrize("arg, needles", [
+    ("train.lr=abc", ["train.lr=abc is not valid", "takes a number", "train.lr=0.004"]),
+    ("sae.k=8.5", ["sae.k=8.5 is not valid", "takes an integer"]),
+    ("sae=topkk", ["did you mean sae=topk?", "batchtopk, jumprelu, relu_l1, topk"]),
+    ("stage=trian", ["did you mean stage=train?", "cache, evaluate, report, train"]),
+    ("layer=mixed9z", ["layer=mixed9z is not a choice for layer", "mixed3a, ", "conv2d0, "]),
+    ("train.lr=[1", ["cannot compose the config", "override_grammar"]),
+    ("train.lr=inf", ["train.lr=inf is not a finite number"]),
+    ("sae.l1_coeff=nan", ["sae.l1_coeff=nan is not a finite number"]),
+])
+def test_hydra_composition_errors_and_non_finite_numbers_are_one_error_line(arg, needles,
+                                                                             tmp_path):
+    out = cli("stage=train", arg, f"paths.root={tmp_path}", "logger=disabled", timeout=120)
+    assert_user_error(out, *needles)
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert not (tmp_path / "sae").exists()  # refused at start
+
+
+def test_hydra_full_error_still_gives_hydras_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "run.py", "stage=train", "sae=topkk",
+                          f"paths.root={tmp_path}", "logger=disabled"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert out.returncode == 1 and "MissingConfigException" in out.stderr, out.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# 8. A file where a folder is expected, and a metadata.json that is not an object
+
+
+def test_paths_root_that_is_a_file_is_one_error_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = cli("stage=cache", f"paths.root={afile}", *TINY, timeout=120)
+    assert_user_error(out, f"{afile} is a file where a folder is expected")
+
+
+@pytest.mark.parametrize("stage, name", [("cache", "cache"), ("train", "sae")])
+def test_a_file_named_like_a_stage_folder_is_one_error_line(stage, name, root):
+    if (root / name).exists():
+        shutil.rmtree(root / name)
+    (root / name).write_text("x")
+    out = cli(f"stage={stage}", f"paths.root={root}", *TINY, timeout=120)
+    assert_user_error(out, f"{root / name} is a file where a folder is expected", "move it away")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("content", ["[]", "null"])
+def test_metadata_that_is_not_an_object_is_named_and_the_advised_fix_works(content, root):
+    meta = cache_dir_of(root) / "metadata.json"
+    meta.write_text(content)
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert_user_error(out, f"{meta} holds {content}", "delete it and rerun stage=cache")
+    meta.unlink()  # the advised fix, then the original command
+    out = cli("stage=cache", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server on 127.0.0.1 that accepts every connection and never answers."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                held.append(server.accept()[0])  # kept open, never read from or written to
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def test_online_logger_with_a_silent_server_goes_offline_within_the_deadline(root,
+                                                                             silent_server):
+    import time
+
+    args = ["stage=cache", f"paths.root={root}", *TINY]
+    t0 = time.perf_counter()
+    out = cli_env(wandb_env(root), *args)  # the run itself (TINY says logger=disabled)
+    alone = time.perf_counter() - t0
+    assert out.returncode == 0, out.stderr[-3000:]
+    env = wandb_env(root, WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567",
+                    WANDB_BASE_URL=silent_server)
+    t0 = time.perf_counter()
+    out = cli_env(env, *args, "logger=wandb")
+    extra = time.perf_counter() - t0 - alone
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert extra < 20, f"the silent server cost {extra:.0f} s"
+    assert f"W&B at {silent_server} cannot be reached; logging offline instead" in out.stderr
+    (offline,) = list((root / "runs" / "cache").glob("*/wandb/offline-run-*"))
+    assert f"`wandb sync {offline}`" in out.stderr

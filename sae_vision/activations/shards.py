@@ -270,8 +270,11 @@ def load_cache_meta(cache_dir: str | os.PathLike, expect: dict | None = None) ->
         raise CacheError(f"no complete activation cache at {d}: {hint}")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CacheError(f"{path} is not valid JSON ({e}); delete it and rerun stage=cache") from e
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise CacheError(f"{path} holds {json.dumps(meta)[:40]}, not a cache's metadata (an "
+                         "object with a shards list); delete it and rerun stage=cache")
     for key, want in (expect or {}).items():
         have = meta.get(key)
         if want is not None and have != want:

@@ -3,7 +3,7 @@ the W&B tracker, the Hydra callbacks and the one figure style.
 """
 
 from . import io, paths, plots, progress
-from .callbacks import unknown_override
+from .callbacks import file_in_the_way, unknown_override
 from .config import (
     ALL_LAYER_DIMS,
     ARCH_TRAITS,
@@ -61,6 +61,7 @@ __all__ = [
     "copy_file",
     "disabled",
     "drop_stale_tmp",
+    "file_in_the_way",
     "files_identity",
     "io",
     "n_features_of",

@@ -10,8 +10,20 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 
+def file_in_the_way(path: str | os.PathLike | None) -> str | None:
+    """`path`, or the nearest path above it that exists, when that is a file and not a folder."""
+    if not path:
+        return None
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return f"{p} is a file where a folder is expected" if p.exists() and not p.is_dir() else None
+
+
 def unwritable(path: str) -> str | None:
     """Why `path` (or the nearest folder above it that exists) cannot be written, or None."""
+    if file_in_the_way(path):
+        return file_in_the_way(path)
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -31,8 +43,8 @@ class CheckOutputDir(Callback):
     def _check(out_dir: str) -> None:
         why = unwritable(out_dir)
         if why:
-            print(f"error: cannot create the run folder {out_dir}: {why}; make it writable or "
-                  "point paths.root (or hydra.run.dir) elsewhere", file=sys.stderr)
+            print(f"error: cannot create the run folder {out_dir}: {why}; move it away or make "
+                  "it writable, or point paths.root (or hydra.run.dir) elsewhere", file=sys.stderr)
             sys.exit(2)
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, is_dataclass
+import math
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any
 
 # Lucid/Lucent layer names and their channel counts, shared by both InceptionV1 variants.
@@ -322,6 +323,17 @@ def _positive(field_name: str, value, allow_zero: bool = False) -> None:
         raise ValueError(f"{field_name}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Refuse NaN and Inf anywhere in the config, naming the field (they fail only at step 1)."""
+    for f in fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            _check_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}={value} is not a finite number; give {key} a finite value "
+                             "(or drop the override for its default)")
+
+
 def check_layer(name: str, family: str = "googlenet_bvlc") -> int:
     """Return the channel count of a Lucid layer name, or raise naming the valid ones."""
     if family == "timm" or name == ARRAY_LAYER:
@@ -371,6 +383,7 @@ def warmup_steps_of(train: TrainConfig) -> int:
 
 def check_config(cfg: Config) -> None:
     """Validate every field that a typo or a bad value could break; raise ValueError."""
+    _check_finite(cfg)
     _one_of("stage.name", cfg.stage.name, STAGES)
     _one_of("model.family", cfg.model.family, MODELS)
     _one_of("model.device", cfg.model.device, DEVICES)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import netrc
 import os
-import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -19,12 +18,59 @@ from urllib.parse import urlsplit
 
 from .config import LoggerConfig
 
+# Bounds, in seconds, on each network step of an online run: the probe (one HTTP request), init,
+# each log call and finish. Past one, the run carries on offline (its local files are kept for
+# `wandb sync`).
+PROBE_TIMEOUT_S = 5.0
+INIT_TIMEOUT_S = 10.0  # W&B's own WANDB_INIT_TIMEOUT, when set, replaces it
+LOG_TIMEOUT_S = 10.0
+FINISH_TIMEOUT_S = 15.0
+
+
+def bounded(fn, timeout_s: float) -> bool:
+    """Run fn() in a daemon thread; False when it did not return within timeout_s (it is then
+    abandoned); its exception, if any, is raised here."""
+    done, errors = threading.Event(), []
+
+    def work():
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            errors.append(e)
+        finally:
+            done.set()
+
+    threading.Thread(target=work, daemon=True, name="wandb-bounded").start()
+    if not done.wait(timeout_s):
+        return False
+    if errors:
+        raise errors[0]
+    return True
+
+
+def sync_hint(run) -> str:
+    """The command that uploads a run's local files later."""
+    return f"`wandb sync {Path(run.dir).parent}`"
+
 
 class Tracker:
-    """A thin wrapper around a W&B run; mode offline, online or disabled."""
+    """A thin wrapper around a W&B run; mode offline, online or disabled. An online run's calls
+    are bounded (LOG_TIMEOUT_S): one that stalls detaches the run, which stays on disk."""
 
-    def __init__(self, run=None):
+    def __init__(self, run=None, online: bool = False):
         self._run = run
+        self._online = online
+
+    def _call(self, fn) -> None:
+        """fn(), bounded when online; a stalled call stops all further W&B calls of the run."""
+        if not self._online:
+            fn()
+            return
+        if not bounded(fn, LOG_TIMEOUT_S):
+            print(f"warning: W&B did not answer within {LOG_TIMEOUT_S:.0f} s; the run goes on "
+                  f"without it (its metrics are in the stage's JSON files); upload what W&B "
+                  f"holds with {sync_hint(self._run)} once online", file=sys.stderr)
+            self._run = None
 
     @property
     def enabled(self) -> bool:
@@ -46,14 +92,16 @@ class Tracker:
 
                 metrics = {k: wandb.Histogram(v) if isinstance(v, np.ndarray) else v
                            for k, v in metrics.items()}
-            self._run.log(metrics, step=step)
+            run = self._run
+            self._call(lambda: run.log(metrics, step=step))
 
     def log_image(self, key: str, png_path: str | os.PathLike, step: int | None = None) -> None:
         """Log a PNG written elsewhere (figures are always written to disk first)."""
         if self._run is not None:
             import wandb
 
-            self._run.log({key: wandb.Image(str(png_path))}, step=step)
+            run, image = self._run, wandb.Image(str(png_path))
+            self._call(lambda: run.log({key: image}, step=step))
 
     def log_table(self, key: str, rows: list[dict], step: int | None = None) -> None:
         """Log a list of flat dicts as a W&B table."""
@@ -62,13 +110,14 @@ class Tracker:
 
             columns = list(rows[0].keys())
             table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
-            self._run.log({key: table}, step=step)
+            run = self._run
+            self._call(lambda: run.log({key: table}, step=step))
 
     def summary(self, metrics: dict[str, Any]) -> None:
         """Set run-summary values (final metrics)."""
         if self._run is not None:
-            for k, v in metrics.items():
-                self._run.summary[k] = v
+            run = self._run
+            self._call(lambda: [run.summary.__setitem__(k, v) for k, v in metrics.items()])
 
 
 def disabled() -> Tracker:
@@ -114,16 +163,22 @@ def has_credentials(base_url: str) -> bool:
         return False
 
 
-def reachable(base_url: str, timeout_s: float = 5.0) -> bool:
-    """True when a TCP connection to the W&B server opens within timeout_s (DNS included)."""
-    parts = urlsplit(base_url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+def reachable(base_url: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """True when the W&B server answers an HTTP request (any status) within timeout_s, DNS
+    included; a server that accepts the connection and stays silent does not count."""
+    import urllib.error
+    import urllib.request
+
     ok = threading.Event()
 
     def connect():
-        with contextlib.suppress(OSError):
-            socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+        try:
+            urllib.request.urlopen(base_url, timeout=timeout_s).close()
             ok.set()
+        except urllib.error.HTTPError:  # an answer, if not a welcome one
+            ok.set()
+        except (OSError, ValueError):  # no answer (timeouts and refusals are OSErrors)
+            pass
 
     # A thread, because name resolution ignores the socket timeout and can block for minutes.
     threading.Thread(target=connect, daemon=True, name="wandb-probe").start()
@@ -158,25 +213,38 @@ def open_tracker(
                              "`wandb login` or set WANDB_API_KEY, or log offline with "
                              "logger=wandb_offline")
         if not reachable(url):
-            print(f"warning: W&B at {url} cannot be reached; logging offline instead",
-                  file=sys.stderr)
+            print(f"warning: W&B at {url} cannot be reached; logging offline instead (no answer "
+                  f"within {PROBE_TIMEOUT_S:.0f} s)", file=sys.stderr)
             mode, fell_back = "offline", True
-    try:
-        run = wandb.init(
+
+    init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
+
+    def init(mode: str):
+        settings = wandb.Settings(init_timeout=init_timeout) if mode == "online" else None
+        return wandb.init(
             project=cfg.project, entity=cfg.entity, tags=list(cfg.tags or []), group=cfg.group,
             mode=mode, dir=str(run_dir), config=config, name=name, job_type=job_type,
-            reinit="create_new",
-        )
-    except wandb.errors.Error as e:
-        raise ValueError(f"W&B could not start a {mode} run ({e}); check `wandb login`, or use "
-                         "logger=wandb_offline or logger=disabled") from e
+            reinit="create_new", settings=settings)
+
     try:
-        yield Tracker(run)
+        run = init(mode)
+    except (wandb.errors.Error, TimeoutError) as e:
+        if mode != "online" or "time" not in str(e).lower() or isinstance(
+                e, wandb.errors.AuthenticationError):
+            raise ValueError(f"W&B could not start a {mode} run ({e}); check `wandb login`, or "
+                             "use logger=wandb_offline or logger=disabled") from e
+        print(f"warning: W&B at {url} did not start the run within {init_timeout:.0f} s; "
+              "logging offline instead", file=sys.stderr)
+        mode, fell_back = "offline", True
+        run = init(mode)
+    tracker = Tracker(run, online=mode == "online")
+    try:
+        yield tracker
     finally:
-        run.finish()
-        if fell_back:
-            print(f"warning: the W&B run was logged offline; upload it with `wandb sync "
-                  f"{Path(run.dir).parent}` once online", file=sys.stderr)
+        finished = bounded(run.finish, FINISH_TIMEOUT_S) if mode == "online" else run.finish()
+        if fell_back or finished is False or (mode == "online" and tracker._run is None):
+            print(f"warning: the W&B run was logged offline or did not finish uploading; upload "
+                  f"it with {sync_hint(run)} once online", file=sys.stderr)
 
 
 def _rank() -> int:

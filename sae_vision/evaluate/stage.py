@@ -43,6 +43,7 @@ from sae_vision.core import (
 from sae_vision.sae import (
     EVAL_DIR,
     SUMMARY_DIR,
+    WEIGHTS_FILE,
     RunInfo,
     check_dims,
     check_weights,
@@ -119,6 +120,8 @@ def _open_run(run_dir: Path, cfg: Config, session: _Session, name: str | None,
     from sae_vision.sae import load_sae
 
     sae, meta = load_sae(run_dir)
+    logger.info(f"[evaluate] loading {run_dir / WEIGHTS_FILE} (step {meta.get('step')} of "
+                f"{meta.get('n_steps')})")
     info0 = run_info(run_dir, sae, meta, cfg)
     cache_meta = load_cache_meta(info0.cache_dir)
     info = dataclasses.replace(run_info(run_dir, sae, meta, cfg, cache_meta),

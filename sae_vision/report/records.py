@@ -80,20 +80,27 @@ def load_run(run_dir: Path, cfg: Config) -> RunRecord:
                      eval_files=files)
 
 
-def load_runs(run_dirs: list[Path], cfg: Config) -> list[RunRecord]:
-    """Every readable run; a broken run folder is skipped with a warning, not the whole report."""
-    from sae_vision.activations import CacheError
-
+def load_runs(run_dirs: list[Path], cfg: Config,
+              skipped: list[tuple[Path, str]] | None = None) -> list[RunRecord]:
+    """Every readable run; a run that cannot be read, whatever the cause, is skipped with a
+    warning (and added to `skipped` as (run folder, why)), not the whole report."""
     records = []
     for d in run_dirs:
         try:
             records.append(load_run(d, cfg))
-        except (ValueError, KeyError, OSError, CacheError) as e:
-            print(f"warning: skipping run {d}: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - any unreadable run is skipped, never the report
+            skip(d, f"{type(e).__name__}: {e}", skipped)
     if not records:
         raise ValueError(f"none of the {len(run_dirs)} run(s) could be read (see the warnings "
                          "above); retrain them with stage=train")
     return records
+
+
+def skip(run_dir: Path, why: str, skipped: list[tuple[Path, str]] | None) -> None:
+    """Warn that a run is left out of the report, and why; remember it for the page."""
+    print(f"warning: skipping run {run_dir}: {why}", file=sys.stderr)
+    if skipped is not None:
+        skipped.append((run_dir, why))
 
 
 # --------------------------------------------------------------------------------------------

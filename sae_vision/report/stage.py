@@ -24,6 +24,7 @@ sae_vision.findings.
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import re
@@ -63,6 +64,7 @@ from .records import (
     find_runs,
     group_fdr,
     load_runs,
+    skip,
     slugify,
 )
 
@@ -183,15 +185,23 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     out = paths.report_dir(cfg)
     fig_dir = _fresh_folders(out)
     device = stage_device("report", cfg.model.device, "model.device")
-    records = sorted(load_runs(run_dirs, cfg), key=_order)
+    skipped: list[tuple[Path, str]] = []
+    records = sorted(load_runs(run_dirs, cfg, skipped), key=_order)
+    browsers, caches_manifest, thumbs, neuron_browser = _write_browsers(cfg, records, out, device,
+                                                                        skipped)
+    records = [r for r in records if r.run_dir not in {d for d, _ in skipped}]
+    if not records:
+        raise ValueError(f"none of the {len(run_dirs)} run(s) could be read (see the warnings "
+                         "above); retrain them with stage=train, or repair their caches")
     logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
-
-    browsers, caches_manifest, thumbs, neuron_browser = _write_browsers(cfg, records, out, device)
     n_cards = sum(b["n_units"] for b in browsers)
 
     rows = summary_rows(records)
     sections, figures, census_rows = _static_sections(records, rows, thumbs, neuron_browser,
                                                       fig_dir)
+    if skipped:  # the page says what it left out, and why
+        key, nav, title_, body = sections[0]
+        sections[0] = (key, nav, title_, body + html_skipped(skipped))
     generated = time.strftime("%Y-%m-%d %H:%M")
     title = f"sae-vision report{' · ' + cfg.experiment if cfg.experiment else ''}"
     write_js(out / "data" / "report.js", "REPORT", None, {
@@ -237,16 +247,23 @@ def _fresh_folders(out: Path) -> Path:
     return fig_dir
 
 
-def _write_browsers(cfg: Config, records: list[RunRecord], out: Path, device: torch.device
+def html_skipped(skipped: list[tuple[Path, str]]) -> str:
+    """The runs the report could not read, each with the reason."""
+    items = "".join(f"<li><code>{html.escape(str(d))}</code>: {html.escape(why)}</li>"
+                    for d, why in skipped)
+    return f"<div class=skipped><p>Skipped {len(skipped)} run(s) that could not be read:</p>" \
+           f"<ul>{items}</ul></div>"
+
+
+def _write_browsers(cfg: Config, records: list[RunRecord], out: Path, device: torch.device,
+                    skipped: list[tuple[Path, str]] | None = None
                     ) -> tuple[list[dict], list[dict], dict[str, dict[int, str]], dict[str, str]]:
     """Every browser's data script, one activation cache at a time (its neurons and its runs).
 
     Returns the browsers' index for data/report.js, the caches for the manifest, each browser's
     thumbnails (browser id -> unit -> a top-example crop path) and each cache's neuron browser
-    (cache dir -> browser id).
+    (cache dir -> browser id). The runs of a cache that cannot be read are added to `skipped`.
     """
-    from sae_vision.activations import load_cache_meta
-
     by_cache: dict[str, list[RunRecord]] = {}
     for r in records:
         by_cache.setdefault(str(r.info.cache_dir), []).append(r)
@@ -258,19 +275,18 @@ def _write_browsers(cfg: Config, records: list[RunRecord], out: Path, device: to
     model_cache: dict[str, Any] = {}
     layers = [rs[0].info.layer for rs in by_cache.values()]
     for cache_dir, recs in by_cache.items():
-        cache_meta = load_cache_meta(cache_dir)
-        layer = recs[0].info.layer
-        key = cache_meta.get("key") or Path(cache_dir).name
-        caches_manifest.append({"dir": cache_dir, "key": key, "layer": layer,
-                                "n_vectors": cache_meta.get("n_vectors"),
-                                "n_images": cache_meta.get("n_images"),
-                                "model": cache_meta.get("model"),
-                                "weights_sha256": cache_meta.get("weights_sha256")})
-        # Two caches of one layer (e.g. different data) each get their own neuron browser.
-        neuron_id = slugify(f"neurons-{layer}" + (f"-{key}" if layers.count(layer) > 1 else ""))
+        try:
+            done = _cache_browsers(cfg, cache_dir, recs, out, device, model_cache,
+                                   layers.count(recs[0].info.layer) > 1)
+        except Exception as e:  # noqa: BLE001 - an unreadable cache skips its runs, not the page
+            for r in recs:
+                skip(r.run_dir, f"its cache {cache_dir} cannot be read ({type(e).__name__}: {e})",
+                     skipped)
+            continue
+        manifest, neuron_id, built = done
+        caches_manifest.append(manifest)
         neuron_browser[cache_dir] = neuron_id
-        for data in layer_browsers(cfg, cache_dir, cache_meta, recs, neuron_id, out, device,
-                                   model_cache):
+        for data in built:
             write_js(out / "data" / f"browser-{data['id']}.js", "REPORT_DATA", data["id"], data)
             browsers.append({"id": data["id"], "label": data["label"], "kind": data["kind"],
                              "file": f"data/browser-{data['id']}.js",
@@ -278,6 +294,26 @@ def _write_browsers(cfg: Config, records: list[RunRecord], out: Path, device: to
             thumbs[data["id"]] = {u["i"]: data["crop_dir"] + data["crops"][u["top"][0][0]][0]
                                   for u in data["units"] if u.get("top")}
     return browsers, caches_manifest, thumbs, neuron_browser
+
+
+def _cache_browsers(cfg: Config, cache_dir: str, recs: list[RunRecord], out: Path,
+                    device: torch.device, model_cache: dict, shared_layer: bool
+                    ) -> tuple[dict, str, list[dict]]:
+    """One cache's manifest entry, neuron browser id and browsers' data (all read before any
+    is written, so a cache that fails midway leaves nothing half-listed)."""
+    from sae_vision.activations import load_cache_meta
+
+    cache_meta = load_cache_meta(cache_dir)
+    layer = recs[0].info.layer
+    key = cache_meta.get("key") or Path(cache_dir).name
+    manifest = {"dir": cache_dir, "key": key, "layer": layer,
+                "n_vectors": cache_meta.get("n_vectors"), "n_images": cache_meta.get("n_images"),
+                "model": cache_meta.get("model"), "weights_sha256": cache_meta.get("weights_sha256")}
+    # Two caches of one layer (e.g. different data) each get their own neuron browser.
+    neuron_id = slugify(f"neurons-{layer}" + (f"-{key}" if shared_layer else ""))
+    built = list(layer_browsers(cfg, cache_dir, cache_meta, recs, neuron_id, out, device,
+                                model_cache))
+    return manifest, neuron_id, built
 
 
 def _natural(name: str) -> list:

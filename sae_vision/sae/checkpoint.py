@@ -5,6 +5,7 @@ without pickle; a checkpoint is committed whole by one folder rename; one writer
     TrainState                 what the trainer needs to resume exactly (optimizer, counters, ...)
     write_checkpoint           both, staged and renamed to checkpoints/step-N, then the top level
     latest_checkpoint          the newest committed step-N folder
+    restore_final              the top-level files back from the newest intact checkpoint
     run_lock                   the run folder's lock (io's protocol)
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from sae_vision.activations import sha256_file
 from sae_vision.core import io
 
 from .architectures import as_sae_config, make_sae
@@ -37,8 +39,46 @@ FORMAT_VERSION = 2  # of sae.safetensors + config.json; 2: relu_l1 encodes x - b
 STATE_FORMAT = 1  # of train_state.safetensors + train_state.json
 
 
+# What a damaged weights file's error advises.
+RESTORE_HINT = ("rerun the train command that wrote it (it restores the run's files from the "
+                "newest intact checkpoint), or delete the run folder and train again")
+SHA_KEY = "weights_sha256"  # config.json's record of sae.safetensors (train_state.json: sha256)
+
+
 class RunLocked(RuntimeError):
     """Another live process is writing the same run folder."""
+
+
+# Files whose sha256 this process has checked, by path -> (inode, size, mtime, sha256): the same
+# rule as the cache's shards (each file hashed once per process, again only when it changes).
+_VERIFIED: dict[str, tuple] = {}
+
+
+def file_problem(path: Path, want: str | None) -> str | None:
+    """Why `path` is not the file whose sha256 is `want` (None when it is, or nothing is recorded)."""
+    if not path.is_file():
+        return "missing"
+    if not want:
+        return None
+    st = path.stat()
+    key, stamp = str(path.resolve()), (st.st_ino, st.st_size, st.st_mtime_ns, want)
+    if _VERIFIED.get(key) == stamp:
+        return None
+    if sha256_file(path) != want:
+        return "damaged (its sha256 is not the recorded one)"
+    _VERIFIED[key] = stamp
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object file; anything else is a ValueError naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} cannot be read ({err}); {RESTORE_HINT}") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds {type(data).__name__}, not a JSON object; {RESTORE_HINT}")
+    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,6 +103,7 @@ def save_sae(sae, run_dir: str | os.PathLike, meta: dict) -> None:
     # Weights first, so a reader never pairs a new config.json with older weights.
     with io.atomic_write(run_dir / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+        config[SHA_KEY] = sha256_file(tmp)
     io.write_json(run_dir / CONFIG_FILE, config, indent=2, sort_keys=True)
 
 
@@ -93,10 +134,13 @@ def load_sae(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
         )
     try:
         config = json.loads(config_path.read_text())
+        problem = file_problem(weights_path, config.get(SHA_KEY))
         cfg = as_sae_config(dict(config["sae"]))  # keys of other versions are ignored
         d_in = int(config["d_in"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ValueError(f"{config_path} is not a valid SAE config: {err!r}") from err
+    if problem:
+        raise ValueError(f"{weights_path} is {problem}; {RESTORE_HINT}")
     with torch.random.fork_rng(devices=[]):  # loading must not move the caller's RNG stream
         sae = make_sae(cfg, d_in)
     if "n_features" in config and int(config["n_features"]) != sae.n_features:
@@ -109,6 +153,11 @@ def load_sae(run_dir: str | os.PathLike, device: str | torch.device = "cpu"
     for name in ("jump_bandwidth", "l1_log_ctrl"):  # buffers newer than some checkpoints
         if name in expected and name not in tensors:
             tensors[name] = expected[name].clone()
+    bad = [n for n, t in sorted(tensors.items()) if t.is_floating_point()
+           and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"{weights_path}: tensor(s) {', '.join(bad)} hold NaN or Inf, so the "
+                         f"weights are damaged; {RESTORE_HINT}")
     if set(tensors) != set(expected):
         raise ValueError(
             f"{weights_path}: tensors {sorted(tensors)} do not match arch "
@@ -177,14 +226,19 @@ def save_train_state(dir_path: Path, state: TrainState) -> None:
     }
     with io.atomic_write(dir_path / TRAIN_STATE_FILE) as tmp:
         save_file(tensors, str(tmp))
+        info["sha256"] = sha256_file(tmp)
     # Read back only by us, and a resumed run must see exactly the metrics it saved (NaN too).
     io.write_json(dir_path / TRAIN_STATE_JSON, info, strict=False)
 
 
 def load_train_state(dir_path: Path) -> TrainState:
     """Inverse of save_train_state."""
+    info = _read_json(dir_path / TRAIN_STATE_JSON)
+    problem = file_problem(dir_path / TRAIN_STATE_FILE, info.get("sha256"))
+    if problem:
+        raise ValueError(f"{dir_path / TRAIN_STATE_FILE} is {problem}; delete its checkpoint "
+                         "folder and rerun the train command")
     tensors = load_checkpoint_file(dir_path / TRAIN_STATE_FILE)
-    info = json.loads((dir_path / TRAIN_STATE_JSON).read_text())
     if info.get("format") != STATE_FORMAT:
         raise RuntimeError(f"{dir_path}/{TRAIN_STATE_JSON} has format {info.get('format')}, "
                            f"this trainer reads {STATE_FORMAT}")
@@ -253,9 +307,44 @@ def write_checkpoint(run_dir: Path, sae, step: int, meta: dict, state: TrainStat
         save_train_state(staging, state)
     # The top level follows; sae.safetensors first so a reader never pairs a new config.json
     # with older weights.
+    # Copies, not hard links: damage to one never reaches the other.
     for f in CKPT_FILES:
-        io.copy_file(final / f, run_dir / f, link=True)
+        io.copy_file(final / f, run_dir / f)
     for old in root.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why the checkpoint (or run top level) in `folder` cannot be trusted (None when it can)."""
+    for f in CKPT_FILES:
+        if not (folder / f).is_file():
+            return f"missing {f}"
+    try:
+        config, state = _read_json(folder / CONFIG_FILE), _read_json(folder / TRAIN_STATE_JSON)
+    except ValueError:
+        return "with an unreadable JSON file"
+    for f, want in ((WEIGHTS_FILE, config.get(SHA_KEY)), (TRAIN_STATE_FILE, state.get("sha256"))):
+        problem = file_problem(folder / f, want)
+        if problem:
+            return f"{f} {problem}"
+    return None
+
+
+def restore_final(run_dir: Path) -> tuple[Path, str] | None:
+    """When the run folder's top-level files are missing or damaged, copy them back from the
+    newest intact checkpoint; returns (that checkpoint, what was wrong), or None if all was well.
+    The caller holds the run lock."""
+    problem = checkpoint_problem(run_dir)
+    if problem is None:
+        return None
+    found = sorted((run_dir / CHECKPOINTS_DIR).glob("step-*"), reverse=True)
+    for ckpt in found:
+        if ckpt.is_dir() and checkpoint_problem(ckpt) is None:
+            for f in CKPT_FILES:
+                io.copy_file(ckpt / f, run_dir / f)
+            return ckpt, problem
+    raise ValueError(f"run folder {run_dir} is {problem} and no intact checkpoint is left under "
+                     f"{run_dir / CHECKPOINTS_DIR} to restore it from; delete {run_dir} and "
+                     "rerun the train command")

@@ -56,7 +56,9 @@ def runs_under(folder: Path) -> list[Path]:
             runs.append(here)
             dirnames.clear()
         else:
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != SUMMARY_DIR]
+            # A run's checkpoints are never taken for runs (evaluate names what it loads).
+            dirnames[:] = [d for d in dirnames
+                           if not d.startswith(".") and d not in (SUMMARY_DIR, CHECKPOINTS_DIR)]
     return sorted(runs)
 
 
@@ -102,6 +104,7 @@ def resolve_runs(cfg: Config, spec: str | None = None) -> tuple[list[Path], bool
     for cand in (root / spec, Path(spec)):
         if is_run_dir(cand):
             return [cand], False
+        _refuse_broken_run(cand)
         if cand.is_dir():
             runs = runs_under(cand)
             if runs:
@@ -113,6 +116,19 @@ def resolve_runs(cfg: Config, spec: str | None = None) -> tuple[list[Path], bool
                          f"sweep folder; {_available(root)}")
     raise ValueError(f"sae.run={spec!r} is not an SAE run folder (one holding {WEIGHTS_FILE} and "
                      f"{CONFIG_FILE}) nor a folder of runs; {_available(root)}")
+
+
+def _refuse_broken_run(folder: Path) -> None:
+    """A run folder that lost its final weights is an error naming the fix, never a silent
+    evaluation of one of its checkpoints."""
+    ckpts = sorted((folder / CHECKPOINTS_DIR).glob("step-*")) if folder.is_dir() else []
+    if not ckpts and not (folder / CONFIG_FILE).is_file():
+        return
+    lacks = ", ".join(f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / f).is_file())
+    alt = f", or pass sae.run={ckpts[-1]} to evaluate that checkpoint" if ckpts else ""
+    raise ValueError(f"run folder {folder} has no {lacks}; rerun the train command that wrote it "
+                     f"(python run.py stage=train with the same settings) to restore it from its "
+                     f"newest intact checkpoint{alt}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import shlex
 import time
 from collections.abc import Iterator, Sequence
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_vision.activations import CacheError, load_cache_meta, split_shards
+from sae_vision.activations import CacheError, load_cache_meta, sha256_file, split_shards
 from sae_vision.core import Config, Progress, check_layer, content_hash, io, paths, to_plain
 
 from . import distributed
@@ -35,12 +36,14 @@ from .checkpoint import (
     latest_checkpoint,
     load_sae,
     load_train_state,
+    restore_final,
     run_lock,
     write_checkpoint,
 )
 from .loader import MemoryBatches, make_batches
 from .loop import LogFn, TrainingDiverged, make_optimizer, train_loop
 from .runs import (
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     EVAL_DIR,
     TRAIN_LOG,
@@ -148,12 +151,37 @@ def _open_cache(cfg, overrides: Sequence[str] | None) -> tuple[Path, dict, int]:
             raise CacheError(f"{e}\nBuild the cache for layer {cfg.layer.name!r} first:\n    "
                              f"{_cache_command(cfg, overrides)}") from None
     meta = load_cache_meta(cache, expect={"layer": cfg.layer.name, "dim": d_expect})
+    _check_network(cfg, cache, meta)
     stats = np.asarray([*meta["mean"], meta["mean_norm"]], dtype=np.float64)
     if not np.isfinite(stats).all() or float(meta["mean_norm"]) <= 0:
         raise CacheError(f"cache {cache} has non-finite or zero statistics (mean_norm="
                          f"{meta['mean_norm']}): its activations hold NaN/Inf (e.g. a float16 "
                          "overflow); rebuild it with cache.dtype=float32 or bfloat16")
     return cache, meta, int(meta["dim"])
+
+
+def _check_network(cfg, cache: Path, meta: dict) -> None:
+    """Refuse a cache of another network: its activations mean nothing to this model."""
+    if meta.get("model") is None:  # imported arrays: no network
+        return
+    def network(family: str, name: str | None) -> str:  # a timm model is named, others not
+        return f"model={family}" + (f" model.name={name}" if family == "timm" else "")
+
+    have = network(meta["model"], meta.get("model_name"))
+    want = network(cfg.model.family, cfg.model.name)
+    if have != want:
+        raise CacheError(
+            f"cache {cache} holds activations of {have}, but this run is for {want}; pass "
+            f"{have} to train on that cache, or build one for this network with "
+            f"`python run.py stage=cache {want}` (without cache.dir)")
+    recorded = meta.get("weights_sha256")
+    if cfg.model.weights_path and recorded:
+        have_sha = sha256_file(cfg.model.weights_path)
+        if have_sha != recorded:
+            raise CacheError(
+                f"cache {cache} was built with weights of sha256 {recorded[:12]}, but "
+                f"model.weights_path={cfg.model.weights_path} has sha256 {have_sha[:12]}; drop "
+                "model.weights_path or build a cache with these weights (stage=cache)")
 
 
 def make_job(cfg, overrides: Sequence[str] | None = None) -> TrainJob:
@@ -180,6 +208,7 @@ def run(cfg, tracker=None, overrides: Sequence[str] | None = None) -> TrainResul
     `overrides` are the command line's (run.py passes them), used only to print the exact
     commands that build the cache or evaluate the run."""
     job = make_job(cfg, overrides)
+    _restore(job.run_dir)
     finished = _finished_result(job.run_dir, job.settings_hash, int(cfg.train.n_steps))
     if finished is not None:
         logger.info(f"train: reusing finished run {job.run_dir}")
@@ -213,6 +242,19 @@ def _run_folder_lock(job: TrainJob) -> Iterator[None]:
         if locked is not None:
             raise locked
         yield
+
+
+def _restore(run_dir: Path) -> None:
+    """Put back a missing or damaged sae.safetensors (and its companions) from the newest intact
+    checkpoint, and say so; a folder another live run is writing is left to that run."""
+    if not (run_dir / CHECKPOINTS_DIR).is_dir() or os.environ.get("RANK", "0") != "0":
+        return
+    with contextlib.suppress(RunLocked), run_lock(run_dir):
+        restored = restore_final(run_dir)
+        if restored is not None:
+            ckpt, problem = restored
+            logger.info(f"train: restored the run folder's files from the checkpoint {ckpt} "
+                        f"({run_dir} was {problem})")
 
 
 def _finished_result(run_dir: Path, s_hash: str, n_steps: int) -> TrainResult | None:

@@ -315,3 +315,33 @@ def test_report_without_the_source_images_still_renders_cards(tmp_path, caplog):
     assert "no dataset examples for mixed3a" in caplog.text
     b = load_browser(Path(res.report_dir), records.slugify(f"{LAYER}-topk-f512-k8"))
     assert len(b["units"]) == 512 and not any(u.get("top") for u in b["units"])
+
+
+def test_runs_whose_cache_cannot_be_read_are_skipped_listed_on_the_page_and_the_rest_built(
+        tmp_path, capsys):
+    import shutil
+
+    cfg = build_study(tmp_path)
+    sae_root, cache = Path(cfg.paths.root) / "sae", Path(cfg.paths.root) / "cache"
+    good = f"{LAYER}-topk-f512-k8"
+    damaged = {"flipped": "mixed3a-flipped", "listless": "mixed3a-listless"}
+    for name, cache_name in damaged.items():
+        shutil.copytree(cache / f"{LAYER}-constructed", cache / cache_name)
+        shutil.copytree(sae_root / good, sae_root / name)
+        config = json.loads((sae_root / name / "config.json").read_text())
+        config["meta"]["cache_dir"] = str(cache / cache_name)
+        (sae_root / name / "config.json").write_text(json.dumps(config))
+    tar = cache / "mixed3a-flipped" / "shard-000000.tar"
+    blob = bytearray(tar.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # caught by the shard's sha256 when the browser reads it
+    tar.write_bytes(bytes(blob))
+    (cache / "mixed3a-listless" / "metadata.json").write_text("[]")
+    res = report.run(cfg)
+    assert sorted(res.runs) == sorted([good, f"{LAYER}-topk-f512-k32"])
+    err = capsys.readouterr().err
+    page = Path(res.index_path).read_text()
+    assert "Skipped 2 run(s) that could not be read" in page
+    for name in damaged:
+        assert f"warning: skipping run {sae_root / name}" in err
+        assert str(sae_root / name) in page
+    assert "shard-000000.tar is corrupt" in page and "not a cache&#x27;s metadata" in page

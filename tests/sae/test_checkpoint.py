@@ -15,6 +15,7 @@ from sae_vision.sae.checkpoint import (
     latest_checkpoint,
     load_sae,
     load_train_state,
+    restore_final,
     run_lock,
     save_sae,
     save_train_state,
@@ -146,6 +147,74 @@ def test_checkpoint_commit_keeps_only_the_newest_complete_step(tmp_path):
     # A staged folder without all its files (a killed commit) is not a checkpoint.
     (tmp_path / "checkpoints" / "step-0000009").mkdir()
     assert latest_checkpoint(tmp_path) == final
+
+
+def flip_tensor_byte(path) -> None:
+    """Flip one byte inside the tensor data (past the header): the file still parses."""
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x01
+    path.write_bytes(bytes(blob))
+
+
+def test_weights_record_their_sha256_and_damage_inside_the_tensor_data_is_refused(tmp_path):
+    from sae_vision.activations import sha256_file
+
+    save_sae(make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4), tmp_path, {})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["weights_sha256"] == sha256_file(tmp_path / "sae.safetensors")
+    load_sae(tmp_path)
+    flip_tensor_byte(tmp_path / "sae.safetensors")
+    with pytest.raises(ValueError, match=r"sae.safetensors is damaged \(its sha256 .*rerun the "
+                                         r"train command"):
+        load_sae(tmp_path)
+
+
+def test_non_finite_weights_are_refused_by_tensor_name_even_with_a_matching_sha256(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sae_vision.activations import sha256_file
+
+    save_sae(make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4), tmp_path, {})
+    weights = tmp_path / "sae.safetensors"
+    tensors = load_file(str(weights))
+    tensors["W_dec"][0, 0] = float("nan")
+    save_file(tensors, str(weights))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["weights_sha256"] = sha256_file(weights)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="tensor\\(s\\) W_dec hold NaN or Inf"):
+        load_sae(tmp_path)
+
+
+def test_train_state_records_its_sha256_and_a_damaged_one_is_refused(tmp_path):
+    sae = make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4)
+    save_train_state(tmp_path, _state_after_one_step(sae))
+    flip_tensor_byte(tmp_path / "train_state.safetensors")
+    with pytest.raises(ValueError, match="train_state.safetensors is damaged"):
+        load_train_state(tmp_path)
+
+
+def test_final_files_are_copies_and_are_restored_from_the_newest_intact_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    sae = make_sae(SAEConfig(arch="topk", n_features=16, k=2), 4)
+    final = write_checkpoint(tmp_path, sae, 4, {"step": 4}, _state_after_one_step(sae))
+    top = tmp_path / "sae.safetensors"
+    assert top.stat().st_nlink == 1 and top.stat().st_ino != (final / top.name).stat().st_ino
+    assert restore_final(tmp_path) is None  # nothing to do
+    clean = top.read_bytes()
+    flip_tensor_byte(top)
+    assert load_sae(final)[1] == {"step": 4}  # damage in place never reaches the checkpoint
+    assert restore_final(tmp_path) == (final, "sae.safetensors damaged (its sha256 is not the "
+                                              "recorded one)")
+    assert top.read_bytes() == clean
+    top.unlink()
+    assert restore_final(tmp_path) == (final, "missing sae.safetensors")
+    assert load_sae(tmp_path)[1] == {"step": 4}
+    # With the checkpoint damaged too, nothing is restored and the error names the way out.
+    top.unlink()
+    flip_tensor_byte(final / "sae.safetensors")
+    with pytest.raises(ValueError, match="no intact checkpoint is left"):
+        restore_final(tmp_path)
 
 
 def test_run_lock_refuses_a_second_writer_and_clears_a_killed_runs_leftovers(tmp_path):

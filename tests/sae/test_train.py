@@ -157,6 +157,31 @@ def test_finished_run_is_returned_without_training_again(planted, tmp_path, capl
             (first.run_dir / "checkpoints" / "step-0000020" / name).read_bytes()
 
 
+@pytest.mark.parametrize("damage", ["delete", "flip"])
+def test_rerun_restores_a_missing_or_damaged_final_file_from_the_checkpoint(damage, planted,
+                                                                            tmp_path, caplog):
+    cache_dir, _ = planted
+    cfg = make_cfg(tmp_path, cache_dir, "topk", n_steps=20, ckpt_every=10, log_every=10)
+    first = train.run(cfg)
+    weights = first.run_dir / "sae.safetensors"
+    clean = weights.read_bytes()
+    if damage == "delete":
+        weights.unlink()
+    else:
+        blob = bytearray(clean)
+        blob[-3] ^= 0x01  # inside the tensor data: the file still parses
+        weights.write_bytes(bytes(blob))
+    caplog.clear()
+    caplog.set_level("INFO", logger="sae_vision")
+    again = train.run(cfg)
+    assert weights.read_bytes() == clean
+    assert again.metrics == first.metrics
+    assert "restored the run folder's files from the checkpoint" in caplog.text
+    assert str(first.run_dir / "checkpoints" / "step-0000020") in caplog.text
+    assert ("missing sae.safetensors" if damage == "delete" else "damaged") in caplog.text
+    load_sae(first.run_dir)
+
+
 def test_sweep_points_get_distinct_run_folders(planted, tmp_path):
     cache_dir, _ = planted
     names = set()
@@ -398,3 +423,27 @@ def test_relu_l1_resampling_revives_a_dead_feature():
     assert metrics["n_resampled"] >= 1
     assert float(sae.b_enc.detach()[0]) > -1.0  # re-initialised (bias 0, then trained)
     assert logged[-1]["dead_frac"] == 0.0 and logged[-1]["density_log10"][0] > -10.0
+
+
+def test_training_on_a_cache_of_another_network_is_an_error(tmp_path):
+    acts_ND, _ = planted_dictionary(4000, d=SMALL_DIM, n_true=32)
+    cache_dir = tmp_path / "cache"
+    write_synthetic_cache(cache_dir, acts_ND, SMALL_LAYER, chunk=500)
+    meta_path = cache_dir / METADATA
+    meta = json.loads(meta_path.read_text())
+    meta.update(model="googlenet_bvlc", model_name="googlenet_bvlc", weights_sha256="ab" * 32)
+    meta_path.write_text(json.dumps(meta))
+    cfg = make_cfg(tmp_path, cache_dir, layer=SMALL_LAYER, dim=SMALL_DIM, n_steps=2)
+    cfg.model.family = cfg.model.name = "inceptionv1"
+    with pytest.raises(CacheError, match=r"holds activations of model=googlenet_bvlc, but this "
+                                         r"run is for model=inceptionv1; pass model=googlenet"):
+        train.run(cfg)
+    assert not (tmp_path / "sae").exists()
+    cfg.model.family = cfg.model.name = "googlenet_bvlc"
+    other = tmp_path / "other-weights.npz"
+    other.write_bytes(b"not the cached network's weights")
+    cfg.model.weights_path = str(other)
+    with pytest.raises(CacheError, match="built with weights of sha256 ababababab"):
+        train.run(cfg)
+    cfg.model.weights_path = None
+    assert train.run(cfg).metrics["n_steps"] == 2  # the cache's own network trains

@@ -75,11 +75,13 @@ def valid_mask(size: int, geometry, image_size: int, exclude_border: bool) -> to
     return ok[:, None] & ok[None, :]
 
 
-def sample_positions(norms_HW: torch.Tensor, sampling: str, k: int, mask_HW: torch.Tensor,
+def sample_positions(norms_HW: torch.Tensor | None, sampling: str, k: int, mask_HW: torch.Tensor,
                      gen: torch.Generator) -> torch.Tensor:
-    """Flat indices of the sampled positions of one image ([n] long), deterministic under gen.
+    """Flat indices of the sampled positions of one image ([n] long, CPU), deterministic under
+    gen (a CPU generator).
 
-    norms_HW is the activation-vector norm at each position (used by norm_weighted)."""
+    norms_HW is the activation-vector norm at each position (used, and needed, only by
+    norm_weighted; any device)."""
     flat_mask = mask_HW.flatten()
     idx = flat_mask.nonzero().squeeze(1)
     if sampling == "all" or k >= len(idx):
@@ -89,11 +91,34 @@ def sample_positions(norms_HW: torch.Tensor, sampling: str, k: int, mask_HW: tor
     elif sampling == "norm_weighted":
         # Norm-weighted sampling favours positions where the layer is active (as in recent
         # InceptionV1 SAE work); a tiny floor keeps all-zero maps sampleable.
-        w = norms_HW.flatten()[idx].double() + 1e-12
+        w = norms_HW.flatten().cpu()[idx].double() + 1e-12
     else:
         raise ValueError(f"cache.sampling={sampling!r}; choose all, uniform or norm_weighted")
     pick = torch.multinomial(w, k, replacement=False, generator=gen)
     return idx[pick.sort().values]
+
+
+def sample_vectors(acts_BCHW: torch.Tensor, image_idx: list[int], sampling: str, k: int,
+                   mask_HW: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampled vectors of a batch of maps, ([B*n, C] float32 on the CPU, [B*n] flat
+    positions), image by image; only these cross to the host, never the maps.
+
+    The norms are computed and the vectors gathered on the maps' device. The draw itself stays
+    on the host with one CPU generator per (seed, image): it needs only the [B, H, W] norms
+    (norm_weighted; C times smaller than the maps, nothing at all for uniform and all), and it
+    keeps sampling independent of batching, ranks and device. On the CPU the result is
+    bit-identical to drawing from host copies of the maps; on a GPU a norm that rounds
+    differently can, rarely, change a draw."""
+    b, c = acts_BCHW.shape[:2]
+    norms_BHW = (acts_BCHW.float().norm(dim=1).cpu() if sampling == "norm_weighted"
+                 else [None] * b)
+    flats = [sample_positions(n_HW, sampling, k, mask_HW,
+                              torch.Generator().manual_seed(seed * 1_000_003 + i))
+             for n_HW, i in zip(norms_BHW, image_idx)]
+    flat_Bn = torch.stack(flats)  # every image shares the mask, so every n is the same
+    index = flat_Bn.to(acts_BCHW.device, non_blocking=True)[:, None, :].expand(b, c, -1)
+    vecs_BnC = acts_BCHW.flatten(2).gather(2, index).transpose(1, 2)
+    return vecs_BnC.reshape(-1, c).float().cpu(), flat_Bn.flatten()
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,16 +154,39 @@ def _meta_extra(cfg: Config, layer: str, model, n_shards: int, n_images_total: i
     }
 
 
-def _shard_items(cfg: Config, dataset, shard: int, n_total: int) -> Iterator[list[Item]]:
-    """Batches of Items of one shard, decoded by DataLoader workers when configured."""
-    lo = shard * cfg.cache.images_per_shard
-    hi = min(lo + cfg.cache.images_per_shard, n_total)
-    subset = torch.utils.data.Subset(dataset, range(lo, hi))
+class _ShardBatches:
+    """Index batches of one shard (the `shard` attribute, set before each pass over a loader)."""
+
+    def __init__(self, cfg: Config, n_total: int):
+        self.per, self.bs, self.n_total, self.shard = (cfg.cache.images_per_shard,
+                                                       cfg.cache.batch_size, n_total, 0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        lo = self.shard * self.per
+        hi = min(lo + self.per, self.n_total)
+        return (list(range(i, min(i + self.bs, hi))) for i in range(lo, hi, self.bs))
+
+    def __len__(self) -> int:
+        lo = self.shard * self.per
+        return math.ceil(max(min(lo + self.per, self.n_total) - lo, 0) / self.bs)
+
+
+def shard_loader(cfg: Config, dataset, todo: list[int], n_total: int
+                  ) -> Iterator[tuple[int, Iterator[list[Item]]]]:
+    """(shard, its batches of Items) for each shard in todo, decoded by DataLoader workers when
+    configured; the workers persist from shard to shard instead of restarting for each."""
+    sampler = _ShardBatches(cfg, n_total)
     loader = torch.utils.data.DataLoader(
-        subset, batch_size=cfg.cache.batch_size, num_workers=cfg.data.num_workers,
-        collate_fn=collate_items, persistent_workers=False,
+        dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+        collate_fn=collate_items, persistent_workers=cfg.data.num_workers > 0,
     )
-    yield from loader
+
+    def batches(shard: int) -> Iterator[list[Item]]:
+        sampler.shard = shard  # read when the pass starts, i.e. at the first batch
+        yield from loader
+
+    for s in todo:
+        yield s, batches(s)
 
 
 def _single_threaded(batches: Iterable[list[Item]]) -> Iterator[list[Item]]:
@@ -217,9 +265,8 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     t0, n_img_done = time.perf_counter(), 0
     n_vec = dict.fromkeys(layers, 0)
     bar = Progress("cache", total=len(todo) * cfg.cache.images_per_shard, unit="img")
-    shard_iter = (((s, _shard_items(cfg, dataset, s, n_total)) for s in todo)
-                  if dataset is not None else _stream_shards(cfg, done | set(
-                      s for s in range(n_shards) if s % world != rank)))
+    shard_iter = (shard_loader(cfg, dataset, todo, n_total) if dataset is not None
+                  else _stream_shards(cfg, done | {s for s in range(n_shards) if s % world != rank}))
     for shard, batches in shard_iter:
         n_here = _write_shard(cfg, model, dirs, dims, geoms, shard, batches, n_total, n_vec, bar,
                               n_complete=len(done) + todo.index(shard))
@@ -302,7 +349,7 @@ def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int]
                 seen += [it.idx for it in items]
                 if not good:
                     continue
-                x = torch.stack([it.image for it in good]).to(device, non_blocking=True)
+                x = _to_device([it.image for it in good], device)
                 with torch.inference_mode():
                     acts = model.activations(x, layers)
                 for la in layers:
@@ -325,6 +372,15 @@ def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int]
                 ) from e
             raise
     return n_img_done
+
+
+def _to_device(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A batch of images on the model's device; on CUDA stacked into pinned memory, so that the
+    non-blocking copy really is asynchronous."""
+    if device.type != "cuda":
+        return torch.stack(images).to(device)
+    buf = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
+    return torch.stack(images, out=buf).to(device, non_blocking=True)
 
 
 def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]:
@@ -379,19 +435,12 @@ def _write_chunk(writer: ShardWriter, acts_BCHW: torch.Tensor, items: list[Item]
     """Sample positions per image and append them to the shard as one record."""
     _, _, h, w = acts_BCHW.shape
     mask = valid_mask(h, geom, cfg.data.image_size, cfg.cache.exclude_border)
-    acts_BCHW = acts_BCHW.float().cpu()
-    # Norms for the whole batch in one op: per-image conversions cost more than the forward pass.
-    norms_BHW = acts_BCHW.norm(dim=1) if cfg.cache.sampling == "norm_weighted" else acts_BCHW[:, 0]
-    vecs, pos = [], []
-    for a_CHW, n_HW, it in zip(acts_BCHW, norms_BHW, items):
-        # One generator per (seed, image): sampling is independent of batching and of ranks.
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it.idx)
-        flat = sample_positions(n_HW, cfg.cache.sampling, cfg.cache.n_per_image, mask, gen)
-        vecs.append(a_CHW.flatten(1)[:, flat].T)
-        ys, xs = (flat // w).numpy(), (flat % w).numpy()
-        pos.append(np.stack([np.full(len(flat), it.idx), ys, xs], 1))
-    acts_ND = torch.cat(vecs)
-    writer.add(acts_ND, np.concatenate(pos).astype(np.int32), {it.idx: it.source for it in items})
+    acts_ND, flat = sample_vectors(acts_BCHW, [it.idx for it in items], cfg.cache.sampling,
+                                   cfg.cache.n_per_image, mask, cfg.seed)
+    n = len(flat) // max(len(items), 1)
+    idx = np.repeat(np.array([it.idx for it in items], dtype=np.int64), n)
+    pos = np.stack([idx, (flat // w).numpy(), (flat % w).numpy()], 1)
+    writer.add(acts_ND, pos.astype(np.int32), {it.idx: it.source for it in items})
     return len(acts_ND)
 
 

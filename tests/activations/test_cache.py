@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sae_vision.activations import cache, shards
 from sae_vision.activations.images import DemoImages
@@ -210,3 +211,61 @@ def test_two_concurrent_runs_on_one_cache_key_do_not_corrupt_it(tmp_path):
     (d,) = list((tmp_path / "cache").glob("*"))
     assert _image_ids(d) == list(range(32))
     shards.load_cache_meta(d)
+
+
+class _HostCopies(TorchDispatchMode):
+    """Stands in for a GPU: maps live on the `meta` device, and each copy from there to the
+    host is recorded (shape) and answered with zeros of that shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func.overloadpacket.__name__ in ("_to_copy", "copy_") and args[0].is_meta
+                and torch.device(kwargs.get("device", "meta")).type == "cpu"):
+            self.shapes.append(tuple(args[0].shape))
+            return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("sampling", ["norm_weighted", "uniform"])
+def test_only_the_sampled_vectors_leave_the_models_device(sampling):
+    b, c, h, k = 3, 480, 28, 8
+    acts = torch.empty(b, c, h, h, device="meta")
+    mask = torch.ones(h, h, dtype=torch.bool)
+    with _HostCopies() as copies:
+        vecs, flat = cache.sample_vectors(acts, [5, 6, 7], sampling, k, mask, seed=0)
+    assert vecs.device.type == "cpu" and vecs.shape == (b * k, c) and flat.shape == (b * k,)
+    # The vectors come back, and the [B, H, W] norms when the draw needs them; never the maps.
+    want = [(b * k, c)] + ([(b, h, h)] if sampling == "norm_weighted" else [])
+    assert sorted(copies.shapes) == sorted(want)
+
+
+def test_sampled_vectors_on_the_cpu_are_the_maps_at_the_sampled_positions():
+    acts = torch.randn(2, 16, 9, 9)
+    mask = cache.valid_mask(9, None, 224, exclude_border=False)
+    vecs, flat = cache.sample_vectors(acts, [3, 4], "norm_weighted", 5, mask, seed=1)
+    for i, (a, idx) in enumerate(zip(acts, [3, 4])):
+        gen = torch.Generator().manual_seed(1 * 1_000_003 + idx)
+        want = cache.sample_positions(a.norm(dim=0), "norm_weighted", 5, mask, gen)
+        assert torch.equal(flat[i * 5:(i + 1) * 5], want)
+        assert torch.equal(vecs[i * 5:(i + 1) * 5], a.flatten(1)[:, want].T)
+
+
+class _Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return i, os.getpid()
+
+
+def test_decoding_workers_persist_from_shard_to_shard(tmp_path):
+    cfg = tiny_cfg(tmp_path, n_images=12, images_per_shard=4, batch_size=3, data__num_workers=1)
+    got = {s: [x for batch in batches for x in batch]
+           for s, batches in cache.shard_loader(cfg, _Pids(), [0, 2], 12)}
+    assert [i for i, _ in got[0]] == [0, 1, 2, 3] and [i for i, _ in got[2]] == [8, 9, 10, 11]
+    pids = {pid for items in got.values() for _, pid in items}
+    assert len(pids) == 1 and pids != {os.getpid()}

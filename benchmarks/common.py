@@ -100,8 +100,9 @@ def ru_maxrss_mb() -> float:
 
 
 def sync(device: str) -> None:
-    """Wait for queued GPU work, so a wall-clock reading covers it."""
-    if device == "cuda":
+    """Wait for queued GPU work, so a wall-clock reading covers it (any CUDA device, indexed or
+    not; nothing to wait for elsewhere)."""
+    if str(device).split(":")[0] == "cuda":
         import torch
 
         torch.cuda.synchronize()
@@ -153,8 +154,8 @@ class StepClock:
     A step runs from the moment its batch is handed out until the loop asks for the next
     batch (so it includes fetching that next batch), measured identically for our trainer
     and the peer's. With a Lockstep the clock waits for its turn before handing out a batch
-    and the wait is not counted. On CUDA it synchronises once, at batch `warmup`, so the
-    window after it covers finished GPU work.
+    and the wait is not counted. On CUDA it synchronises at every step boundary, so each timed
+    step covers its own finished GPU work (kernels queued by the host, not the host's queueing).
     """
 
     def __init__(self, batches: Iterable, warmup: int = 1, device: str = "cpu",
@@ -166,8 +167,7 @@ class StepClock:
         self._it: Iterator | None = None
 
     def _stamp(self) -> None:
-        if self.lockstep is not None and self.device == "cuda":
-            sync(self.device)  # a step's GPU work must finish inside its own turn
+        sync(self.device)  # a step's GPU work finishes inside its own interval (and turn)
         now = time.perf_counter()
         if self.starts:
             self.ends.append(now)
@@ -175,9 +175,6 @@ class StepClock:
             if self.starts:
                 self.lockstep.pass_on(self.name)
             self.lockstep.wait(self.name)
-            now = time.perf_counter()
-        if len(self.starts) == self.warmup and self.lockstep is None:
-            sync(self.device)
             now = time.perf_counter()
         self.starts.append(now)
 

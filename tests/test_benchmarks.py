@@ -173,3 +173,20 @@ def test_the_peer_trains_with_overcompletes_amp_loop_on_cuda(tmp_path, monkeypat
         if fake:
             for name in [m for m in sys.modules if m.split(".")[0] == "overcomplete"]:
                 del sys.modules[name]
+
+
+@pytest.mark.parametrize("device,synced", [("cuda", True), ("cuda:1", True), ("cpu", False)])
+def test_step_clock_synchronises_at_every_step_on_cuda_only(monkeypatch, device, synced):
+    import torch
+
+    from benchmarks.common import StepClock
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: calls.append(1))
+    clock = StepClock(iter(range(5)), warmup=1, device=device)
+    for _ in range(5):
+        next(clock)
+        n_before = len(calls)
+    clock.finish()
+    # Each of the five step boundaries and the close wait for the GPU: six synchronises.
+    assert len(calls) == (6 if synced else 0) and n_before == (5 if synced else 0)

@@ -11,14 +11,17 @@ Ours run through train_loop with the shipped conf/sae/<arch>.yaml and TrainConfi
 and relu_l1's sae.l0_control on (lambda steered to L0 = k), since the comparison is at equal L0.
 The peer, overcomplete's TopKSAE, gets its inputs centred (the training mean subtracted) and
 scaled, as its documentation expects: it has no decoder bias, so uncentred post-ReLU inputs
-would make its latents spend themselves on the data mean.
+would make its latents spend themselves on the data mean. It trains under our schedule (the
+TrainConfig default warm-up and decay, applied by ScheduledAdam) and our clip threshold on its
+loss's scale (benchmarks.training.peer_grad_clip), so the two differ in their models only.
+Every seed plants a different dictionary; the table gives the mean over seeds and the range.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -83,12 +86,32 @@ def train_ours(arch: str, train_ND, held_ND, atoms, n_features: int, k: int, bat
             "lr": tcfg.lr, "batch_size": batch, "n_steps": n_steps}
 
 
+class ScheduledAdam(torch.optim.Adam):
+    """Adam whose learning rate follows our trainer's schedule (sae.loop.lr_factor): the peer's
+    train_sae steps it like any optimizer, so it trains under the same warm-up and decay."""
+
+    def __init__(self, params, lr: float, n_steps: int, warmup_steps: int, decay_frac: float):
+        super().__init__(params, lr=lr)
+        self.base_lr, self.n_steps, self.n_done = lr, n_steps, 0
+        self.warmup_steps, self.decay_frac = warmup_steps, decay_frac
+
+    def step(self, closure=None):
+        from sae_vision.sae.loop import lr_factor
+
+        f = lr_factor(self.n_done, self.n_steps, self.warmup_steps, self.decay_frac)
+        for g in self.param_groups:
+            g["lr"] = self.base_lr * f
+        self.n_done += 1
+        return super().step(closure)
+
+
 def train_peer(train_ND, held_ND, atoms, n_features: int, k: int, batch: int,
                n_steps: int, lr: float) -> dict:
     """overcomplete's TopKSAE + train_sae on centred, scaled inputs (see the module docstring)."""
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
 
-    from benchmarks.training import GRAD_CLIP, import_overcomplete
+    from benchmarks.training import import_overcomplete, peer_grad_clip
+    from sae_vision.core.config import TrainConfig, warmup_steps_of
 
     oc = import_overcomplete()
     d_in = train_ND.shape[1]
@@ -101,14 +124,15 @@ def train_peer(train_ND, held_ND, atoms, n_features: int, k: int, batch: int,
     sampler = BatchSampler(RandomSampler(range(len(x)), num_samples=n_steps * batch,
                                          generator=gen), batch, drop_last=True)
     loader = DataLoader(TensorDataset(x), sampler=sampler, batch_size=None)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    tcfg = TrainConfig(n_steps=n_steps, batch_size=batch)  # what train_ours runs under
+    opt = ScheduledAdam(model.parameters(), lr, n_steps, warmup_steps_of(tcfg), tcfg.decay_frac)
 
     def criterion(x, x_hat, pre_codes, codes, dictionary):
         return (x - x_hat).square().mean()  # its README's criterion
 
     t0 = time.perf_counter()
-    oc.train_sae(model, loader, criterion, opt, nb_epochs=1, clip_grad=GRAD_CLIP, monitoring=0,
-                 device="cpu")
+    oc.train_sae(model, loader, criterion, opt, nb_epochs=1, clip_grad=peer_grad_clip(d_in),
+                 monitoring=0, device="cpu")
     wall = time.perf_counter() - t0
     model.eval()
 
@@ -118,7 +142,7 @@ def train_peer(train_ND, held_ND, atoms, n_features: int, k: int, batch: int,
     return {"library": "overcomplete", "arch": "topk (centred inputs)",
             "samples_per_s": n_steps * batch / wall, **_fvu_l0(rec, held_ND),
             **recovery(atoms, model.get_dictionary()), "lr": lr, "batch_size": batch,
-            "n_steps": n_steps}
+            "n_steps": n_steps, "lr_steps": opt.n_done, "clip_grad": peer_grad_clip(d_in)}
 
 
 def bench_planted(spec: PlantedSpec, expansion: int, k: int, batch: int, n_samples: int,
@@ -144,18 +168,51 @@ def bench_planted(spec: PlantedSpec, expansion: int, k: int, batch: int, n_sampl
             "n_heldout": len(held_ND), "rows": rows}
 
 
+METRICS = ("mmcs", "recovered_frac", "fvu", "l0", "samples_per_s")
+
+
+def bench_planted_seeds(spec: PlantedSpec, seeds: list[int], expansion: int, k: int, batch: int,
+                        n_samples: int, peer: bool, progress) -> dict:
+    """bench_planted on one planted dictionary per seed; `rows` holds each party's mean over the
+    seeds, with `<metric>_min` and `<metric>_max` beside it, and `per_seed` every run."""
+    runs = []
+    for seed in seeds:
+        progress(f"planted: seed {seed}")
+        runs.append(bench_planted(replace(spec, seed=seed), expansion, k, batch, n_samples, peer,
+                                  progress))
+    rows = []
+    for i, first in enumerate(runs[0]["rows"]):
+        same = [r["rows"][i] for r in runs]
+        row = dict(first)
+        for m in METRICS:
+            vals = [r[m] for r in same]
+            row.update({m: sum(vals) / len(vals), f"{m}_min": min(vals), f"{m}_max": max(vals)})
+        rows.append(row)
+    return {**{k: v for k, v in runs[0].items() if k != "rows"}, "seeds": list(seeds),
+            "per_seed": runs, "rows": rows}
+
+
+def _cell(r: dict, m: str, fmt: str) -> str:
+    """A metric's mean, and its range over the seeds when there are several."""
+    if f"{m}_min" not in r or r[f"{m}_min"] == r[f"{m}_max"]:
+        return format(r[m], fmt)
+    return f"{format(r[m], fmt)} ({format(r[f'{m}_min'], fmt)}–{format(r[f'{m}_max'], fmt)})"
+
+
 def planted_table(res: dict) -> str:
-    """The planted-dictionary rows as a Markdown table."""
+    """The planted-dictionary rows as a Markdown table (means over the seeds, with ranges)."""
     s = res["spec"]
+    seeds = res.get("seeds", [s["seed"]])
     head = (f"Planted dictionary: D={s['d_in']}, {s['n_atoms']} atoms, mean {s['k_mean']:g} "
             f"active, power law α={s['alpha']:g}, groups of {s['group_size']}, offset "
             f"{s['offset']:g}σ, clipped at 0; F={res['n_features']}, k={res['k']}, batch "
-            f"{res['batch_size']}, {res['samples_seen']:,} samples seen by every party.\n\n"
+            f"{res['batch_size']}, {res['samples_seen']:,} samples seen by every party; "
+            f"mean over {len(seeds)} planted seed(s) {seeds} (min–max in brackets).\n\n"
             "| library | arch | MMCS | recovered (cos > 0.9) | held-out FVU | L0 | samples/s |\n"
             "|---|---|---|---|---|---|---|")
     lines = [head]
     for r in res["rows"]:
-        lines.append(f"| {r['library']} | {r['arch']} | {r['mmcs']:.3f} | "
-                     f"{r['recovered_frac']:.2f} | {r['fvu']:.3f} | {r['l0']:.1f} | "
-                     f"{r['samples_per_s']:,.0f} |")
+        lines.append(f"| {r['library']} | {r['arch']} | {_cell(r, 'mmcs', '.3f')} | "
+                     f"{_cell(r, 'recovered_frac', '.2f')} | {_cell(r, 'fvu', '.3f')} | "
+                     f"{_cell(r, 'l0', '.1f')} | {_cell(r, 'samples_per_s', ',.0f')} |")
     return "\n".join(lines)

@@ -33,8 +33,10 @@ GOALS: dict[str, tuple[float, str, str]] = {
     "topk_fvu_peer_over_ours": (1 / 1.02, "ge", "peer FVU / our FVU at L0 = k (>= 1: ours better)"),
     "relu_l1_vs_peer_throughput": (2.0, "ge", "our ReLU-L1 samples/s / overcomplete SAE+mse_l1"),
     "relu_l1_fvu_peer_over_ours": (1 / 1.02, "ge", "peer FVU at our L0 / our FVU"),
-    "topk_vs_roofline": (0.6, "ge", "our TopK samples/s / 6-GEMM dense roofline"),
-    "topk_vs_encoder_bound": (float("nan"), "info", "our TopK samples/s / encoder GEMM+top-k"),
+    # TopK never forms dense codes, so beating the 6-GEMM roofline holds by construction (info);
+    # its goal is on its own floor, the encoder GEMM + top-k: at least half of that bound.
+    "topk_vs_roofline": (float("nan"), "info", "our TopK samples/s / 6-GEMM dense roofline"),
+    "topk_vs_encoder_bound": (0.5, "ge", "our TopK samples/s / encoder GEMM+top-k"),
     "relu_l1_vs_roofline": (0.6, "ge", "our ReLU-L1 samples/s / 6-GEMM dense roofline"),
     "loader_stream_headroom": (5.0, "ge", "stream_vectors vectors/s / trainer samples/s"),
     "loader_memory_headroom": (5.0, "ge", "in-memory batches vectors/s / trainer samples/s"),
@@ -93,6 +95,7 @@ class Sizes:
     planted_k: int = 8  # mean active atoms, and every SAE's k / target L0
     planted_batch: int = 1024  # the trainer's default batch
     planted_samples: int = 819_200  # 800 steps: samples seen by every party (~1-2 min each)
+    planted_seeds: tuple[int, ...] = (0, 1, 2)  # one planted dictionary per seed
 
 
 FULL = Sizes()
@@ -102,7 +105,7 @@ QUICK = Sizes(cache_images=4, image_size=112, cache_batch=4, train_images=16, im
               mem_shuffle_buffer=128,
               mem_cache_images=(2, 8), mem_images_per_shard=2, mem_parallel=True, expansions=[2, 4],
               batch_sizes=[128, 256], curve_steps=3, planted_d=32, planted_atoms=128,
-              planted_k=8, planted_batch=256, planted_samples=8192)
+              planted_k=8, planted_batch=256, planted_samples=8192, planted_seeds=(0, 1))
 GPU = replace(FULL, peer_steps=200, curve_steps=30,
               cache_images=256, mem_cache_images=(128, 512), mem_images_per_shard=64,
               expansions=[2, 4, 8, 16, 32, 64], batch_sizes=[1024, 2048, 4096, 8192, 16384, 32768])
@@ -235,8 +238,10 @@ def run_benchmarks(device: str, sizes: Sizes, out_dir: Path, parts: tuple[str, .
 
         spec = PlantedSpec(d_in=sizes.planted_d, n_atoms=sizes.planted_atoms,
                            k_mean=float(sizes.planted_k), alpha=1.2, noise=0.1)
-        pr = planted.bench_planted(spec, sizes.expansion, sizes.planted_k, sizes.planted_batch,
-                                   sizes.planted_samples, peer_version() is not None, progress)
+        pr = planted.bench_planted_seeds(spec, list(sizes.planted_seeds), sizes.expansion,
+                                         sizes.planted_k, sizes.planted_batch,
+                                         sizes.planted_samples, peer_version() is not None,
+                                         progress)
         run["planted"] = pr
         by = {r["arch"] if r["library"] == "sae-vision" else "peer": r for r in pr["rows"]}
         if "peer" in by:

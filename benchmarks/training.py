@@ -2,8 +2,9 @@
 its throughput as the dictionary and the batch grow.
 
 Both trainers see the same cached mixed3b vectors, scaled so E||x|| = sqrt(D), the same
-dictionary size, batch, number of steps, Adam learning rate and gradient clipping. Step times
-are taken by the same StepClock around each trainer's batch iterator.
+dictionary size, batch, number of steps, Adam learning rate and gradient clipping on the same
+scale (see peer_grad_clip). Step times are taken by the same StepClock around each trainer's
+batch iterator.
 """
 
 from __future__ import annotations
@@ -23,7 +24,19 @@ from benchmarks.common import StepClock, run_parties
 # train_sae has no schedule unless one is passed, and a short benchmark run should not spend
 # its steps warming up.
 LR = 4e-4
-GRAD_CLIP = 1.0  # train_sae's default clip_grad, and ours
+GRAD_CLIP = 1.0  # our train.grad_clip default, on our per-sample-sum loss
+
+
+def peer_grad_clip(d_in: int) -> float:
+    """The peer's clip_grad equivalent to our GRAD_CLIP: the same threshold on the same scale.
+
+    Our loss sums the squared error over the D coordinates of a sample (and λ weights a
+    per-sample L1); the peer's is a per-element mean (and mse_l1's penalty is λ / (batch x D)),
+    so on the same data its loss, hence its gradient, is ours / D. Clipping ours at GRAD_CLIP
+    is clipping the peer at GRAD_CLIP / D. (At train_sae's default of 1.0 the peer was never
+    clipped: its pre-clip norms were 0.05-1.5 while ours were 27-36 for TopK and 950-1,900 for
+    ReLU-L1, always clipped.)"""
+    return GRAD_CLIP / d_in
 
 
 @dataclass
@@ -246,7 +259,9 @@ def peer_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
     - a shuffled DataLoader over a TensorDataset, drawn in whole batches (a BatchSampler over
       a RandomSampler: one tensor index per batch instead of 4096 per-row fetches and a
       collate, which only helps the peer), exactly n_steps batches in one pass;
-    - monitoring=0 (its default of 1 computes metrics every step), clip_grad=1.0 (its default);
+    - monitoring=0 (its default of 1 computes metrics every step);
+    - clip_grad = GRAD_CLIP / D (peer_grad_clip), our threshold on its loss's scale, rather than
+      its default of 1.0, which on its per-element loss never clipped while ours always did;
     - mse_l1's penalty multiplies the batch *sum* of |z| while its MSE is a per-element mean,
       so penalty = lambda / (batch x D) gives the same objective as our per-sample lambda;
     - .eval() before evaluating (its dictionary is renormalised on every training-mode call);
@@ -280,12 +295,13 @@ def peer_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
         optimizer = torch.optim.Adam(model.parameters(), lr=LR)
         loop = peer_train_loop(device)
         try:
-            loop(model, clock, criterion, optimizer, nb_epochs=1, clip_grad=GRAD_CLIP,
+            loop(model, clock, criterion, optimizer, nb_epochs=1, clip_grad=peer_grad_clip(d_in),
                  monitoring=0, device=device)
         finally:
             clock.finish()
         info = {"library": "overcomplete", "arch": arch, "n_features": n_features,
                 "batch_size": batch_size, "n_steps": n_steps, "loop": loop.__name__,
+                "clip_grad": peer_grad_clip(d_in),
                 "l1_coeff": l1_coeff if arch == "relu_l1" else None, **clock.rate(batch_size)}
 
         def evaluate() -> dict:

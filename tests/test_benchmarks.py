@@ -129,8 +129,53 @@ def test_planted_part_prints_a_row_per_arch_with_recovery_scores(tmp_path, capsy
         assert 0 < r["mmcs"] <= 1 and 0 <= r["recovered_frac"] <= 1 and r["samples_per_s"] > 0
         assert r["n_steps"] * r["batch_size"] == run["planted"]["samples_seen"]  # equal samples
     assert "planted_relu_l1_mmcs_within" in run["ratios"]
+    # More than one planted seed: each party's row is the mean over the seeds, with its range.
+    per_seed = run["planted"]["per_seed"]
+    assert run["planted"]["seeds"] == [0, 1] and [p["spec"]["seed"] for p in per_seed] == [0, 1]
+    assert per_seed[0]["rows"][0]["mmcs"] != per_seed[1]["rows"][0]["mmcs"]  # two dictionaries
+    for i, r in enumerate(rows):
+        vals = [p["rows"][i]["mmcs"] for p in per_seed]
+        assert r["mmcs"] == pytest.approx(sum(vals) / 2)
+        assert (r["mmcs_min"], r["mmcs_max"]) == (min(vals), max(vals))
     text = capsys.readouterr().out
     assert "Planted dictionary:" in text and "| sae-vision | jumprelu |" in text
+    assert "mean over 2 planted seed(s) [0, 1]" in text
+
+
+def test_the_peer_trains_under_our_learning_rate_schedule():
+    from benchmarks.planted import ScheduledAdam
+    from sae_vision.sae.loop import lr_factor
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = ScheduledAdam([w], lr=4e-3, n_steps=10, warmup_steps=3, decay_frac=0.2)
+    seen = []
+    for _ in range(10):
+        w.grad = torch.ones(3)
+        opt.step()
+        seen.append(opt.param_groups[0]["lr"])
+    assert seen == [4e-3 * lr_factor(s, 10, 3, 0.2) for s in range(10)]
+    assert seen[0] < seen[5] and seen[-1] < seen[5]  # warm-up and decay, not a constant rate
+
+
+def test_the_peer_is_clipped_on_our_scale():
+    from benchmarks.training import GRAD_CLIP, peer_grad_clip
+
+    # Our loss sums over D coordinates, the peer's averages them: the same data gives the
+    # peer 1/D of our gradient, so the same clip is 1/D of ours.
+    d_in, x = 480, torch.randn(64, 480)
+    w = torch.nn.Parameter(torch.randn(480, 480) / 30)
+    ours = (x @ w - x).pow(2).sum(1).mean()
+    g_ours = torch.autograd.grad(ours, w)[0].norm()
+    peer = (x @ w - x).square().mean()
+    g_peer = torch.autograd.grad(peer, w)[0].norm()
+    assert float(g_peer / peer_grad_clip(d_in)) == pytest.approx(float(g_ours / GRAD_CLIP),
+                                                                 rel=1e-5)
+
+
+def test_the_topk_goal_is_on_its_encoder_bound_not_the_dense_roofline():
+    from benchmarks.run import GOALS
+
+    assert GOALS["topk_vs_encoder_bound"][1] == "ge" and GOALS["topk_vs_roofline"][1] == "info"
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ ifeq ($(origin SAE_VISION_WEIGHTS_DIR), undefined)
   endif
 endif
 # glibc malloc: keep big training temporaries mapped instead of re-faulting them every step
-# (measured +25-45% SAE training throughput on CPU, see BENCHMARKS.md).
+# (the gain has not been measured by any recorded benchmark run).
 export MALLOC_MMAP_MAX_ ?= 0
 export MALLOC_TRIM_THRESHOLD_ ?= 17179869184
 RUN := $(PY) run.py

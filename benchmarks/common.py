@@ -22,7 +22,7 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # glibc malloc: keep large temporaries mapped instead of returning them to the kernel and
-# re-faulting them every step (measured +25-45% on SAE training; see the Makefile).
+# re-faulting them every step (the gain is unmeasured in any recorded run; see the Makefile).
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
 REEXEC_FLAG = "SAE_BENCH_REEXEC"
 

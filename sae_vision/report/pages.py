@@ -184,8 +184,7 @@ def html_poly(r: RunRecord, neuron_thumbs: dict[int, str], feature_thumbs: dict[
         rnd = (summ.get("random_dictionary") or {}).get("mean_frac_own_features_more_selective")
         out.append(
             "<p class=note>selectivity = excess kurtosis of what a unit reads (a neuron its "
-            "channel, a feature its encoder pre-activation; compared rectified at the neuron's "
-            "own firing rate): median unrectified neuron "
+            "channel, a feature its encoder pre-activation): median neuron "
             f"{_e(_fmt(dig(kt, 'neurons', 'p50'), 3))}, median SAE feature "
             f"{_e(_fmt(dig(kt, 'features', 'p50'), 3))}"
             + (f"; rectified at the neuron's own firing rate, a neuron's own features are "

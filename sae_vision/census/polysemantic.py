@@ -205,6 +205,25 @@ def matched_comparison(acts_ND: torch.Tensor, pre_NF: torch.Tensor, rate_D: torc
             "n_neurons_scored": len(done), "n_pairs": n_pairs, "pairs": scored}
 
 
+def exemplar_coherence(resp_NU: torch.Tensor, emb_NE: torch.Tensor,
+                       n_top: int = 16) -> torch.Tensor:
+    """A selectivity score that does not depend on the activation's shape [U]: the mean pairwise
+    cosine, in an embedding (e.g. a higher layer of the same network at the same positions), of
+    each unit's n_top most responsive vectors, the embedding centred on its mean over all
+    vectors. It reads only the ranking of the responses, so any monotone map (a ReLU, a
+    threshold below the top n_top, a scale) leaves it unchanged. A unit whose top exemplars are
+    one kind of thing scores high; one answering two unrelated kinds scores about half as high.
+    Not yet wired into decompose_run: that needs the higher layer at the cached positions."""
+    e = emb_NE.double() - emb_NE.double().mean(0)
+    e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    n = min(int(n_top), resp_NU.shape[0])
+    if n < 2:
+        raise ValueError(f"n_top={n_top} leaves fewer than two exemplars; use n_top >= 2")
+    idx = resp_NU.topk(n, dim=0).indices  # [n, U]
+    s_UE = e[idx].sum(0)
+    return (((s_UE ** 2).sum(1) - n) / (n * (n - 1))).float()
+
+
 def split_selectivity(rows: list[dict]) -> dict:
     """The selectivity comparison separated into copies and splits, from polysemantic_report's
     per-neuron rows. A neuron with one own feature is *copied* (a sharpened copy can read its

@@ -211,3 +211,23 @@ def test_random_dictionary_is_matched_on_the_sae_firing_rates():
     # A rate of 0 (a dead SAE feature) gives a random feature that never fires and owns nothing.
     dead = P.random_dictionary_baseline(x, torch.zeros(8), seed=0)
     assert dead["n_pairs"] == 0 and dead["mean_frac_more_selective"] is None
+
+
+def test_exemplar_coherence_sees_two_kinds_whatever_the_activation_shape():
+    """Vectors of 6 kinds, embedded as the kind's prototype plus noise. A unit answering one
+    kind is coherent; one answering two kinds about half as coherent; and a ReLU at any bias
+    under the top exemplars, or a rescaling, changes nothing (the score reads rankings only)."""
+    g = torch.Generator().manual_seed(7)
+    n = 6000
+    kind = torch.randint(0, 6, (n,), generator=g)
+    emb = 3 * torch.randn(6, 32, generator=g)[kind] + torch.randn(n, 32, generator=g)
+    strength = torch.rand(n, generator=g)
+    mono = torch.where(kind == 0, 1 + strength, strength)  # top responses: kind 0 only
+    poly = torch.where((kind == 1) | (kind == 2), 1 + strength, strength)
+    resp = torch.stack([mono, poly], 1)
+    coh = P.exemplar_coherence(resp, emb, n_top=32)
+    assert coh[0] > 0.8 and 0.25 < coh[1] < 0.6 and coh[0] > 1.6 * coh[1]
+    rectified = 5 * (resp - 0.9).clamp_min(0)
+    assert torch.allclose(P.exemplar_coherence(rectified, emb, n_top=32), coh)
+    with pytest.raises(ValueError, match="n_top"):
+        P.exemplar_coherence(resp, emb, n_top=1)

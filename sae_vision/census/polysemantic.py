@@ -205,23 +205,40 @@ def matched_comparison(acts_ND: torch.Tensor, pre_NF: torch.Tensor, rate_D: torc
             "n_neurons_scored": len(done), "n_pairs": n_pairs, "pairs": scored}
 
 
-def exemplar_coherence(resp_NU: torch.Tensor, emb_NE: torch.Tensor,
-                       n_top: int = 16) -> torch.Tensor:
+def _top_distinct(resp_N: torch.Tensor, groups_N: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the n largest responses, at most one per group (e.g. per image)."""
+    order = resp_N.argsort(descending=True)
+    _, first = np.unique(groups_N[order].numpy(), return_index=True)
+    return order[torch.from_numpy(np.sort(first)[:n])]
+
+
+def exemplar_coherence(resp_NU: torch.Tensor, emb_NE: torch.Tensor, n_top: int = 16,
+                       groups_N: torch.Tensor | None = None) -> torch.Tensor:
     """A selectivity score that does not depend on the activation's shape [U]: the mean pairwise
-    cosine, in an embedding (e.g. a higher layer of the same network at the same positions), of
+    cosine, in an embedding (e.g. a later layer of the same network at the same positions), of
     each unit's n_top most responsive vectors, the embedding centred on its mean over all
     vectors. It reads only the ranking of the responses, so any monotone map (a ReLU, a
     threshold below the top n_top, a scale) leaves it unchanged. A unit whose top exemplars are
-    one kind of thing scores high; one answering two unrelated kinds scores about half as high.
-    Not yet wired into decompose_run: that needs the higher layer at the cached positions."""
+    one kind of thing scores high; one answering two unrelated kinds about half as high.
+    `groups_N` (e.g. each vector's image) allows at most one exemplar per group, so that
+    neighbouring positions of one photo do not make every unit look coherent. NaN for a unit
+    with fewer than two exemplars."""
     e = emb_NE.double() - emb_NE.double().mean(0)
     e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
     n = min(int(n_top), resp_NU.shape[0])
     if n < 2:
-        raise ValueError(f"n_top={n_top} leaves fewer than two exemplars; use n_top >= 2")
-    idx = resp_NU.topk(n, dim=0).indices  # [n, U]
-    s_UE = e[idx].sum(0)
-    return (((s_UE ** 2).sum(1) - n) / (n * (n - 1))).float()
+        raise ValueError(f"n_top={n_top} leaves fewer than two exemplars; use at least 2")
+    if groups_N is None:
+        idx = resp_NU.topk(n, dim=0).indices  # [n, U]
+        s_UE = e[idx].sum(0)
+        return (((s_UE ** 2).sum(1) - n) / (n * (n - 1))).float()
+    out = torch.full((resp_NU.shape[1],), float("nan"))
+    for u in range(resp_NU.shape[1]):
+        idx = _top_distinct(resp_NU[:, u], groups_N, n)
+        m = len(idx)
+        if m >= 2:
+            out[u] = float(((e[idx].sum(0) ** 2).sum() - m) / (m * (m - 1)))
+    return out
 
 
 def split_selectivity(rows: list[dict]) -> dict:
@@ -237,6 +254,11 @@ def split_selectivity(rows: list[dict]) -> dict:
                   and r.get("frac_features_more_selective") is not None]
         out[f"n_neurons_{name}"] = len(scored)
         out[f"frac_more_selective_{name}"] = float(np.mean(scored)) if scored else None
+        coh = [r["frac_features_more_coherent"] for r in rows
+               if keep(len(r.get("features") or []))
+               and r.get("frac_features_more_coherent") is not None]
+        if coh:  # the exemplar score, where the run was evaluated with it
+            out[f"frac_more_coherent_{name}"] = float(np.mean(coh))
     return out
 
 
@@ -255,10 +277,37 @@ def _num(v) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def exemplar_comparison(acts_ND: torch.Tensor, pre_NF: torch.Tensor,
+                        own: list[list[tuple[int, float]]], emb_NE: torch.Tensor,
+                        groups_N: torch.Tensor | None = None, n_top: int = 16) -> dict:
+    """The exemplar score of every neuron and of every own feature (NaN for the others), and
+    the fraction of each neuron's own features whose exemplars are more coherent than its own
+    (selectivity_comparison's fields)."""
+    coh_n = exemplar_coherence(acts_ND, emb_NE, n_top, groups_N)
+    coh_f = torch.full((pre_NF.shape[1],), float("nan"))
+    used = sorted({f for feats in own for f, _ in feats})
+    if used:
+        coh_f[used] = exemplar_coherence(pre_NF[:, used], emb_NE, n_top, groups_N)
+    return {**selectivity_comparison(coh_n, coh_f, own), "neurons": coh_n, "features": coh_f,
+            "used": used}
+
+
+def _exemplar_summary(ex: dict, exemplars: dict) -> dict:
+    """polysemantic.json's summary of exemplar_comparison's result."""
+    return {"score": "mean pairwise cosine of a unit's top held-out exemplars (one per image) "
+                     "in a later layer's embedding at their positions; reads only the ranking",
+            "layer": exemplars.get("layer"), "n_top": exemplars.get("n_top", 16),
+            "mean_frac_own_features_more_coherent": ex["mean_frac_more_selective"],
+            "p_pair_feature_more_coherent": ex["p_pair_feature_more_selective"],
+            "coherence": {"neurons": _dist(ex["neurons"]),
+                          "features": _dist(ex["features"][ex["used"]])}}
+
+
 def polysemantic_report(acts_ND: torch.Tensor, codes_NF: torch.Tensor, pre_NF: torch.Tensor,
                         recon_ND: torch.Tensor, dec_FD: torch.Tensor, scale: float = 1.0,
                         top_k: int = 5, min_share: float = 0.05, n_list: int = 20,
-                        top_frac: float = 0.001, baseline: dict | None = None) -> dict:
+                        top_frac: float = 0.001, baseline: dict | None = None,
+                        exemplars: dict | None = None) -> dict:
     """Neurons decomposed into features, and neuron-vs-feature selectivity (JSON-able).
 
     acts: raw held-out vectors; codes/pre: the SAE's codes and pre-activations on them; recon:
@@ -266,6 +315,8 @@ def polysemantic_report(acts_ND: torch.Tensor, codes_NF: torch.Tensor, pre_NF: t
     stage, one firing rate); the unmatched kurtosis (neuron channel against feature
     pre-activation, tilted towards neurons) stays beside it for comparison. `baseline`, when
     given, is the same fair comparison for a rate-matched random dictionary, reported beside.
+    `exemplars`, when given, holds `emb` [N, E] (a later layer at each vector's position),
+    optional `groups` [N] (its image), `n_top` and `layer`: the exemplar score is added.
     """
     dec = neuron_decomposition(codes_NF, dec_FD, scale)
     r2 = neuron_r2(acts_ND, recon_ND)
@@ -275,6 +326,9 @@ def polysemantic_report(acts_ND: torch.Tensor, codes_NF: torch.Tensor, pre_NF: t
     own = own_features(dec["share"], min_share, top_k)
     cmp = matched_comparison(acts_ND, pre_NF, rate_n, rate_f, own)
     unmatched = selectivity_comparison(k_n, k_f, own)
+    ex = None if exemplars is None else exemplar_comparison(
+        acts_ND, pre_NF, own, exemplars["emb"], exemplars.get("groups"),
+        exemplars.get("n_top", 16))
     rows = []
     for d in range(acts_ND.shape[1]):
         feats = []
@@ -284,13 +338,16 @@ def polysemantic_report(acts_ND: torch.Tensor, codes_NF: torch.Tensor, pre_NF: t
                           "contribution": float(dec["contribution"][f, d]),
                           "kurtosis": _num(k_f[f]), "rate": float(rate_f[f]),
                           "matched_rate": q, "kurtosis_matched": _num(kf),
-                          "neuron_kurtosis_matched": _num(kn), "top_mass": _num(tm_f[f])})
+                          "neuron_kurtosis_matched": _num(kn), "top_mass": _num(tm_f[f]),
+                          **({"coherence": _num(ex["features"][f])} if ex else {})})
         rows.append({"neuron": d, "n_effective_features": float(dec["n_effective"][d]),
                      "share_sum": round(sum(x["share"] for x in feats), 4),
                      "negative_frac": float(dec["negative_frac"][d]), "r2": _num(r2[d]),
                      "kurtosis": _num(k_n[d]), "rate": float(rate_n[d]),
                      "top_mass": _num(tm_n[d]), "features": feats,
-                     "frac_features_more_selective": cmp["per_neuron"][d]})
+                     "frac_features_more_selective": cmp["per_neuron"][d],
+                     **({"coherence": _num(ex["neurons"][d]),
+                         "frac_features_more_coherent": ex["per_neuron"][d]} if ex else {})})
     order = sorted((r for r in rows if r["r2"] is not None and r["r2"] > 0.5),
                    key=lambda r: -r["n_effective_features"])
     summary = {
@@ -314,6 +371,8 @@ def polysemantic_report(acts_ND: torch.Tensor, codes_NF: torch.Tensor, pre_NF: t
         "r2": _dist(r2), "n_effective_features": _dist(dec["n_effective"]),
         "copies_vs_splits": split_selectivity(rows),
     }
+    if ex is not None:
+        summary["exemplars"] = _exemplar_summary(ex, exemplars)
     if baseline is not None:
         summary["random_dictionary"] = {
             "mean_frac_own_features_more_selective": baseline["mean_frac_more_selective"],
@@ -357,11 +416,12 @@ def random_dictionary_baseline(acts_ND: torch.Tensor, rate_F: torch.Tensor, seed
 
 @torch.no_grad()
 def decompose_run(sae, acts_ND: torch.Tensor, ccfg, batch_size: int, device, path: Path,
-                  header: dict) -> dict:
+                  header: dict, exemplars: dict | None = None) -> dict:
     """Neurons decomposed into this SAE's features, and neuron vs feature selectivity with a
     random dictionary's score beside it, on held-out vectors `acts_ND`. Writes the full report
     (with `header`, e.g. the run and layer) to `path` and returns its headline numbers.
-    `ccfg` is the curves config (polysemantic_min_share, selectivity_top_frac)."""
+    `ccfg` is the curves config (polysemantic_min_share, selectivity_top_frac); `exemplars`
+    adds the exemplar score (see polysemantic_report)."""
     codes, pre, recon = [], [], []
     for x in track(acts_ND.split(batch_size), "evaluate polysemantic", len(acts_ND), "vec",
                    size=len):
@@ -375,7 +435,8 @@ def decompose_run(sae, acts_ND: torch.Tensor, ccfg, batch_size: int, device, pat
     res = polysemantic_report(acts_ND, codes_NF, pre_NF, recon_ND, sae.W_dec.detach().cpu(),
                               scale=float(getattr(sae, "input_scale", 1.0)),
                               min_share=ccfg.polysemantic_min_share,
-                              top_frac=ccfg.selectivity_top_frac, baseline=base)
+                              top_frac=ccfg.selectivity_top_frac, baseline=base,
+                              exemplars=exemplars)
     write_json(path, {**header, "n_vectors": len(acts_ND), **res})
     s = res["summary"]
     return {"path": str(path), "n_vectors": len(acts_ND),
@@ -386,4 +447,6 @@ def decompose_run(sae, acts_ND: torch.Tensor, ccfg, batch_size: int, device, pat
             "frac_more_selective_unmatched": s["unmatched"][
                 "mean_frac_own_features_more_selective"],
             "median_kurtosis_neurons": s["kurtosis"]["neurons"].get("p50"),
-            "median_kurtosis_features": s["kurtosis"]["features"].get("p50")}
+            "median_kurtosis_features": s["kurtosis"]["features"].get("p50"),
+            "frac_more_coherent": (s.get("exemplars") or {}).get(
+                "mean_frac_own_features_more_coherent")}

@@ -47,12 +47,14 @@ from sae_vision.sae import (
     RunInfo,
     check_dims,
     check_weights,
+    data_config,
     model_config,
     resolve_runs,
     run_info,
 )
 
 from . import metrics as M
+from .exemplars import embed_positions, held_out_with_pos, skip_reason
 from .fidelity import (
     baseline_logits,
     batches_of,
@@ -257,11 +259,9 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         m["stability"] = _stability(cfg, sae, run_dir, ev.compare_run)
     want_curves = ev.curves and "curve census" not in skipped and (
         not ev.curves_layers or info.layer in ev.curves_layers)
-    held_ND = None
+    held_ND = held_pos = None
     if want_curves or ev.polysemantic:  # held-out vectors: feature σ and the decomposition
-        held_ND = torch.cat(list(batches_of(
-            (a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards)),
-            ev.batch_size, ev.polysemantic_vectors)))
+        held_ND, held_pos = held_out_with_pos(info, ev.polysemantic_vectors)
     if want_curves:
         model = session.model(mc)
         check_weights(model, cache_meta, info)
@@ -271,7 +271,8 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         files["curves_json"] = Path(m["curves"]["path"])
         files.update({k: Path(v) for k, v in m["curves"].pop("figures").items()})
     if ev.polysemantic:
-        m["polysemantic"] = _polysemantic(cfg, sae, info, device, out_dir, log, held_ND)
+        ex = _exemplars(cfg, session, mc, info, cache_meta, held_pos)
+        m["polysemantic"] = _polysemantic(cfg, sae, info, device, out_dir, log, held_ND, ex)
         files["polysemantic_json"] = Path(m["polysemantic"]["path"])
     m["eval_seconds"] = time.perf_counter() - t0
     metrics_path = out_dir / "metrics.json"
@@ -404,14 +405,36 @@ def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: 
                                                    "n_features_in_neuron_gaps")}}
 
 
+def _exemplars(cfg: Config, session: _Session, mc: ModelConfig, info: RunInfo,
+               cache_meta: dict, pos_N3: torch.Tensor) -> dict | None:
+    """The exemplar score's inputs: a later layer at each held-out vector's position, and its
+    image (one exemplar per image). None, with a note, where it cannot run."""
+    later = cfg.curves.exemplar_layer
+    why = skip_reason(info.layer, later, mc.family, cache_meta.get("source"))
+    if why is None:
+        data_cfg = data_config(cache_meta, cfg.data)
+        ids = sorted({int(i) for i in pos_N3[:, 0].tolist()})
+        _, images, got = session.images_of(data_cfg, ids)
+        why = None if got == ids else f"{len(ids) - len(got)} held-out images did not load"
+    if why is not None:
+        logger.info(f"[evaluate] note: {info.name}: no exemplar score ({why})")
+        return None
+    model = session.model(mc)
+    check_weights(model, cache_meta, info)
+    emb = embed_positions(model, images, ids, pos_N3, info.layer, later,
+                          cfg.eval.splice_batch_size)
+    return {"emb": emb, "groups": pos_N3[:, 0].clone(), "n_top": cfg.curves.exemplar_top,
+            "layer": later}
+
+
 def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log,
-                  acts_ND: torch.Tensor) -> dict:
+                  acts_ND: torch.Tensor, exemplars: dict | None = None) -> dict:
     """decompose_run on the held-out vectors, its scalars logged under polysemantic/."""
     from sae_vision.census import decompose_run
 
     out = decompose_run(sae, acts_ND, cfg.curves, cfg.eval.batch_size, device,
-                                     out_dir / "polysemantic.json",
-                                     {"run": info.name, "layer": info.layer})
+                        out_dir / "polysemantic.json", {"run": info.name, "layer": info.layer},
+                        exemplars)
     log({f"polysemantic/{k}": v for k, v in out.items() if isinstance(v, (int, float))})
     return out
 

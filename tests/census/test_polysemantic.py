@@ -158,6 +158,18 @@ def test_a_rectified_planted_mixture_scores_as_selective_as_it_really_is():
             assert f["matched_rate"] == pytest.approx(row["rate"])
     # The unmatched score, kept for comparison, calls the splits less selective.
     assert rep["summary"]["unmatched"]["mean_frac_own_features_more_selective"] <= 0.25
+    # The exemplar score agrees: a vector's embedding shows which causes are present, so a
+    # two-cause neuron's top exemplars are of two kinds and each feature's of one.
+    g = torch.Generator().manual_seed(3)
+    sparse = u.clamp_min(0) * (u > 3)  # the strong, rare part of each cause
+    emb = sparse @ torch.randn(8, 24, generator=g) + 0.3 * torch.randn(len(u), 24, generator=g)
+    codes = (pre - 2.5).clamp_min(0.0)
+    ex = P.polysemantic_report(acts, codes, pre, codes @ dec, dec,
+                               exemplars={"emb": emb, "n_top": 32, "layer": "toy"})
+    assert ex["summary"]["exemplars"]["mean_frac_own_features_more_coherent"] == 1.0
+    assert ex["summary"]["copies_vs_splits"]["frac_more_coherent_split"] == 1.0
+    assert all(f["coherence"] > row["coherence"] for row in ex["neurons"]
+               for f in row["features"])
 
 
 def test_a_copy_of_a_rectified_neuron_ties_and_a_mixing_feature_loses():
@@ -231,3 +243,18 @@ def test_exemplar_coherence_sees_two_kinds_whatever_the_activation_shape():
     assert torch.allclose(P.exemplar_coherence(rectified, emb, n_top=32), coh)
     with pytest.raises(ValueError, match="n_top"):
         P.exemplar_coherence(resp, emb, n_top=1)
+
+
+def test_exemplar_coherence_takes_one_exemplar_per_image_when_asked():
+    """Neighbouring positions of one photo look alike: with groups, a unit whose top responses
+    all sit in one image has one exemplar there, and its other exemplars come from elsewhere."""
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.01], [1.0, -0.01], [-1.0, 0.0], [0.0, 1.0],
+                        [0.0, -1.0]])
+    resp = torch.tensor([[9.0], [8.0], [7.0], [1.0], [2.0], [0.5]])
+    groups = torch.tensor([0, 0, 0, 1, 2, 3])
+    loose = P.exemplar_coherence(resp, emb, n_top=3)
+    strict = P.exemplar_coherence(resp, emb, n_top=3, groups_N=groups)  # rows 0, 4, 3
+    assert loose[0] > 0.99 and strict[0] < 0.0
+    e = torch.nn.functional.normalize(emb - emb.mean(0), dim=1)[[0, 4, 3]].double()
+    want = ((e.sum(0) ** 2).sum() - 3) / 6
+    assert float(strict[0]) == pytest.approx(float(want), rel=1e-5)

@@ -378,6 +378,16 @@ def test_polysemantic_analysis_writes_its_json_beside_the_metrics(env):
     for row in poly["neurons"]:  # shares of a neuron lie in [0, 1] and sum to at most 1
         assert all(0.0 <= f["share"] <= 1.0 for f in row["features"])
         assert row["share_sum"] <= 1.0 + 1e-3
+    # The exemplar score: mixed4c at the held-out positions, one exemplar per image.
+    ex = poly["summary"]["exemplars"]
+    assert ex["layer"] == "mixed4c" and ex["n_top"] == 16
+    assert 0.0 <= m["polysemantic"]["frac_more_coherent"] <= 1.0
+    coh = [r["coherence"] for r in poly["neurons"] if r["coherence"] is not None]
+    assert len(coh) == 480 and all(-1.0 <= c <= 1.0 for c in coh)
+    # The selectivity is compared at the neuron's own firing rate, the old score kept beside.
+    row = next(r for r in poly["neurons"] if r["features"])
+    assert row["features"][0]["matched_rate"] == pytest.approx(row["rate"])
+    assert "unmatched" in poly["summary"]
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from sae_vision.activations import iter_chunks, lucid_geometry, model_device
-from sae_vision.core import track
-from sae_vision.sae import RunInfo
+from sae_vision.core import Config, ModelConfig, track
+from sae_vision.sae import RunInfo, check_weights, data_config
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 # above mixed3b are not cache layers, so the embedding hooks the network's module directly.
 BLOCKS = ("conv2d0", "conv2d1", "conv2d2", "mixed3a", "mixed3b", "mixed4a", "mixed4b",
           "mixed4c", "mixed4d", "mixed4e", "mixed5a", "mixed5b")
+
+
+class _Done(Exception):
+    """Raised by the hook once the later block is computed: the rest of the net is not needed."""
 
 
 def held_out_with_pos(info: RunInfo, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,13 +62,20 @@ def embed_positions(model, images_B3HW: torch.Tensor, ids: list[int], pos_N3: to
     h1 = lucid_geometry(layer, images_B3HW.shape[-1]).size
     device = model_device(model)
     grab: dict[str, torch.Tensor] = {}
-    hook = model.net.get_submodule(later).register_forward_hook(
-        lambda _m, _i, out: grab.__setitem__("out", out))
+
+    def capture(_m, _i, out):
+        grab["out"] = out
+        raise _Done
+
+    hook = model.net.get_submodule(later).register_forward_hook(capture)
     out: torch.Tensor | None = None
     try:
         for b0 in track(range(0, len(ids), batch_size), "evaluate exemplars",
                         (len(ids) + batch_size - 1) // batch_size, "batch"):
-            model(images_B3HW[b0:b0 + batch_size].to(device))
+            try:
+                model(images_B3HW[b0:b0 + batch_size].to(device))
+            except _Done:
+                pass
             big = grab.pop("out").float().cpu()
             h2 = big.shape[-1]
             if out is None:
@@ -75,3 +86,27 @@ def embed_positions(model, images_B3HW: torch.Tensor, ids: list[int], pos_N3: to
     finally:
         hook.remove()
     return out if out is not None else torch.zeros(len(pos_N3), 0)
+
+
+def exemplar_inputs(cfg: Config, session, mc: ModelConfig, info: RunInfo, cache_meta: dict,
+                    pos_N3: torch.Tensor) -> dict | None:
+    """polysemantic_report's `exemplars`: the later block at each held-out vector's position
+    and its image (one exemplar per image). None, with a note, where it cannot run. `session`
+    is the evaluate stage's (images_of, model, and the embeddings shared by a sweep's runs)."""
+    later = cfg.curves.exemplar_layer
+    why = skip_reason(info.layer, later, mc.family, cache_meta.get("source"))
+    ids = sorted({int(i) for i in pos_N3[:, 0].tolist()})
+    if why is None:
+        _, images, got = session.images_of(data_config(cache_meta, cfg.data), ids)
+        why = None if got == ids else f"{len(ids) - len(got)} held-out images did not load"
+    if why is not None:
+        logger.info(f"[evaluate] note: {info.name}: no exemplar score ({why})")
+        return None
+    model = session.model(mc)
+    check_weights(model, cache_meta, info)
+    key = (str(info.cache_dir), info.layer, later, len(pos_N3), tuple(ids))
+    if key not in session.exemplars:
+        session.exemplars[key] = embed_positions(model, images, ids, pos_N3, info.layer, later,
+                                                 cfg.eval.splice_batch_size)
+    return {"emb": session.exemplars[key], "groups": pos_N3[:, 0].clone(),
+            "n_top": cfg.curves.exemplar_top, "layer": later}

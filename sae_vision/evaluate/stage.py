@@ -47,14 +47,13 @@ from sae_vision.sae import (
     RunInfo,
     check_dims,
     check_weights,
-    data_config,
     model_config,
     resolve_runs,
     run_info,
 )
 
 from . import metrics as M
-from .exemplars import embed_positions, held_out_with_pos, skip_reason
+from .exemplars import exemplar_inputs, held_out_with_pos
 from .fidelity import (
     baseline_logits,
     batches_of,
@@ -95,6 +94,7 @@ class _Session:
         # the neuron census of one (model, layer, data), reused across the runs of a sweep
         self.census_memo = NeuronCensusMemo()
         self.data_overrides: list[str] = []  # the command line's data overrides (other_data)
+        self.exemplars: dict[tuple, torch.Tensor] = {}  # exemplar embeddings, shared by runs
 
     def images_of(self, data_cfg: DataConfig, ids: list[int]) -> tuple[tuple, torch.Tensor,
                                                                          list[int]]:
@@ -271,7 +271,7 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         files["curves_json"] = Path(m["curves"]["path"])
         files.update({k: Path(v) for k, v in m["curves"].pop("figures").items()})
     if ev.polysemantic:
-        ex = _exemplars(cfg, session, mc, info, cache_meta, held_pos)
+        ex = exemplar_inputs(cfg, session, mc, info, cache_meta, held_pos)
         m["polysemantic"] = _polysemantic(cfg, sae, info, device, out_dir, log, held_ND, ex)
         files["polysemantic_json"] = Path(m["polysemantic"]["path"])
     m["eval_seconds"] = time.perf_counter() - t0
@@ -403,28 +403,6 @@ def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: 
             **{k: res["coverage"].get(k) for k in ("largest_gap_neurons_deg",
                                                    "largest_gap_combined_deg",
                                                    "n_features_in_neuron_gaps")}}
-
-
-def _exemplars(cfg: Config, session: _Session, mc: ModelConfig, info: RunInfo,
-               cache_meta: dict, pos_N3: torch.Tensor) -> dict | None:
-    """The exemplar score's inputs: a later layer at each held-out vector's position, and its
-    image (one exemplar per image). None, with a note, where it cannot run."""
-    later = cfg.curves.exemplar_layer
-    why = skip_reason(info.layer, later, mc.family, cache_meta.get("source"))
-    if why is None:
-        data_cfg = data_config(cache_meta, cfg.data)
-        ids = sorted({int(i) for i in pos_N3[:, 0].tolist()})
-        _, images, got = session.images_of(data_cfg, ids)
-        why = None if got == ids else f"{len(ids) - len(got)} held-out images did not load"
-    if why is not None:
-        logger.info(f"[evaluate] note: {info.name}: no exemplar score ({why})")
-        return None
-    model = session.model(mc)
-    check_weights(model, cache_meta, info)
-    emb = embed_positions(model, images, ids, pos_N3, info.layer, later,
-                          cfg.eval.splice_batch_size)
-    return {"emb": emb, "groups": pos_N3[:, 0].clone(), "n_top": cfg.curves.exemplar_top,
-            "layer": later}
 
 
 def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log,

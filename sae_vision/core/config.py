@@ -230,6 +230,8 @@ class CurvesConfig:
     n_tuning_figures: int = 16  # detected units drawn in the tuning-curve figure
     selectivity_top_frac: float = 0.001  # polysemantic.json's secondary top_mass: code mass on this top fraction of vectors
     polysemantic_min_share: float = 0.05  # a neuron's own features carry at least this share of it
+    exemplar_layer: str = "mixed4c"  # polysemantic.json's exemplar score: this later layer embeds each unit's top held-out positions ("" = off)
+    exemplar_top: int = 16  # exemplars per unit for that score, at most one per image
     copy_min_share: float = 0.6  # a census feature with >= this share of its decoder or encoder norm² on one channel is a copy
     copy_share_grid: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8])  # copy thresholds reported side by side
     cover_tolerance_deg: float = 15.0  # a new gap feature is "covered" by a curve-tuned top neuron of its own within this many degrees
@@ -431,6 +433,9 @@ def check_config(cfg: Config) -> None:
     _positive("eval.n_vectors", cfg.eval.n_vectors)
     _positive("eval.batch_size", cfg.eval.batch_size)
     _positive("curves.orientation_step", cfg.curves.orientation_step)
+    if cfg.curves.exemplar_top < 2:
+        raise ValueError(f"curves.exemplar_top={cfg.curves.exemplar_top} must be >= 2 (a "
+                         "coherence needs two exemplars)")
     if not 0.0 <= cfg.train.decay_frac <= 1.0:
         raise ValueError(f"train.decay_frac={cfg.train.decay_frac} must lie in [0, 1]")
     if not 0.0 <= cfg.train.holdout_frac < 1.0:

@@ -71,8 +71,20 @@ def plot_l0(l0_hist: list[int], mean_l0: float, title: str, path: Path) -> Path:
     return save_fig(fig, path)
 
 
+def neuron_baseline_points(rows: list[dict], y_key: str) -> dict[str, list[tuple[float, float]]]:
+    """Per layer, the (L0, `<y_key>_neuron_topk`) points of the rows that carry them, by L0:
+    the neuron basis at each run's sparsity (one point per L0, since neurons know no arch)."""
+    layers: dict[str, dict[float, float]] = {}
+    for r in rows:
+        if finite(r.get("l0")) and finite(r.get(f"{y_key}_neuron_topk")):
+            layers.setdefault(r["layer"], {})[float(r["l0"])] = float(r[f"{y_key}_neuron_topk"])
+    return {layer: sorted(by_l0.items()) for layer, by_l0 in layers.items()}
+
+
 def plot_frontier(rows: list[dict], y_key: str, y_label: str, path: Path) -> Path | None:
-    """Sparsity-fidelity frontier: L0 against y_key, one line per (layer, arch)."""
+    """Sparsity-fidelity frontier: L0 against y_key, one line per (layer, arch). Where the rows
+    carry `<y_key>_neuron_topk` (the neuron basis at the run's L0: each vector's top-k
+    channels), it is drawn beside, dashed with hollow markers, one line per layer."""
     pts = [r for r in rows if finite(r.get("l0")) and finite(r.get(y_key))]
     if not pts:
         return None
@@ -86,6 +98,10 @@ def plot_frontier(rows: list[dict], y_key: str, y_label: str, path: Path) -> Pat
         rs = sorted(rs, key=lambda r: r["l0"])
         ax.plot([r["l0"] for r in rs], [r[y_key] for r in rs], marker=markers[i % len(markers)],
                 label=f"{layer} / {arch}")
+    for i, (layer, xy) in enumerate(sorted(neuron_baseline_points(pts, y_key).items())):
+        ax.plot([x for x, _ in xy], [y for _, y in xy], ls="--", color="0.45", lw=1,
+                marker=markers[i % len(markers)], mfc="none",
+                label=f"{layer} / neuron basis (top-k channels)")
     l0s = [r["l0"] for r in pts]
     if min(l0s) > 0 and max(l0s) / min(l0s) > 10:
         ax.set_xscale("log")

@@ -81,6 +81,23 @@ def reconstruction_metrics(sae, batches: Iterable[torch.Tensor], device: torch.d
             "features": health, "l0_hist": sparse.l0_hist}, dens
 
 
+def neuron_baseline(batches: Iterable[torch.Tensor], l0: float, mean_D: torch.Tensor,
+                    fvu_sae: float) -> dict:
+    """The neuron basis at the SAE's sparsity, on the same held-out vectors: the FVU of keeping
+    each vector's k = round(L0) most active channels, the others zeroed (`fvu_zero`) or set to
+    the cache's channel mean (`fvu_mean`), and the SAE's gain over each (fvu_neuron / fvu_sae).
+    An SAE has a reason to learn non-neuron directions only where that gain is well above 1."""
+    k = max(int(round(l0)), 0)
+    zero, mean = M.ReconstructionStats(len(mean_D)), M.ReconstructionStats(len(mean_D))
+    for x in batches:
+        zero.update(x, M.topk_channels(x, k))
+        mean.update(x, M.topk_channels(x, k, mean_D))
+    fz, fm = zero.compute()["fvu"], mean.compute()["fvu"]
+    return {"k": k, "n_vectors": zero.n, "fvu_zero": fz, "fvu_mean": fm,
+            "gain_zero": M.neuron_gain(fz, fvu_sae), "gain_mean": M.neuron_gain(fm, fvu_sae),
+            "gain": M.neuron_gain(min(fz, fm), fvu_sae)}
+
+
 # --------------------------------------------------------------------------------------------
 # Downstream splice
 

@@ -54,6 +54,28 @@ def l0(codes_BF: torch.Tensor) -> torch.Tensor:
     return (codes_BF != 0).sum(1)
 
 
+def topk_channels(x_BD: torch.Tensor, k: int, fill_D: torch.Tensor | None = None) -> torch.Tensor:
+    """The neuron-basis code at L0 k: each vector keeps its k largest channels (the most active
+    neurons) and every other channel is set to fill_D (zero when None; the channel mean for the
+    mean-filled variant). k <= 0 keeps none; k >= D keeps the vector whole."""
+    x = x_BD.double()
+    fill = torch.zeros(x.shape[1], dtype=torch.float64) if fill_D is None else fill_D.double()
+    out = fill.to(x.device).expand_as(x).clone()
+    k = min(int(k), x.shape[1])
+    if k > 0:
+        idx = x.topk(k, dim=1).indices
+        out.scatter_(1, idx, x.gather(1, idx))
+    return out
+
+
+def neuron_gain(fvu_neuron: float, fvu_sae: float) -> float:
+    """How many times less variance the SAE leaves unexplained than the neuron basis at its L0
+    (fvu_neuron / fvu_sae): above 1 the SAE beats keeping the top neurons; NaN when undefined."""
+    if not (math.isfinite(fvu_neuron) and math.isfinite(fvu_sae)) or fvu_sae <= 0:
+        return float("nan")
+    return fvu_neuron / fvu_sae
+
+
 # --------------------------------------------------------------------------------------------
 # Feature health
 

@@ -1,8 +1,9 @@
 """Stage `evaluate`: judge trained SAEs on held-out data.
 
 For each selected run (`sae.run`: a run name, `glob(pattern)`, a plain glob or a sweep folder):
-  1. reconstruction (MSE, FVU, explained variance, cosine, L2 ratio, L0 distribution) and feature
-     health (dead / dense counts, log10 density histogram) on the run's held-out cache shards;
+  1. reconstruction (MSE, FVU, explained variance, cosine, L2 ratio, L0 distribution), the
+     neuron-basis baseline at the same L0 (each vector's top-k channels) and feature health
+     (dead / dense counts, log10 density histogram) on the run's held-out cache shards;
   2. the downstream splice: the network with the layer replaced by the SAE's reconstruction at
      every position, on held-out images, against zero- and mean-ablation of the same layer;
   3. optionally cross-seed stability (eval.compare_run), the curve census (eval.curves) and the
@@ -53,10 +54,12 @@ from sae_vision.sae import (
 )
 
 from . import metrics as M
+from .exemplars import exemplar_inputs, held_out_with_pos
 from .fidelity import (
     baseline_logits,
     batches_of,
     load_images,
+    neuron_baseline,
     reconstruction_metrics,
     splice_image_ids,
     splice_metrics,
@@ -92,6 +95,7 @@ class _Session:
         # the neuron census of one (model, layer, data), reused across the runs of a sweep
         self.census_memo = NeuronCensusMemo()
         self.data_overrides: list[str] = []  # the command line's data overrides (other_data)
+        self.exemplars: dict[tuple, torch.Tensor] = {}  # exemplar embeddings, shared by runs
 
     def images_of(self, data_cfg: DataConfig, ids: list[int]) -> tuple[tuple, torch.Tensor,
                                                                          list[int]]:
@@ -159,6 +163,10 @@ def _reconstruction(sae, info: RunInfo, cache_meta: dict, ev, device, out_dir: P
                          "evaluate reconstruction", min(n_held, ev.n_vectors), "vec", size=len)
     rec, density = reconstruction_metrics(sae, held_batches, device, ev.dense_threshold,
                                           topup, ev.dead_min_vectors)
+    rec["neuron_baseline"] = neuron_baseline(
+        batches_of((a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards)),
+                   ev.batch_size, ev.n_vectors), rec["reconstruction"]["l0"],
+        torch.tensor(cache_meta["mean"], dtype=torch.float64), rec["reconstruction"]["fvu"])
     l0_hist = rec.pop("l0_hist")
     l0_max = int(rec["reconstruction"]["l0_max"])
     files: dict[str, Path] = {}
@@ -251,11 +259,9 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         m["stability"] = _stability(cfg, sae, run_dir, ev.compare_run)
     want_curves = ev.curves and "curve census" not in skipped and (
         not ev.curves_layers or info.layer in ev.curves_layers)
-    held_ND = None
+    held_ND = held_pos = None
     if want_curves or ev.polysemantic:  # held-out vectors: feature σ and the decomposition
-        held_ND = torch.cat(list(batches_of(
-            (a for a, _, _ in iter_chunks(info.cache_dir, info.holdout_shards)),
-            ev.batch_size, ev.polysemantic_vectors)))
+        held_ND, held_pos = held_out_with_pos(info, ev.polysemantic_vectors)
     if want_curves:
         model = session.model(mc)
         check_weights(model, cache_meta, info)
@@ -265,7 +271,8 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         files["curves_json"] = Path(m["curves"]["path"])
         files.update({k: Path(v) for k, v in m["curves"].pop("figures").items()})
     if ev.polysemantic:
-        m["polysemantic"] = _polysemantic(cfg, sae, info, device, out_dir, log, held_ND)
+        ex = exemplar_inputs(cfg, session, mc, info, cache_meta, held_pos)
+        m["polysemantic"] = _polysemantic(cfg, sae, info, device, out_dir, log, held_ND, ex)
         files["polysemantic_json"] = Path(m["polysemantic"]["path"])
     m["eval_seconds"] = time.perf_counter() - t0
     metrics_path = out_dir / "metrics.json"
@@ -399,13 +406,13 @@ def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: 
 
 
 def _polysemantic(cfg: Config, sae, info: RunInfo, device, out_dir: Path, log,
-                  acts_ND: torch.Tensor) -> dict:
+                  acts_ND: torch.Tensor, exemplars: dict | None = None) -> dict:
     """decompose_run on the held-out vectors, its scalars logged under polysemantic/."""
     from sae_vision.census import decompose_run
 
     out = decompose_run(sae, acts_ND, cfg.curves, cfg.eval.batch_size, device,
-                                     out_dir / "polysemantic.json",
-                                     {"run": info.name, "layer": info.layer})
+                        out_dir / "polysemantic.json", {"run": info.name, "layer": info.layer},
+                        exemplars)
     log({f"polysemantic/{k}": v for k, v in out.items() if isinstance(v, (int, float))})
     return out
 
@@ -415,6 +422,10 @@ def _print_headline(m: dict) -> None:
     r, f, s = m["reconstruction"], m["features"], m.get("splice") or {}
     line = (f"[evaluate] {m['run']}: FVU {r['fvu']:.4f}  L0 {r['l0']:.1f}  cos {r['cosine']:.3f}  "
             f"dead {f['n_dead']}/{f['n_features']}  dense {f['n_dense']}")
+    nb = m.get("neuron_baseline") or {}
+    if nb:
+        line += (f"  top-{nb['k']} neurons FVU {nb['fvu_zero']:.4f} (mean-filled "
+                 f"{nb['fvu_mean']:.4f}, SAE gain x{nb['gain']:.2f})")
     if s:
         line += (f"  KL {s['kl_sae']:.4g} (zero {s['kl_zero']:.4g}, mean {s['kl_mean']:.4g})  "
                  f"agree {s['agreement_sae']:.2f}")
@@ -424,8 +435,8 @@ def _print_headline(m: dict) -> None:
 def _log_run(tracker: Tracker, m: dict, prefix: str) -> None:
     """Scalars, the two figures and the density table of one run."""
     # (curves/ and polysemantic/ scalars were logged as they were computed)
-    tracker.log(flatten({k: m[k] for k in ("reconstruction", "features", "splice", "stability")
-                         if k in m}, prefix))
+    tracker.log(flatten({k: m[k] for k in ("reconstruction", "neuron_baseline", "features",
+                                           "splice", "stability") if k in m}, prefix))
     for key, path in m["files"].items():
         if key.endswith("_png"):
             tracker.log_image(f"{prefix}{key.removesuffix('_png')}", path)
@@ -475,8 +486,9 @@ def run(cfg: Config, tracker: Tracker | None = None,
         written += [str(csv_path), str(json_path)] + [str(p) for p in figs]
     if single:
         only = next(iter(results.values()))
-        tracker.summary(flatten({k: only[k] for k in ("reconstruction", "features", "splice")
-                                 if k in only}, "eval/"))
+        tracker.summary(flatten({k: only[k] for k in ("reconstruction", "neuron_baseline",
+                                                      "features", "splice") if k in only},
+                                "eval/"))
     for p in written:
         logger.info(f"[evaluate] wrote {p}")
     return EvalResult(

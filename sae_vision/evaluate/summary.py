@@ -30,7 +30,7 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 SUMMARY_COLUMNS = (
     "run", "layer", "arch", "n_features", "expansion", "l1_coeff", "k", "seed", "l0", "fvu",
-    "explained_variance", "mse", "cosine", "l2_ratio", "dead_frac", "dense_frac", "kl_sae",
+    "fvu_neuron_topk", "fvu_neuron_topk_mean", "neuron_gain", "explained_variance", "mse", "cosine", "l2_ratio", "dead_frac", "dense_frac", "kl_sae",
     "kl_zero", "kl_mean", "agreement_sae", "frac_recovered_zero", "frac_recovered_mean",
     "n_vectors", "n_splice_images", "loss_flatness", "loss_decay_gain", "curve_features",
     "copies", "new", "new_in_neuron_gaps", "new_in_gaps_uncovered", "largest_gap_neurons_deg",
@@ -87,7 +87,7 @@ def training_summary(run_dir: Path, n_train_vectors: int | None) -> dict:
 def summary_row(m: dict) -> dict:
     """One sweep-table row from a run's metrics.json content."""
     rec, feat, spl = m.get("reconstruction", {}), m.get("features", {}), m.get("splice") or {}
-    hp = m.get("hparams", {})
+    hp, nb = m.get("hparams", {}), m.get("neuron_baseline") or {}
     arch = m.get("arch")
     # Show only the sparsity knob the architecture actually uses.
     uses_l1 = uses_l1_coeff(arch)
@@ -97,6 +97,10 @@ def summary_row(m: dict) -> dict:
         "l1_coeff": hp.get("l1_coeff") if uses_l1 else None,
         "k": hp.get("k") if not uses_l1 else None, "seed": hp.get("seed"),
         "l0": rec.get("l0"), "fvu": rec.get("fvu"),
+        # the neuron basis at the same L0 (each vector's top-round(L0) channels), and the
+        # SAE's gain over the better of its zero- and mean-filled forms
+        "fvu_neuron_topk": nb.get("fvu_zero"), "fvu_neuron_topk_mean": nb.get("fvu_mean"),
+        "neuron_gain": nb.get("gain"),
         "explained_variance": rec.get("explained_variance"), "mse": rec.get("mse"),
         "cosine": rec.get("cosine"), "l2_ratio": rec.get("l2_ratio"),
         "dead_frac": feat.get("dead_frac"), "dense_frac": feat.get("dense_frac"),
@@ -122,7 +126,8 @@ def summary_row(m: dict) -> dict:
 
 
 def write_summary(rows: list[dict], out_dir: Path) -> tuple[Path, Path, list[Path]]:
-    """Sweep table as CSV + JSON, and the L0-vs-FVU and L0-vs-KL frontier plots."""
+    """Sweep table as CSV + JSON, and the L0-vs-FVU (with the neuron basis beside every SAE)
+    and L0-vs-KL frontier plots."""
     out_dir.mkdir(parents=True, exist_ok=True)
     drop_stale_tmp(out_dir)
     rows = sorted(rows, key=lambda r: (str(r["layer"]), str(r["arch"]), r["l0"] or 0))

@@ -15,6 +15,7 @@ from .records import RunRecord, dig
 
 FINDINGS_COLUMNS = (
     ("arch", "arch"), ("n_features", "F"), ("l0", "L0"), ("fvu", "FVU"),
+    ("fvu_neuron_topk", "FVU, top-L0 neurons"), ("neuron_gain", "SAE gain over neurons"),
     ("frac_recovered_zero", "splice KL recovered"), ("epochs", "epochs"),
     ("loss_flatness", "loss drop, end of full-lr phase"),
     ("loss_decay_gain", "loss drop, lr decay"), ("curve_features", "curve features"),

@@ -187,7 +187,8 @@ def html_poly(r: RunRecord, neuron_thumbs: dict[int, str], feature_thumbs: dict[
             "channel, a feature its encoder pre-activation): median neuron "
             f"{_e(_fmt(dig(kt, 'neurons', 'p50'), 3))}, median SAE feature "
             f"{_e(_fmt(dig(kt, 'features', 'p50'), 3))}"
-            + (f"; a neuron's own features are more selective than it in "
+            + (f"; rectified at the neuron's own firing rate, a neuron's own features are "
+               f"more selective than it in "
                f"{_pct(summ['mean_frac_own_features_more_selective'])} of cases"
                if summ.get("mean_frac_own_features_more_selective") is not None else "")
             + (f" (a random dictionary: {_pct(rnd)})" if rnd is not None else "")

@@ -32,3 +32,17 @@ def test_the_shared_style_is_applied():
     plt = plots.pyplot()
     assert plt.get_backend().lower() == "agg"
     assert plt.rcParams["savefig.dpi"] == plots.DPI
+
+
+def test_frontier_draws_the_neuron_basis_beside_the_saes(tmp_path):
+    rows = [{"layer": "mixed3b", "arch": a, "l0": l0, "fvu": 1 / l0, "fvu_neuron_topk": 3 / l0}
+            for a, l0 in (("topk", 8.0), ("topk", 32.0), ("relu_l1", 16.0))]
+    rows.append({"layer": "mixed3b", "arch": "relu_l1", "l0": 64.0, "fvu": 0.01,
+                 "fvu_neuron_topk": None})  # evaluated before the baseline existed
+    assert plots.neuron_baseline_points(rows, "fvu") == {
+        "mixed3b": [(8.0, 3 / 8), (16.0, 3 / 16), (32.0, 3 / 32)]}
+    assert plots.neuron_baseline_points(rows, "kl_sae") == {}  # no such baseline: no line
+    with_base = plots.plot_frontier(rows, "fvu", "FVU", tmp_path / "with.png")
+    bare = [{k: v for k, v in r.items() if k != "fvu_neuron_topk"} for r in rows]
+    without = plots.plot_frontier(bare, "fvu", "FVU", tmp_path / "without.png")
+    assert _png(with_base) and with_base.read_bytes() != without.read_bytes()

@@ -174,3 +174,24 @@ def test_hungarian_matching_handles_unequal_sizes_and_refuses_other_spaces():
     assert res["n_matched"] == 20 and res["frac_above"] >= 0.5
     with pytest.raises(ValueError, match="d=8 vs d=9"):
         M.match_dictionaries(a, torch.randn(20, 9))
+
+
+def test_topk_channels_keeps_each_vectors_largest_channels_and_fills_the_rest():
+    x = torch.tensor([[3.0, 0.0, 1.0, 2.0], [0.0, 5.0, 4.0, 0.5]])
+    assert torch.equal(M.topk_channels(x, 2), torch.tensor([[3.0, 0.0, 0.0, 2.0],
+                                                            [0.0, 5.0, 4.0, 0.0]]).double())
+    mean = torch.tensor([1.5, 2.5, 2.5, 1.25])
+    assert torch.equal(M.topk_channels(x, 1, mean), torch.tensor([[3.0, 2.5, 2.5, 1.25],
+                                                                  [1.5, 5.0, 2.5, 1.25]]).double())
+    assert torch.equal(M.topk_channels(x, 0), torch.zeros(2, 4).double())
+    assert torch.equal(M.topk_channels(x, 9), x.double())  # k >= D: the vector whole
+    # Its FVU on this batch, by hand: the residuals are the dropped channels.
+    fvu = M.fvu(x, M.topk_channels(x, 2))
+    dropped = 1.0 ** 2 + 0.5 ** 2
+    assert fvu == pytest.approx(dropped / float((x.double() - x.double().mean(0)).pow(2).sum()))
+
+
+def test_neuron_gain_is_the_neuron_fvu_over_the_sae_fvu():
+    assert M.neuron_gain(0.16, 0.04) == pytest.approx(4.0)
+    assert M.neuron_gain(0.0009, 0.0075) == pytest.approx(0.12)  # the neurons win at L0 64
+    assert math.isnan(M.neuron_gain(0.1, 0.0)) and math.isnan(M.neuron_gain(float("nan"), 0.1))

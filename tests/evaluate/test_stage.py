@@ -148,6 +148,39 @@ def test_zero_code_sae_at_the_mean_has_fvu_one_and_matches_mean_ablation(known):
     assert s["frac_recovered_mean"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_metrics_and_summary_carry_the_neuron_basis_at_each_sae_l0(known, env):
+    """The neuron basis at the SAE's L0, by known answers: an SAE that codes nothing (L0 0)
+    ties with keeping no channel (zeroed: its own FVU; mean-filled: the cache-mean SAE's), and
+    for the exact SAE the top-round(L0) channels' FVU is recomputed here by hand."""
+    res, _, _ = known
+    cfg, cache_dir, meta = env
+    zero = res.metrics["known-zero"]
+    nb = zero["neuron_baseline"]
+    assert nb["k"] == 0 and nb["n_vectors"] == zero["reconstruction"]["n_vectors"]
+    assert nb["fvu_zero"] == pytest.approx(zero["reconstruction"]["fvu"], rel=1e-9)
+    assert nb["gain_zero"] == pytest.approx(1.0, rel=1e-9)
+    cache_mean_fvu = res.metrics["known-cachemean"]["reconstruction"]["fvu"]
+    assert nb["fvu_mean"] == pytest.approx(cache_mean_fvu, rel=1e-9)
+    ident = res.metrics["known-identity"]
+    nb = ident["neuron_baseline"]
+    k = round(ident["reconstruction"]["l0"])
+    x = held_out_vectors(cache_dir, meta, cfg).double().numpy()
+    kept = np.where(x >= -np.sort(-x, axis=1)[:, [k - 1]], x, 0.0)  # no ties among positives
+    want = ((x - kept) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    assert nb["k"] == k and nb["fvu_zero"] == pytest.approx(want, rel=1e-6)
+    assert 0 < nb["fvu_zero"] < 1 and ident["reconstruction"]["fvu"] < 1e-10
+    # The exact SAE beats the neurons without bound (undefined, null, at FVU 0 exactly).
+    assert nb["gain"] is None or nb["gain"] > 1e6
+    disk = json.loads(Path(ident["files"]["metrics"]).read_text())["neuron_baseline"]
+    assert disk["fvu_zero"] == pytest.approx(nb["fvu_zero"])
+    rows = {r["run"]: r for r in csv.DictReader(open(res.summary_csv_path))}
+    assert float(rows["known-identity"]["fvu_neuron_topk"]) == pytest.approx(nb["fvu_zero"])
+    # The gain is over the better neuron code: here the mean-filled one.
+    nb0 = zero["neuron_baseline"]
+    assert float(rows["known-zero"]["neuron_gain"]) == pytest.approx(
+        min(nb0["fvu_zero"], nb0["fvu_mean"]) / zero["reconstruction"]["fvu"])
+
+
 def test_evaluation_writes_metrics_figures_and_a_sweep_summary(known):
     res, seconds, wandb_dir = known
     assert len(res.run_dirs) == 4 and len(res.metrics_paths) == 4
@@ -345,6 +378,16 @@ def test_polysemantic_analysis_writes_its_json_beside_the_metrics(env):
     for row in poly["neurons"]:  # shares of a neuron lie in [0, 1] and sum to at most 1
         assert all(0.0 <= f["share"] <= 1.0 for f in row["features"])
         assert row["share_sum"] <= 1.0 + 1e-3
+    # The exemplar score: mixed4c at the held-out positions, one exemplar per image.
+    ex = poly["summary"]["exemplars"]
+    assert ex["layer"] == "mixed4c" and ex["n_top"] == 16
+    assert 0.0 <= m["polysemantic"]["frac_more_coherent"] <= 1.0
+    coh = [r["coherence"] for r in poly["neurons"] if r["coherence"] is not None]
+    assert len(coh) == 480 and all(-1.0 <= c <= 1.0 for c in coh)
+    # The selectivity is compared at the neuron's own firing rate, the old score kept beside.
+    row = next(r for r in poly["neurons"] if r["features"])
+    assert row["features"][0]["matched_rate"] == pytest.approx(row["rate"])
+    assert "unmatched" in poly["summary"]
 
 
 @pytest.mark.slow

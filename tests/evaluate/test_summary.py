@@ -56,3 +56,17 @@ def test_training_summary_reads_flatness_before_the_lr_decay(tmp_path):
     falling = [(s, 100.0 - s) for s in range(5, 101, 5)]
     _write_run_log(tmp_path / "falling", falling)
     assert summary.training_summary(tmp_path / "falling", None)["loss_flatness"] > 0.2
+
+
+def test_summary_row_and_table_carry_the_neuron_basis_and_the_sae_gain(tmp_path):
+    m = _metrics_for("mixed3b", "topk", 32, 31.6, 0.031, 0.01)
+    m["neuron_baseline"] = {"k": 32, "fvu_zero": 0.0375, "fvu_mean": 0.05, "gain": 0.0375 / 0.031}
+    row = summary.summary_row(m)
+    assert row["fvu_neuron_topk"] == 0.0375 and row["fvu_neuron_topk_mean"] == 0.05
+    assert row["neuron_gain"] == pytest.approx(1.21, abs=0.01)
+    old = summary.summary_row(_metrics_for("mixed3b", "topk", 8, 8.0, 0.1, 0.02))
+    assert old["fvu_neuron_topk"] is None  # evaluated before the baseline: an empty cell
+    csv_path, _, _ = summary.write_summary([row, old], tmp_path)
+    got = {r["run"]: r for r in csv.DictReader(open(csv_path))}
+    assert float(got[row["run"]]["neuron_gain"]) == pytest.approx(row["neuron_gain"])
+    assert got[old["run"]]["fvu_neuron_topk"] == ""

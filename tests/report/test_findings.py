@@ -44,6 +44,16 @@ def test_rows_cover_evaluated_runs_sorted_by_arch_and_size():
     assert t1["n_neurons_split"] == 1 and t1["frac_more_selective_split"] == 0.5
     assert t1["frac_more_selective_single"] == 1.0
     assert "n_neurons_split" not in rows[0]  # no polysemantic.json
+    assert t1["fvu_neuron_topk"] is None  # evaluated without the neuron-basis baseline
+
+
+def test_rows_carry_the_neuron_basis_beside_the_sae():
+    m = metrics("t", "topk", 512)
+    m["neuron_baseline"] = {"k": 8, "fvu_zero": 0.37, "fvu_mean": 0.4, "gain": 0.37 / 0.15}
+    row = findings.findings_rows([record("t", m)])[0]
+    assert row["fvu_neuron_topk"] == 0.37 and abs(row["neuron_gain"] - 2.467) < 1e-3
+    md = findings.findings_markdown([row])
+    assert "FVU, top-L0 neurons" in md and "| 0.37 | 2.47 |" in md
 
 
 def test_markdown_has_one_column_per_finding_with_units():

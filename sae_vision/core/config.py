@@ -383,9 +383,8 @@ def warmup_steps_of(train: TrainConfig) -> int:
     return int(round(float(train.warmup_frac) * int(train.n_steps)))
 
 
-def check_config(cfg: Config) -> None:
-    """Validate every field that a typo or a bad value could break; raise ValueError."""
-    _check_finite(cfg)
+def _check_choices(cfg: Config) -> None:
+    """Every field that takes one of a fixed set of names."""
     _one_of("stage.name", cfg.stage.name, STAGES)
     _one_of("model.family", cfg.model.family, MODELS)
     _one_of("model.device", cfg.model.device, DEVICES)
@@ -397,6 +396,28 @@ def check_config(cfg: Config) -> None:
     _one_of("sae.arch", cfg.sae.arch, ARCHS)
     _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _one_of("train.loader", cfg.train.loader, LOADER_MODES)
+
+
+def _check_data_source(cfg: Config) -> None:
+    """Each data source has the setting that says where its data is."""
+    if cfg.data.name == "imagefolder" and not cfg.data.root:
+        raise ValueError("data=imagefolder needs data.root=/path/to/imagenet/train (or "
+                         "$SAE_VISION_DATA_DIR, or ../shared/data/imagenet-sample beside the "
+                         "checkout)")
+    if cfg.data.name == "array" and not cfg.data.path:
+        raise ValueError("data=array needs data.path=/path/to/acts.npy (a .npy or .safetensors "
+                         "file, or a folder of them)")
+    if cfg.data.name == "array" and cfg.layer.name != ARRAY_LAYER:
+        raise ValueError(f"data=array caches have layer.name={ARRAY_LAYER!r}, not "
+                         f"{cfg.layer.name!r}; drop the layer override")
+    if cfg.data.name == "webdataset" and not cfg.data.urls:
+        raise ValueError("data=webdataset needs data.urls='/path/shard-{000000..000099}.tar'")
+
+
+def check_config(cfg: Config) -> None:
+    """Validate every field that a typo or a bad value could break; raise ValueError."""
+    _check_finite(cfg)
+    _check_choices(cfg)
     layers = list(cfg.cache.layers) if cfg.cache.layers else [cfg.layer.name]
     for name in layers:
         dim = check_layer(name, cfg.model.family)
@@ -452,18 +473,7 @@ def check_config(cfg: Config) -> None:
                 f"sae.k={cfg.sae.k} exceeds the dictionary size {n_feat}; lower sae.k or raise "
                 "sae.expansion / sae.n_features"
             )
-    if cfg.data.name == "imagefolder" and not cfg.data.root:
-        raise ValueError("data=imagefolder needs data.root=/path/to/imagenet/train (or "
-                         "$SAE_VISION_DATA_DIR, or ../shared/data/imagenet-sample beside the "
-                         "checkout)")
-    if cfg.data.name == "array" and not cfg.data.path:
-        raise ValueError("data=array needs data.path=/path/to/acts.npy (a .npy or .safetensors "
-                         "file, or a folder of them)")
-    if cfg.data.name == "array" and cfg.layer.name != ARRAY_LAYER:
-        raise ValueError(f"data=array caches have layer.name={ARRAY_LAYER!r}, not "
-                         f"{cfg.layer.name!r}; drop the layer override")
-    if cfg.data.name == "webdataset" and not cfg.data.urls:
-        raise ValueError("data=webdataset needs data.urls='/path/shard-{000000..000099}.tar'")
+    _check_data_source(cfg)
 
 
 def to_plain(cfg: Any) -> dict:

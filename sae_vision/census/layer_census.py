@@ -259,7 +259,7 @@ def run_census(model, layer: str, cfg, inputs: CensusInputs | None = None,
         if grid:
             band_f = band_summary(grid, part.real["evidence"],
                                   result["criterion"]["configured"], ccfg.min_gap_deg,
-                                  *fc["band_args"], ccfg.cover_tolerance_deg)
+                                  tol=ccfg.cover_tolerance_deg, **fc["band_args"])
         timings["features_s"] = time.perf_counter() - t0
     neuron_deg = [d["preferred_orientation"] for d in part.neuron_det]
     cov = coverage(neuron_deg, new_deg, ccfg.min_gap_deg)

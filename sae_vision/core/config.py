@@ -230,6 +230,11 @@ class CurvesConfig:
     copy_min_share: float = 0.6  # a census feature with >= this share of its decoder or encoder norm² on one channel is a copy
     copy_share_grid: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8])  # copy thresholds reported side by side
     cover_tolerance_deg: float = 15.0  # a new gap feature is "covered" by a curve-tuned top neuron of its own within this many degrees
+    copy_min_rho: float = 0.9  # functional rule: a feature whose battery responses correlate >= this with one channel is a copy (census/novelty.py says why)
+    copy_max_dtheta_deg: float = 5.0  # ...and a plain copy when it prefers that channel's orientation within this many degrees, else a shifted copy
+    gap_min_separation_deg: float = 15.0  # a gap filler lies >= max(this, the neuron's half width) from both neighbouring curve-tuned neurons
+    band_step: float = 0.2  # threshold band: every criterion one relative step looser and stricter than the used thresholds
+    band_n_random: int = 64  # threshold band: random combinations of looser/used/stricter criteria, besides the one-at-a-time points
     check_input_block: bool = True  # census of the layer's input block in the real and each null network (seed 0)
     n_new_figures: int = 12  # new features drawn beside their top neurons' tuning
 
@@ -415,6 +420,12 @@ def check_config(cfg: Config) -> None:
     _positive("eval.n_vectors", cfg.eval.n_vectors)
     _positive("eval.batch_size", cfg.eval.batch_size)
     _positive("curves.orientation_step", cfg.curves.orientation_step)
+    if not -1.0 <= cfg.curves.copy_min_rho <= 1.0:
+        raise ValueError(f"curves.copy_min_rho={cfg.curves.copy_min_rho} must lie in [-1, 1]")
+    if not 0.0 < cfg.curves.band_step < 1.0:
+        raise ValueError(f"curves.band_step={cfg.curves.band_step} must lie in (0, 1)")
+    for name in ("copy_max_dtheta_deg", "gap_min_separation_deg", "band_n_random"):
+        _positive(f"curves.{name}", getattr(cfg.curves, name), allow_zero=True)
     if not 0.0 <= cfg.train.decay_frac <= 1.0:
         raise ValueError(f"train.decay_frac={cfg.train.decay_frac} must lie in [0, 1]")
     if not 0.0 <= cfg.train.holdout_frac < 1.0:

@@ -126,6 +126,38 @@ def _new_feature_records(feat_det: list[dict], new_units: set, f_tc: dict, dec: 
     return records
 
 
+def _label_features(fe: dict, part: NeuronCensus, ccfg, feat_det: list[dict], dec_al: dict,
+                    enc_al: dict | None) -> tuple[list[dict], np.ndarray]:
+    """Both rules' labels in each detected feature's `novelty` record (functional: `class`,
+    weight shares: `weight_class`), the functional records, and the [F] mask of features that
+    no channel's battery responses correlate with >= copy_min_rho (functionally new)."""
+    n_deg = {d["unit"]: d["preferred_orientation"] for d in part.neuron_det}
+    units = [d["unit"] for d in feat_det]
+    nov_recs = N.novelty_records(units, dec_al, enc_al, n_deg, ccfg.copy_min_share)
+    real_ev, f_ev = part.real["evidence"], fe["ev"]
+    pre, acts = fe["pre"].numpy(), part.real["acts"].numpy()
+    func = N.functional_novelty(
+        pre, acts, f_ev["preferred_orientation"], real_ev["preferred_orientation"], units,
+        list(n_deg), N.curve_tuned(real_ev, part.thr), real_ev["tuning_width_deg"],
+        (enc_al or dec_al)["top1_neuron"], min_rho=ccfg.copy_min_rho,
+        max_dtheta_deg=ccfg.copy_max_dtheta_deg, min_gap_deg=ccfg.min_gap_deg,
+        min_sep_deg=ccfg.gap_min_separation_deg)
+    for d, rec, fr in zip(feat_det, nov_recs, func):
+        d["passes_in_null"] = None  # random directions have no counterpart of a feature
+        d["novelty"] = {**rec, **fr}
+    return func, N.response_correlation(pre, acts)["rho_max"] < ccfg.copy_min_rho
+
+
+def _rule_counts(ccfg, func: list[dict], f_deg: dict, neuron_deg: list, by_weight: dict) -> dict:
+    """The functional rule's extra counts and gaps, and the weight rule's counts beside them."""
+    return {"rule": "functional (census/novelty.py): copies include shifted copies",
+            "n_shifted_copies": sum(r["class"] == "shifted copy" for r in func),
+            "n_fills_gap": sum(r["fills_gap"] for r in func),
+            "functional": N.functional_summary(func, f_deg, neuron_deg),
+            "copy_min_rho": ccfg.copy_min_rho, "copy_max_dtheta_deg": ccfg.copy_max_dtheta_deg,
+            "n_weight_copies": by_weight["n_copies"], "n_weight_new": by_weight["n_new"]}
+
+
 def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: FeatureInputs,
                    n_seeds: int) -> dict:
     """The SAE part of the census: detected features at the neurons' calibrated thresholds
@@ -150,20 +182,8 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
     dec_al = N.axis_alignment(dec)
     enc_al = N.axis_alignment(enc) if enc is not None else None
     n_deg = {d["unit"]: d["preferred_orientation"] for d in part.neuron_det}
-    units = [d["unit"] for d in feat_det]
-    nov_recs = N.novelty_records(units, dec_al, enc_al, n_deg, ccfg.copy_min_share)
     real_ev, rnd_nov, tol = part.real["evidence"], fe["rnd_nov"], ccfg.cover_tolerance_deg
-    pre, acts = fe["pre"].numpy(), part.real["acts"].numpy()
-    func = N.functional_novelty(
-        pre, acts, f_ev["preferred_orientation"], real_ev["preferred_orientation"], units,
-        list(n_deg), N.curve_tuned(real_ev, thr), real_ev["tuning_width_deg"],
-        (enc_al or dec_al)["top1_neuron"], min_rho=ccfg.copy_min_rho,
-        max_dtheta_deg=ccfg.copy_max_dtheta_deg, min_gap_deg=ccfg.min_gap_deg,
-        min_sep_deg=ccfg.gap_min_separation_deg)
-    for d, rec, fr in zip(feat_det, nov_recs, func):
-        d["passes_in_null"] = None  # random directions have no counterpart of a feature
-        d["novelty"] = {**rec, **fr}
-    new_mask = N.response_correlation(pre, acts)["rho_max"] < ccfg.copy_min_rho
+    func, new_mask = _label_features(fe, part, ccfg, feat_det, dec_al, enc_al)
     nov = feature_novelty(f_ev, f_thr, real_ev, thr, dec_al, enc_al, ccfg.copy_min_share,
                           ccfg.min_gap_deg, rnd_nov, tol, new_mask)
     by_weight = feature_novelty(f_ev, f_thr, real_ev, thr, dec_al, enc_al,
@@ -181,14 +201,7 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
         "n_detected": len(feat_det),
         "n_copies": nov["n_copies"],
         "n_new": nov["n_new"],
-        "rule": "functional (census/novelty.py): copies include shifted copies",
-        "n_shifted_copies": sum(r["class"] == "shifted copy" for r in func),
-        "n_fills_gap": sum(r["fills_gap"] for r in func),
-        "functional": N.functional_summary(func, f_deg, list(n_deg.values())),
-        "copy_min_rho": ccfg.copy_min_rho,
-        "copy_max_dtheta_deg": ccfg.copy_max_dtheta_deg,
-        "n_weight_copies": by_weight["n_copies"],
-        "n_weight_new": by_weight["n_new"],
+        **_rule_counts(ccfg, func, f_deg, list(n_deg.values()), by_weight),
         "copy_min_share": ccfg.copy_min_share,
         "new_fdr_random_directions": nov["new_fdr"],
         "n_new_in_gaps_uncovered": nov["n_new_in_gaps_uncovered"],

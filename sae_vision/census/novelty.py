@@ -357,8 +357,8 @@ def band_summary(grid: list[dict], real_ev: dict, base: dict, min_gap_deg: float
             continue
         thr = grid_thresholds(g, base)
         neuron_deg = list(neuron_orientations(real_ev, thr).values())
-        row = {k: g[k] for k in ("min_peak_sigma", "min_curve_line_ratio", "min_invariance_corr",
-                                  "real", "fdr")}
+        row = {k: g.get(k) for k in ("label", "min_peak_sigma", "min_curve_line_ratio",
+                                      "min_invariance_corr", "real", "fdr", "fdr_upper95")}
         row["largest_gap_neurons_deg"] = orientation_gaps(neuron_deg)[0][1]
         if f_ev is not None:
             nov = feature_novelty(f_ev, thr, real_ev, thr, dec_al, enc_al, max_share,

@@ -372,6 +372,17 @@ def warmup_steps_of(train: TrainConfig) -> int:
     return int(round(float(train.warmup_frac) * int(train.n_steps)))
 
 
+def _check_curves(c: CurvesConfig) -> None:
+    """The curves settings' ranges, naming the field."""
+    _positive("curves.orientation_step", c.orientation_step)
+    if not -1.0 <= c.copy_min_rho <= 1.0:
+        raise ValueError(f"curves.copy_min_rho={c.copy_min_rho} must lie in [-1, 1]")
+    if not 0.0 < c.band_step < 1.0:
+        raise ValueError(f"curves.band_step={c.band_step} must lie in (0, 1)")
+    for name in ("copy_max_dtheta_deg", "gap_min_separation_deg", "band_n_random"):
+        _positive(f"curves.{name}", getattr(c, name), allow_zero=True)
+
+
 def check_config(cfg: Config) -> None:
     """Validate every field that a typo or a bad value could break; raise ValueError."""
     _one_of("stage.name", cfg.stage.name, STAGES)
@@ -419,13 +430,7 @@ def check_config(cfg: Config) -> None:
     _positive("logger.progress_every_s", cfg.logger.progress_every_s, allow_zero=True)
     _positive("eval.n_vectors", cfg.eval.n_vectors)
     _positive("eval.batch_size", cfg.eval.batch_size)
-    _positive("curves.orientation_step", cfg.curves.orientation_step)
-    if not -1.0 <= cfg.curves.copy_min_rho <= 1.0:
-        raise ValueError(f"curves.copy_min_rho={cfg.curves.copy_min_rho} must lie in [-1, 1]")
-    if not 0.0 < cfg.curves.band_step < 1.0:
-        raise ValueError(f"curves.band_step={cfg.curves.band_step} must lie in (0, 1)")
-    for name in ("copy_max_dtheta_deg", "gap_min_separation_deg", "band_n_random"):
-        _positive(f"curves.{name}", getattr(cfg.curves, name), allow_zero=True)
+    _check_curves(cfg.curves)
     if not 0.0 <= cfg.train.decay_frac <= 1.0:
         raise ValueError(f"train.decay_frac={cfg.train.decay_frac} must lie in [0, 1]")
     if not 0.0 <= cfg.train.holdout_frac < 1.0:

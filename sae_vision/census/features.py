@@ -204,6 +204,7 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
         **_rule_counts(ccfg, func, f_deg, list(n_deg.values()), by_weight),
         "copy_min_share": ccfg.copy_min_share,
         "new_fdr_random_directions": nov["new_fdr"],
+        "new_fdr_random_directions_upper95": nov["new_fdr_upper95"],
         "n_new_in_gaps_uncovered": nov["n_new_in_gaps_uncovered"],
         "new_in_gaps_covered_by": nov["new_in_gaps_covered_by"],
         "largest_gap_neurons_plus_uncovered_new_deg":

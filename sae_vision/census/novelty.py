@@ -57,7 +57,14 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .curves import circ_diff, coverage, criterion, grid_thresholds, orientation_gaps
+from .curves import (
+    circ_diff,
+    coverage,
+    criterion,
+    fdr_upper_bound,
+    grid_thresholds,
+    orientation_gaps,
+)
 
 
 def axis_alignment(dirs_FD: np.ndarray, top: int = 3) -> dict[str, np.ndarray]:
@@ -343,7 +350,8 @@ def feature_novelty(f_ev: dict, f_thr: dict, real_ev: dict, n_thr: dict, dec_al:
             "largest_gap_curve_tuned_neurons_deg": orientation_gaps(tuned_deg)[0][1],
             "random_directions_new": rnd_new,
             "new_fdr": (mean_rnd / len(new) if new else (None if not mean_rnd else math.inf))
-            if mean_rnd is not None else None}
+            if mean_rnd is not None else None,
+            "new_fdr_upper95": fdr_upper_bound(rnd_new, len(new))}
 
 
 def band_summary(grid: list[dict], real_ev: dict, base: dict, min_gap_deg: float,
@@ -374,7 +382,7 @@ def band_summary(grid: list[dict], real_ev: dict, base: dict, min_gap_deg: float
         return {"min": float(np.min(v)), "median": float(np.median(v)),
                 "max": float(np.max(v))} if v else None
 
-    keys = ["real", "largest_gap_neurons_deg"] + (
+    keys = ["real", "fdr", "fdr_upper95", "largest_gap_neurons_deg"] + (
         ["n_detected", "n_copies", "n_new", "n_new_in_neuron_gaps", "n_new_in_gaps_uncovered",
          "largest_gap_neurons_plus_new_deg"] if f_ev is not None else [])
     return {"n_points": len(rows), "points": rows, **{f"{k}_range": span(k) for k in keys}}

@@ -23,6 +23,7 @@ FINDINGS_COLUMNS = (
     ("copies", "copies (functional)"), ("shifted_copies", "…of them shifted copies"),
     ("new", "new (functional)"), ("weight_copies", "copies, weight-share rule"),
     ("weight_new", "new, weight-share rule"), ("new_fdr", "new: random-dir. FDR"),
+    ("new_fdr_upper95", "…95% upper bound"),
     ("new_in_neuron_gaps", "new in neuron gaps"),
     ("new_in_gaps_uncovered", "…not covered by a curve-tuned top neuron"),
     ("fills_gap", "new filling a gap (clear of curve-tuned neurons)"),

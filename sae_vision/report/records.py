@@ -130,6 +130,7 @@ def novelty_cells(curves: dict | None) -> dict:
     fdr = dig(curves, "neurons", "fdr", default={}) or {}
     return {"shifted_copies": f.get("n_shifted_copies"), "fills_gap": f.get("n_fills_gap"),
             "weight_copies": f.get("n_weight_copies"), "weight_new": f.get("n_weight_new"),
+            "new_fdr_upper95": f.get("new_fdr_random_directions_upper95"),
             "largest_gap_with_all_deg": fn.get("largest_gap_neurons_plus_all_deg"),
             "largest_gap_with_copies_deg": fn.get("largest_gap_neurons_plus_copies_deg"),
             "largest_gap_with_fillers_deg": fn.get("largest_gap_neurons_plus_gap_fillers_deg"),

@@ -367,3 +367,26 @@ def test_functional_summary_reports_the_gap_with_all_copies_and_new_features():
     assert s["largest_gap_neurons_plus_all_deg"] == 100.0  # 200-300
     assert s["largest_gap_neurons_plus_gap_fillers_deg"] == 180.0
     assert (s["n_copy"], s["n_shifted_copy"], s["n_new"]) == (1, 1, 1)
+
+
+def test_feature_novelty_counts_by_the_functional_mask_and_bounds_the_null_fdr():
+    n = 4
+    ev = {"preferred_orientation": np.array([0.0, 90.0, 180.0, 270.0]),
+          "peak_sigma": np.full(n, 20.0), "curve_line_ratio": np.full(n, 3.0),
+          "circular_variance": np.full(n, 0.3), "secondary_peak_ratio": np.full(n, 0.1),
+          "invariance_dtheta": np.zeros(n), "invariance_corr": np.full(n, 0.99),
+          "invariance_retention": np.ones(n), "corner_ratio": np.full(n, 3.0),
+          "shifted_line_ratio": np.full(n, 3.0)}
+    thr = C.thresholds_of(C.CurvesConfig())
+    f_ev = {**ev, "preferred_orientation": np.array([0.0, 45.0, 135.0, 225.0])}
+    al = N.axis_alignment(np.eye(n))  # every feature one-hot: the weight rule says copy
+    rnd = [(ev, al, np.array([True, False, False, False]))] * 3
+    by_weight = N.feature_novelty(f_ev, thr, ev, thr, al, None, 0.6, 30.0, rnd)
+    assert by_weight["n_new"] == 0 and by_weight["new_fdr"] is None  # 0/0, not 0
+    assert by_weight["new_fdr_upper95"] is None
+    mask = np.array([False, True, True, False])
+    func = N.feature_novelty(f_ev, thr, ev, thr, al, None, 0.6, 30.0, rnd, new_mask=mask)
+    assert func["n_new"] == 2 and func["new"] == [1, 2]
+    assert func["random_directions_new"] == [1, 1, 1] and func["new_fdr"] == 0.5
+    assert func["new_fdr_upper95"] == pytest.approx(C.fdr_upper_bound([1, 1, 1], 2))
+    assert func["new_fdr_upper95"] > func["new_fdr"]

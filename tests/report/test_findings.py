@@ -64,7 +64,7 @@ def test_markdown_has_one_column_per_finding_with_units():
 
 CURVES = {"neurons": {"fdr": {"fdr": 0.0476, "fdr_upper95": 0.109}},
           "features": {"n_shifted_copies": 1, "n_fills_gap": 0, "n_weight_copies": 4,
-                       "n_weight_new": 0,
+                       "n_weight_new": 0, "new_fdr_random_directions_upper95": None,
                        "functional": {"largest_gap_neurons_plus_all_deg": 40.0,
                                       "largest_gap_neurons_plus_copies_deg": 45.0,
                                       "largest_gap_neurons_plus_gap_fillers_deg": 50.0}}}
@@ -79,7 +79,7 @@ def test_functional_and_weight_rules_and_the_fdr_bound_sit_side_by_side():
     by_key = dict(zip((k for k, _ in findings.FINDINGS_COLUMNS),
                       findings.findings_markdown([row]).splitlines()[2].strip("| ").split(" | ")))
     assert by_key["neuron_fdr"] == "0.0476" and by_key["neuron_fdr_upper95"] == "0.109"
-    assert by_key["new_fdr"] == "–"  # 0 new features: 0/0 is no FDR
+    assert by_key["new_fdr"] == "–" and by_key["new_fdr_upper95"] == "–"  # 0/0: no FDR
     assert by_key["largest_gap_with_all_deg"] == "40°" and by_key["weight_new"] == "0"
     # A run evaluated before the functional rule: its cells say "–", not 0.
     old = findings.findings_rows([record("t0", metrics("t0", "topk", 512))])[0]

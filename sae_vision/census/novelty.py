@@ -165,11 +165,12 @@ def response_correlation(f_resp_NF, n_resp_NU) -> dict[str, np.ndarray]:
     if f.shape[0] != n.shape[0]:
         raise ValueError(f"feature responses have {f.shape[0]} stimuli, channels {n.shape[0]}")
 
-    def z(a: np.ndarray) -> np.ndarray:
-        a = a - a.mean(0)
+    def z(x: np.ndarray) -> np.ndarray:
+        a = x - x.mean(0)
         sd = np.sqrt((a * a).sum(0))
-        return np.where(sd > 1e-12 * max(float(np.abs(a).max(initial=0.0)), 1e-30),
-                        a / np.maximum(sd, 1e-300), 0.0)
+        # Constant up to rounding (relative to the column's own scale): correlates with nothing.
+        live = sd > 1e-9 * np.sqrt(len(x)) * np.abs(x).max(0, initial=0.0)
+        return np.where(live, a / np.maximum(sd, 1e-300), 0.0)
 
     rho_FU = z(f).T @ z(n)
     best = rho_FU.argmax(1) if rho_FU.size else np.zeros(f.shape[1], dtype=int)

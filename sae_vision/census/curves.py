@@ -62,10 +62,16 @@ statistics survive and the spatial assembly of edges into curves does not; (c) f
 `RandomDirections`: random unit directions in activation space scored as features.
 `input_block_check` counts curve detectors in the layer's input block of the real network and of
 each null (seed 0), which shows what each null destroys. The estimated false-discovery rate of a
-null is mean(null count) / real count at the same thresholds; `calibrate` tightens the
-thresholds on a grid until every null's FDR <= max_fdr, and `threshold_grid` / `band_summary`
-report detections, FDR, the largest neuron gap and gap filling at every grid point, so no
-conclusion rests on one threshold.
+null is mean(null count) / real count at the same thresholds (None for 0/0, printed "–"), and
+`fdr_upper95` its one-sided 95% upper bound: the null counts of independent seeds are rare
+events among hundreds of units, so their sum over n seeds is Poisson; the exact (Garwood) upper
+bound on its mean, gammaincinv(sum + 1, 0.95), divided by n and by the real count, bounds the
+FDR (`fdr_upper_bound`; null counts 1, 1, 0, 1, 1, 0 against 14 real detections: FDR 0.05, bound
+0.11). `calibrate` tightens the thresholds on a grid until every null's FDR <= max_fdr, and
+`threshold_grid` / `band_summary` report detections, FDR, the largest neuron gap and gap filling
+over a band that moves EVERY criterion one relative step (`band_step`) looser and stricter
+around the thresholds used, one at a time, all together, and in `band_n_random` random
+combinations (`band_points`), so no conclusion rests on one threshold.
 
 Copies and new detectors (`sae_vision.census.novelty`): a census feature whose decoder or encoder
 direction has >= copy_min_share of its squared norm on one channel is a copy of that neuron;
@@ -94,8 +100,8 @@ from sae_vision.core import CurvesConfig
 
 from . import stimuli as S
 
-# long: the docstring above is the census's specification (about 95 lines); the code is about
-# 460 lines of one concern, the pure evidence -> criterion -> calibration -> coverage chain.
+# long: the docstring above is the census's specification (about 100 lines); the code is about
+# 510 lines of one concern, the pure evidence -> criterion -> calibration -> coverage chain.
 
 # Evidence columns that the criterion thresholds, with the direction a detection needs.
 CRITERIA = {
@@ -396,18 +402,33 @@ def count_detected(ev: dict, thr: dict) -> int:
     return int(criterion(ev, thr)["detected"].sum())
 
 
+def fdr_upper_bound(counts: Sequence[int], real: int, conf: float = 0.95) -> float | None:
+    """One-sided `conf` upper bound of mean(counts) / real: the exact Poisson (Garwood) bound on
+    the sum of the null counts over seeds, per seed and per real detection (module docstring).
+    None without seeds or real detections."""
+    from scipy.special import gammaincinv
+
+    if not len(counts) or real <= 0:
+        return None
+    return float(gammaincinv(int(sum(counts)) + 1, conf)) / len(counts) / real
+
+
 def fdr_table(real_ev: dict, null_evs: dict[str, list[dict]], thr: dict) -> dict:
-    """Real count, each null's per-seed counts and mean, and FDR = mean null / real."""
+    """Real count, each null's per-seed counts and mean, FDR = mean null / real (None for 0/0)
+    and its 95% upper bound (`fdr_upper_bound`); `fdr` and `fdr_upper95` are the worst null's."""
     real = count_detected(real_ev, thr)
     out = {"real": real, "nulls": {}}
     for name, evs in null_evs.items():
         counts = [count_detected(e, thr) for e in evs]
         mean = float(np.mean(counts)) if counts else 0.0
-        fdr = mean / real if real else (0.0 if mean == 0 else math.inf)
+        fdr = mean / real if real else (None if mean == 0 else math.inf)
         out["nulls"][name] = {"counts": counts, "mean": mean, "fdr": fdr,
+                              "fdr_upper95": fdr_upper_bound(counts, real),
                               "real_exceeds_every_seed": all(real > c for c in counts)}
-    fdrs = [v["fdr"] for v in out["nulls"].values()]
+    fdrs = [v["fdr"] for v in out["nulls"].values() if v["fdr"] is not None]
     out["fdr"] = max(fdrs) if fdrs else None
+    ups = [v["fdr_upper95"] for v in out["nulls"].values() if v["fdr_upper95"] is not None]
+    out["fdr_upper95"] = max(ups) if ups else None
     out["real_exceeds_every_null"] = all(v["real_exceeds_every_seed"]
                                          for v in out["nulls"].values())
     return out
@@ -454,31 +475,66 @@ def calibrate(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesConfig,
     return {"thresholds": best[0], "tightened": True, "met": True, "table": best[1]}
 
 
+def band_points(n_criteria: int, n_random: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """Steps per criterion (-1 looser, 0 as used, +1 stricter): the used point, each criterion
+    alone either way, all looser, all stricter, and `n_random` random combinations (fixed
+    seed), without repeats."""
+    pts = [(0,) * n_criteria]
+    for i in range(n_criteria):
+        for d in (-1, 1):
+            pts.append(tuple(d if j == i else 0 for j in range(n_criteria)))
+    pts += [(-1,) * n_criteria, (1,) * n_criteria]
+    rng = np.random.default_rng(seed)
+    pts += [tuple(int(x) for x in rng.integers(-1, 2, n_criteria)) for _ in range(n_random)]
+    return list(dict.fromkeys(pts))
+
+
+# Thresholds with an upper bound move by a relative step of their distance to it.
+_THRESHOLD_BOUND = {"min_invariance_corr": 1.0}
+
+
+def stepped_thresholds(base: dict, steps: Sequence[int], rel_step: float) -> dict:
+    """`base` with each criterion (CRITERIA order) moved `steps` relative steps stricter (+) or
+    looser (-)."""
+    thr = dict(base)
+    for (name, op), k in zip(CRITERIA.values(), steps):
+        v = float(base[name])
+        if name in _THRESHOLD_BOUND:
+            bound = _THRESHOLD_BOUND[name]
+            thr[name] = bound - (bound - v) * (1.0 - rel_step) ** k
+        else:
+            thr[name] = v * (1.0 + rel_step) ** (k if op == ">=" else -k)
+    return thr
+
+
 def threshold_grid(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesConfig,
                    base: dict) -> list[dict]:
-    """Real detections, per-null counts and FDR at every point of the calibration grid
-    (calib_peak_sigma x calib_curve_line_ratio x calib_invariance_corr; the other criteria at
-    `base`), looser and stricter than the configured thresholds alike. `in_band`: FDR <=
-    max_fdr, at least one detection, and more real detections than every null seed."""
+    """Real detections, per-null counts, FDR and its upper bound at every point of the
+    threshold band around `base` (the thresholds used): every criterion one `band_step` looser
+    and stricter (`band_points`). `in_band`: FDR <= max_fdr, at least one detection, and more
+    real detections than every null seed."""
     rows = []
-    for ps in sorted(set(cfg.calib_peak_sigma)):
-        for lr in sorted(set(cfg.calib_curve_line_ratio)):
-            for ic in sorted(set(cfg.calib_invariance_corr)):
-                thr = {**base, "min_peak_sigma": float(ps), "min_curve_line_ratio": float(lr),
-                       "min_invariance_corr": float(ic)}
-                t = fdr_table(real_ev, null_evs, thr)
-                rows.append({"min_peak_sigma": float(ps), "min_curve_line_ratio": float(lr),
-                             "min_invariance_corr": float(ic), "real": t["real"],
-                             "null_means": {k: v["mean"] for k, v in t["nulls"].items()},
-                             "fdr": t["fdr"],
-                             "in_band": bool(t["real"] > 0 and t["fdr"] is not None
-                                             and t["fdr"] <= cfg.max_fdr
-                                             and t["real_exceeds_every_null"])})
+    names = [name for name, _ in CRITERIA.values()]
+    for steps in band_points(len(names), int(cfg.band_n_random)):
+        thr = stepped_thresholds(base, steps, float(cfg.band_step))
+        t = fdr_table(real_ev, null_evs, thr)
+        rows.append({"steps": dict(zip(names, steps)),
+                     "label": "".join("-0+"[k + 1] for k in steps), "thresholds": thr,
+                     **{k: thr[k] for k in ("min_peak_sigma", "min_curve_line_ratio",
+                                            "min_invariance_corr")},
+                     "real": t["real"],
+                     "null_means": {k: v["mean"] for k, v in t["nulls"].items()},
+                     "fdr": t["fdr"], "fdr_upper95": t["fdr_upper95"],
+                     "in_band": bool(t["real"] > 0 and t["fdr"] is not None
+                                     and t["fdr"] <= cfg.max_fdr
+                                     and t["real_exceeds_every_null"])})
     return rows
 
 
 def grid_thresholds(row: dict, base: dict) -> dict:
     """The full threshold dict of one `threshold_grid` row."""
+    if "thresholds" in row:
+        return dict(row["thresholds"])
     return {**base, **{k: row[k] for k in ("min_peak_sigma", "min_curve_line_ratio",
                                             "min_invariance_corr")}}
 

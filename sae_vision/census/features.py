@@ -86,13 +86,18 @@ def _feature_evidence(model, layer: str, ccfg, part: NeuronCensus, features: Fea
     centre = vectors.mean(0)
     for seed in range(n_seeds):
         rd = RandomDirections(real["acts"].shape[1], n_dirs, seed, centre)
-        r_feats = feature_responses(rd, real["acts"], which=(key,))[key]
+        r_both = feature_responses(rd, real["acts"], which=tuple({"pre_acts", key}))
+        r_feats = r_both[key]
+        # Functionally new: no channel correlates >= copy_min_rho over the battery.
+        r_new = N.response_correlation(r_both["pre_acts"].numpy(), real["acts"].numpy())[
+            "rho_max"] < ccfg.copy_min_rho
         r_mean, r_std = feature_stats(rd, vectors, which=(key,))[key]
         e = evidence(r_feats.numpy(), part.table, ccfg, r_mean.numpy(), r_std.numpy())
         rnd_evs.append(e)
         rnd_curves.append((e, tuning_curves(r_feats.numpy(), part.table, ccfg), r_mean, r_std))
-        rnd_nov.append((e, N.axis_alignment(rd.W_dec.numpy())))
-    return {"key": key, "resp": feats[key], "mean": f_mean, "std": f_std, "ev": f_ev,
+        rnd_nov.append((e, N.axis_alignment(rd.W_dec.numpy()), r_new))
+    return {"key": key, "resp": feats[key], "pre": feats["pre_acts"], "mean": f_mean,
+            "std": f_std, "ev": f_ev,
             "nulls": {"random_directions": rnd_evs} if rnd_evs else {},
             "null_curves": rnd_curves, "rnd_nov": rnd_nov, "n_dirs": n_dirs}
 
@@ -121,13 +126,46 @@ def _new_feature_records(feat_det: list[dict], new_units: set, f_tc: dict, dec: 
     return records
 
 
+def _label_features(fe: dict, part: NeuronCensus, ccfg, feat_det: list[dict], dec_al: dict,
+                    enc_al: dict | None) -> tuple[list[dict], np.ndarray]:
+    """Both rules' labels in each detected feature's `novelty` record (functional: `class`,
+    weight shares: `weight_class`), the functional records, and the [F] mask of features that
+    no channel's battery responses correlate with >= copy_min_rho (functionally new)."""
+    n_deg = {d["unit"]: d["preferred_orientation"] for d in part.neuron_det}
+    units = [d["unit"] for d in feat_det]
+    nov_recs = N.novelty_records(units, dec_al, enc_al, n_deg, ccfg.copy_min_share)
+    real_ev, f_ev = part.real["evidence"], fe["ev"]
+    pre, acts = fe["pre"].numpy(), part.real["acts"].numpy()
+    func = N.functional_novelty(
+        pre, acts, f_ev["preferred_orientation"], real_ev["preferred_orientation"], units,
+        list(n_deg), N.curve_tuned(real_ev, part.thr), real_ev["tuning_width_deg"],
+        (enc_al or dec_al)["top1_neuron"], min_rho=ccfg.copy_min_rho,
+        max_dtheta_deg=ccfg.copy_max_dtheta_deg, min_gap_deg=ccfg.min_gap_deg,
+        min_sep_deg=ccfg.gap_min_separation_deg)
+    for d, rec, fr in zip(feat_det, nov_recs, func):
+        d["passes_in_null"] = None  # random directions have no counterpart of a feature
+        d["novelty"] = {**rec, **fr}
+    return func, N.response_correlation(pre, acts)["rho_max"] < ccfg.copy_min_rho
+
+
+def _rule_counts(ccfg, func: list[dict], f_deg: dict, neuron_deg: list, by_weight: dict) -> dict:
+    """The functional rule's extra counts and gaps, and the weight rule's counts beside them."""
+    return {"rule": "functional (census/novelty.py): copies include shifted copies",
+            "n_shifted_copies": sum(r["class"] == "shifted copy" for r in func),
+            "n_fills_gap": sum(r["fills_gap"] for r in func),
+            "functional": N.functional_summary(func, f_deg, neuron_deg),
+            "copy_min_rho": ccfg.copy_min_rho, "copy_max_dtheta_deg": ccfg.copy_max_dtheta_deg,
+            "n_weight_copies": by_weight["n_copies"], "n_weight_new": by_weight["n_new"]}
+
+
 def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: FeatureInputs,
                    n_seeds: int) -> dict:
     """The SAE part of the census: detected features at the neurons' calibrated thresholds
     (tightened by the random-direction null if need be), copies and new detectors.
 
     Returns {"result": the `features` entry of curves.json, "new_deg", "copy_deg", "figs",
-    "band_args": the feature arguments of `band_summary`}.
+    "band_args": the feature keyword arguments of `band_summary`}. New and copy follow the
+    functional rule; the weight-share counts ride along (`n_weight_*`, `by_copy_threshold`).
     """
     fe = _feature_evidence(model, layer, ccfg, part, features, n_seeds)
     f_ev, f_nulls, thr = fe["ev"], fe["nulls"], part.thr
@@ -138,19 +176,19 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
     f_null_pass = {k: [criterion(e, f_thr)["detected"] for e in v] for k, v in f_nulls.items()}
     f_tc = tuning_curves(fe["resp"].numpy(), part.table, ccfg, fe["mean"], fe["std"])
     feat_det = detections(f_ev, f_thr, tuning_sigma=f_tc["sigma"], tuning_radii=f_tc["radii"])
-    # Novelty: is each detected feature a copy of one neuron, or a new detector?
+    # Novelty: is each detected feature a copy of one neuron, or a new detector? Both rules:
+    # the functional one (`class`, the counts) and the weight shares (`weight_class`).
     dec, enc = sae_directions(features.sae)
     dec_al = N.axis_alignment(dec)
     enc_al = N.axis_alignment(enc) if enc is not None else None
     n_deg = {d["unit"]: d["preferred_orientation"] for d in part.neuron_det}
-    nov_recs = N.novelty_records([d["unit"] for d in feat_det], dec_al, enc_al, n_deg,
-                                 ccfg.copy_min_share)
-    for d, rec in zip(feat_det, nov_recs):
-        d["passes_in_null"] = None  # random directions have no counterpart of a feature
-        d["novelty"] = rec
     real_ev, rnd_nov, tol = part.real["evidence"], fe["rnd_nov"], ccfg.cover_tolerance_deg
+    func, new_mask = _label_features(fe, part, ccfg, feat_det, dec_al, enc_al)
     nov = feature_novelty(f_ev, f_thr, real_ev, thr, dec_al, enc_al, ccfg.copy_min_share,
-                          ccfg.min_gap_deg, rnd_nov, tol)
+                          ccfg.min_gap_deg, rnd_nov, tol, new_mask)
+    by_weight = feature_novelty(f_ev, f_thr, real_ev, thr, dec_al, enc_al,
+                                ccfg.copy_min_share, ccfg.min_gap_deg, rnd_nov, tol)
+    f_deg = {d["unit"]: d["preferred_orientation"] for d in feat_det}
     by_share = {f"{s:g}": {k: v for k, v in feature_novelty(
         f_ev, f_thr, real_ev, thr, dec_al, enc_al, s, ccfg.min_gap_deg, rnd_nov, tol).items()
         if k not in ("new", "new_in_neuron_gaps_deg", "new_in_gaps_covered_by")}
@@ -163,8 +201,10 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
         "n_detected": len(feat_det),
         "n_copies": nov["n_copies"],
         "n_new": nov["n_new"],
+        **_rule_counts(ccfg, func, f_deg, list(n_deg.values()), by_weight),
         "copy_min_share": ccfg.copy_min_share,
         "new_fdr_random_directions": nov["new_fdr"],
+        "new_fdr_random_directions_upper95": nov["new_fdr_upper95"],
         "n_new_in_gaps_uncovered": nov["n_new_in_gaps_uncovered"],
         "new_in_gaps_covered_by": nov["new_in_gaps_covered_by"],
         "largest_gap_neurons_plus_uncovered_new_deg":
@@ -194,4 +234,6 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
             "new_deg": [d["preferred_orientation"] for d in feat_det if d["unit"] in new_units],
             "copy_deg": [d["preferred_orientation"] for d in feat_det
                          if d["unit"] not in new_units],
-            "band_args": (f_ev, dec_al, enc_al, ccfg.copy_min_share, rnd_nov)}
+            "band_args": {"f_ev": f_ev, "dec_al": dec_al, "enc_al": enc_al,
+                          "max_share": ccfg.copy_min_share, "rnd": rnd_nov,
+                          "new_mask": new_mask}}

@@ -52,7 +52,7 @@ def figure_coverage(neuron_deg: Sequence[float], feature_deg: Sequence[float],
 
 
 def figure_threshold_band(grid: list[dict], band: dict, max_fdr: float):
-    """Left: real detections vs estimated FDR at every calibration-grid point (band points
+    """Left: real detections vs estimated FDR at every threshold-band point (in-band points
     filled). Right: the largest neuron gap, and new detectors in it, across the band."""
     plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -77,9 +77,10 @@ def figure_threshold_band(grid: list[dict], band: dict, max_fdr: float):
             b2.bar(x, [p["n_new_in_neuron_gaps"] for p in pts], color="C0", alpha=0.25)
             b2.set_ylabel("new detectors in neuron gaps", fontsize=8)
         b.set_xticks(x)
-        b.set_xticklabels([f"{p['min_peak_sigma']:g}/{p['min_curve_line_ratio']:g}/"
-                           f"{p['min_invariance_corr']:g}" for p in pts], rotation=90, fontsize=5)
-        b.set_xlabel("band point: peak σ / curve:line / invariance corr.", fontsize=8)
+        b.set_xticklabels([p.get("label") or f"{p['min_peak_sigma']:g}/"
+                           f"{p['min_curve_line_ratio']:g}/{p['min_invariance_corr']:g}"
+                           for p in pts], rotation=90, fontsize=5, family="monospace")
+        b.set_xlabel("band point: each criterion - looser, 0 as used, + stricter", fontsize=8)
         b.legend(fontsize=7, loc="upper left")
     else:
         b.text(0.5, 0.5, "no grid point reaches the FDR target", ha="center", va="center")

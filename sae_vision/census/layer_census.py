@@ -165,7 +165,8 @@ def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, im
     configured = thresholds_of(ccfg)
     cal = calibrate(real["evidence"], null_evs, ccfg)
     thr = cal["thresholds"]
-    grid = threshold_grid(real["evidence"], null_evs, ccfg, configured) if null_evs else []
+    # The band moves every criterion around the thresholds used (calibrated), both ways.
+    grid = threshold_grid(real["evidence"], null_evs, ccfg, thr) if null_evs else []
     null_pass = {k: [criterion(e, thr)["detected"] for e in v] for k, v in null_evs.items()}
     tc_real = tuning_curves(real["acts"].numpy(), table, ccfg, real["mean"], real["std"])
     neuron_det = detections(real["evidence"], thr, null_passes=null_pass,
@@ -258,8 +259,8 @@ def run_census(model, layer: str, cfg, inputs: CensusInputs | None = None,
         figs.update(fc["figs"])
         if grid:
             band_f = band_summary(grid, part.real["evidence"],
-                                  result["criterion"]["configured"], ccfg.min_gap_deg,
-                                  *fc["band_args"], ccfg.cover_tolerance_deg)
+                                  result["criterion"]["used"], ccfg.min_gap_deg,
+                                  tol=ccfg.cover_tolerance_deg, **fc["band_args"])
         timings["features_s"] = time.perf_counter() - t0
     neuron_deg = [d["preferred_orientation"] for d in part.neuron_det]
     cov = coverage(neuron_deg, new_deg, ccfg.min_gap_deg)
@@ -269,7 +270,7 @@ def run_census(model, layer: str, cfg, inputs: CensusInputs | None = None,
     result["coverage"] = cov
     if grid:
         result["band"] = band_f if band_f is not None else band_summary(
-            grid, part.real["evidence"], result["criterion"]["configured"], ccfg.min_gap_deg)
+            grid, part.real["evidence"], result["criterion"]["used"], ccfg.min_gap_deg)
         figs["threshold_band"] = (grid, result["band"], ccfg.max_fdr)
     figs["coverage"] = (neuron_deg, new_deg, ccfg.min_gap_deg, copy_deg)
     timings["total_s"] = time.perf_counter() - t_start
@@ -283,17 +284,27 @@ def run_census(model, layer: str, cfg, inputs: CensusInputs | None = None,
     return result
 
 
+def fdr_text(v: dict) -> str:
+    """'FDR 0.05 (95% bound 0.11)' of one null's fdr_table entry; '–' for 0/0."""
+    def num(x) -> str:
+        return "–" if x is None else f"{x:.2f}"
+
+    return f"FDR {num(v.get('fdr'))} (95% bound {num(v.get('fdr_upper95'))})"
+
+
 def _headline(res: dict) -> str:
     n = res["neurons"]
     parts = [f"[curves] {res['layer']}: {n['n_detected']}/{n['n_units']} neurons"]
     for k, v in n["fdr"]["nulls"].items():
-        parts.append(f"{k} null {v['counts']} (FDR {v['fdr']:.2f})")
+        parts.append(f"{k} null {v['counts']} ({fdr_text(v)})")
     if "features" in res:
         f = res["features"]
-        parts.append(f"{f['n_detected']}/{f['n_units']} features = {f['n_copies']} copies + "
-                     f"{f['n_new']} new")
+        parts.append(f"{f['n_detected']}/{f['n_units']} features = {f['n_copies']} copies "
+                     f"({f.get('n_shifted_copies', 0)} shifted) + {f['n_new']} new "
+                     f"({f.get('n_fills_gap', 0)} fill a gap; weight rule: "
+                     f"{f.get('n_weight_copies')} copies)")
         for k, v in f["fdr"]["nulls"].items():
-            parts.append(f"{k} {v['counts']} (FDR {v['fdr']:.2f})")
+            parts.append(f"{k} {v['counts']} ({fdr_text(v)})")
     c = res["coverage"]
     parts.append(f"largest gap {c['largest_gap_neurons_deg']:.0f}° -> "
                  f"{c['largest_gap_combined_deg']:.0f}° with new features "
@@ -313,6 +324,7 @@ def _scalars(res: dict) -> dict:
     n = res["neurons"]
     out = {"curves/n_neuron_detectors": n["n_detected"],
            "curves/neuron_fdr": n["fdr"]["fdr"],
+           "curves/neuron_fdr_upper95": n["fdr"].get("fdr_upper95"),
            "curves/largest_gap_neurons_deg": res["coverage"]["largest_gap_neurons_deg"],
            "curves/largest_gap_combined_deg": res["coverage"]["largest_gap_combined_deg"],
            "curves/n_features_in_neuron_gaps": res["coverage"]["n_features_in_neuron_gaps"]}
@@ -324,7 +336,10 @@ def _scalars(res: dict) -> dict:
         out["curves/n_copies"] = f["n_copies"]
         out["curves/n_new"] = f["n_new"]
         out["curves/feature_fdr"] = f["fdr"]["fdr"]
-    return out
+        out["curves/n_shifted_copies"] = f.get("n_shifted_copies")
+        out["curves/n_fills_gap"] = f.get("n_fills_gap")
+        out["curves/n_weight_copies"] = f.get("n_weight_copies")
+    return {k: v for k, v in out.items() if v is not None}  # 0/0 FDRs are not logged
 
 
 def write_census(out_dir, result: dict, figs: dict) -> dict[str, str]:

@@ -235,6 +235,11 @@ class CurvesConfig:
     copy_min_share: float = 0.6  # a census feature with >= this share of its decoder or encoder norm² on one channel is a copy
     copy_share_grid: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8])  # copy thresholds reported side by side
     cover_tolerance_deg: float = 15.0  # a new gap feature is "covered" by a curve-tuned top neuron of its own within this many degrees
+    copy_min_rho: float = 0.9  # functional rule: a feature whose battery responses correlate >= this with one channel is a copy (census/novelty.py says why)
+    copy_max_dtheta_deg: float = 5.0  # ...and a plain copy when it prefers that channel's orientation within this many degrees, else a shifted copy
+    gap_min_separation_deg: float = 15.0  # a gap filler lies >= max(this, the neuron's half width) from both neighbouring curve-tuned neurons
+    band_step: float = 0.2  # threshold band: every criterion one relative step looser and stricter than the used thresholds
+    band_n_random: int = 64  # threshold band: random combinations of looser/used/stricter criteria, besides the one-at-a-time points
     check_input_block: bool = True  # census of the layer's input block in the real and each null network (seed 0)
     n_new_figures: int = 12  # new features drawn beside their top neurons' tuning
 
@@ -383,6 +388,20 @@ def warmup_steps_of(train: TrainConfig) -> int:
     return int(round(float(train.warmup_frac) * int(train.n_steps)))
 
 
+def _check_curves(c: CurvesConfig) -> None:
+    """The curves settings' ranges, naming the field."""
+    _positive("curves.orientation_step", c.orientation_step)
+    if not -1.0 <= c.copy_min_rho <= 1.0:
+        raise ValueError(f"curves.copy_min_rho={c.copy_min_rho} must lie in [-1, 1]")
+    if not 0.0 < c.band_step < 1.0:
+        raise ValueError(f"curves.band_step={c.band_step} must lie in (0, 1)")
+    for name in ("copy_max_dtheta_deg", "gap_min_separation_deg", "band_n_random"):
+        _positive(f"curves.{name}", getattr(c, name), allow_zero=True)
+    if c.exemplar_top < 2:
+        raise ValueError(f"curves.exemplar_top={c.exemplar_top} must be >= 2 (a coherence "
+                         "needs two exemplars)")
+
+
 def _check_choices(cfg: Config) -> None:
     """Every field that takes one of a fixed set of names."""
     _one_of("stage.name", cfg.stage.name, STAGES)
@@ -453,10 +472,7 @@ def check_config(cfg: Config) -> None:
     _positive("logger.progress_every_s", cfg.logger.progress_every_s, allow_zero=True)
     _positive("eval.n_vectors", cfg.eval.n_vectors)
     _positive("eval.batch_size", cfg.eval.batch_size)
-    _positive("curves.orientation_step", cfg.curves.orientation_step)
-    if cfg.curves.exemplar_top < 2:
-        raise ValueError(f"curves.exemplar_top={cfg.curves.exemplar_top} must be >= 2 (a "
-                         "coherence needs two exemplars)")
+    _check_curves(cfg.curves)
     if not 0.0 <= cfg.train.decay_frac <= 1.0:
         raise ValueError(f"train.decay_frac={cfg.train.decay_frac} must lie in [0, 1]")
     if not 0.0 <= cfg.train.holdout_frac < 1.0:

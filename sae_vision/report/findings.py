@@ -1,7 +1,8 @@
 """The study's findings table: one row per evaluated run answering its question.
 
-Copies of neurons against new curve detectors, orientation gaps, and selectivity of features
-against their neurons; stage=report writes it beside the report as findings.json and
+Copies of neurons against new curve detectors (the functional rule of
+sae_vision.census.novelty, with the weight-share rule's counts beside it), orientation gaps, the
+neurons' FDR with its 95% upper bound, and selectivity of features against their neurons; stage=report writes it beside the report as findings.json and
 findings.md (the README table of `make study`) and logs the Markdown.
 """
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from sae_vision.core import write_json, write_text
 
-from .records import RunRecord, dig
+from .records import RunRecord, dig, novelty_cells
 
 FINDINGS_COLUMNS = (
     ("arch", "arch"), ("n_features", "F"), ("l0", "L0"), ("fvu", "FVU"),
@@ -19,11 +20,19 @@ FINDINGS_COLUMNS = (
     ("frac_recovered_zero", "splice KL recovered"), ("epochs", "epochs"),
     ("loss_flatness", "loss drop, end of full-lr phase"),
     ("loss_decay_gain", "loss drop, lr decay"), ("curve_features", "curve features"),
-    ("copies", "copies"), ("new", "new"), ("new_fdr", "new: random-dir. FDR"),
+    ("neuron_fdr", "neuron FDR"), ("neuron_fdr_upper95", "…95% upper bound"),
+    ("copies", "copies (functional)"), ("shifted_copies", "…of them shifted copies"),
+    ("new", "new (functional)"), ("weight_copies", "copies, weight-share rule"),
+    ("weight_new", "new, weight-share rule"), ("new_fdr", "new: random-dir. FDR"),
+    ("new_fdr_upper95", "…95% upper bound"),
     ("new_in_neuron_gaps", "new in neuron gaps"),
     ("new_in_gaps_uncovered", "…not covered by a curve-tuned top neuron"),
+    ("fills_gap", "new filling a gap (clear of curve-tuned neurons)"),
     ("largest_gap_neurons_deg", "largest gap, neurons"),
+    ("largest_gap_with_all_deg", "largest gap, neurons + all curve features"),
+    ("largest_gap_with_copies_deg", "largest gap, neurons + copies"),
     ("largest_gap_with_new_deg", "largest gap, neurons + new"),
+    ("largest_gap_with_fillers_deg", "largest gap, neurons + gap fillers"),
     ("largest_gap_curve_tuned_deg", "largest gap, curve-tuned neurons (criteria 1-3)"),
     ("frac_more_selective", "features more selective than their neuron"),
     ("frac_more_selective_random", "same, random dictionary"),
@@ -44,6 +53,7 @@ def findings_rows(records: list[RunRecord]) -> list[dict]:
             continue
         row = summary_row(r.metrics)
         row["epochs"] = (r.metrics.get("training") or {}).get("epochs")
+        row.update(novelty_cells(r.curves))
         if r.poly and r.poly.get("neurons"):
             from sae_vision.census import split_selectivity
 
@@ -59,7 +69,8 @@ def findings_rows(records: list[RunRecord]) -> list[dict]:
 
 
 def findings_markdown(rows: list[dict]) -> str:
-    """The findings rows as a Markdown table (percentages for fractions)."""
+    """The findings rows as a Markdown table (percentages for fractions; "–" where there is no
+    number, e.g. an FDR of 0/0)."""
     def cell(key: str, v) -> str:
         if v is None:
             return "–"

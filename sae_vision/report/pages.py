@@ -126,8 +126,8 @@ def _census_notes(curves: dict | None) -> str:
         def rng(k: str) -> str:
             v = band.get(f"{k}_range") or {}
             return f"{_fmt(v.get('min'))}–{_fmt(v.get('max'))}" if v else "–"
-        note += (f"<p class=note>across the {band['n_points']} calibration-grid thresholds with "
-                 f"FDR ≤ {_e(_fmt(crit.get('max_fdr'), 2))}: neuron detectors {rng('real')}, "
+        note += (f"<p class=note>across the {band['n_points']} threshold-band points (every "
+                 f"criterion moved) with FDR ≤ {_e(_fmt(crit.get('max_fdr'), 2))}: neuron detectors {rng('real')}, "
                  f"largest neuron gap {rng('largest_gap_neurons_deg')}°"
                  + (f", new SAE detectors {rng('n_new')}, new ones in neuron gaps "
                     f"{rng('n_new_in_neuron_gaps')}" if band.get("n_new_range") else "")
@@ -165,7 +165,7 @@ def _census_figures(r: RunRecord, figs: dict[str, str], groups: dict[str, dict])
     shown += [(figs[k], caption, alt) for k, caption, alt in (
         ("new_features", f"{r.name}: each new feature's σ tuning beside its top neurons'",
          "new features and their neurons"),
-        ("threshold_band", f"{r.name}: detections and FDR over the calibration grid; gaps "
+        ("threshold_band", f"{r.name}: detections and FDR over the threshold band; gaps "
          "across the FDR band", "threshold band")) if k in figs]
     shown += [(figs[k], f"{r.name}: σ tuning curves of detected {what}", what)
               for k, kind, what in (("tuning_neurons", "neurons", "neurons"),

@@ -128,6 +128,22 @@ def group_fdr(g: dict):
     return fdr.get("fdr") if isinstance(fdr, dict) else fdr
 
 
+def novelty_cells(curves: dict | None) -> dict:
+    """The findings table's cells that only curves.json holds: the functional rule's shifted
+    copies and gap fillers, the weight rule's counts beside them, the largest gap with all /
+    copies / gap-filling features, and the neurons' FDR with its 95% upper bound."""
+    f = dig(curves, "features", default={}) or {}
+    fn = f.get("functional") or {}
+    fdr = dig(curves, "neurons", "fdr", default={}) or {}
+    return {"shifted_copies": f.get("n_shifted_copies"), "fills_gap": f.get("n_fills_gap"),
+            "weight_copies": f.get("n_weight_copies"), "weight_new": f.get("n_weight_new"),
+            "new_fdr_upper95": f.get("new_fdr_random_directions_upper95"),
+            "largest_gap_with_all_deg": fn.get("largest_gap_neurons_plus_all_deg"),
+            "largest_gap_with_copies_deg": fn.get("largest_gap_neurons_plus_copies_deg"),
+            "largest_gap_with_fillers_deg": fn.get("largest_gap_neurons_plus_gap_fillers_deg"),
+            "neuron_fdr": fdr.get("fdr"), "neuron_fdr_upper95": fdr.get("fdr_upper95")}
+
+
 def curve_units(curves: dict | None, kind: str) -> dict[int, dict]:
     """unit -> {o: preferred orientation, cv: curve-ness, cd, ps: peak σ, w: width, tc: tuning}.
 

@@ -198,6 +198,67 @@ def test_calibration_tightens_until_fdr_is_met():
     assert cal["thresholds"]["min_peak_sigma"] >= 10.0 and cal["table"]["real"] >= 30
 
 
+def fake_evidence(values: dict, n: int) -> dict:
+    """Evidence of n units that pass every default criterion, with some columns replaced."""
+    ev = {"peak_sigma": np.full(n, 30.0), "curve_line_ratio": np.full(n, 10.0),
+          "circular_variance": np.full(n, 0.1), "secondary_peak_ratio": np.full(n, 0.1),
+          "invariance_dtheta": np.zeros(n), "invariance_corr": np.full(n, 0.99),
+          "invariance_retention": np.ones(n), "corner_ratio": np.full(n, 5.0),
+          "shifted_line_ratio": np.full(n, 5.0)}
+    ev.update({k: np.asarray(v, dtype=float) for k, v in values.items()})
+    return ev
+
+
+def test_fdr_has_its_95_percent_upper_bound_and_0_over_0_is_no_number():
+    cfg = CurvesConfig()
+    thr = C.thresholds_of(cfg)
+    real = fake_evidence({}, 14)
+    null = [fake_evidence({"peak_sigma": [30.0] * c + [0.0] * (14 - c)}, 14)
+            for c in (1, 1, 0, 1, 1, 0)]
+    t = C.fdr_table(real, {"permuted": null}, thr)
+    assert t["nulls"]["permuted"]["counts"] == [1, 1, 0, 1, 1, 0]
+    assert t["fdr"] == pytest.approx(4 / 6 / 14)  # 0.048
+    # Poisson (Garwood): the sum 4 over 6 seeds has a 95% upper bound of 9.15 on its mean.
+    assert t["fdr_upper95"] == pytest.approx(9.1535 / 6 / 14, rel=1e-3)
+    assert 0.10 < t["fdr_upper95"] < 0.12
+    # The bound shrinks with more seeds at the same rate, and never drops below the estimate.
+    assert C.fdr_upper_bound([1, 1, 0, 1, 1, 0] * 4, 14) < t["fdr_upper95"]
+    assert C.fdr_upper_bound([0, 0, 0], 10) == pytest.approx(2.9957 / 3 / 10, rel=1e-3)
+    # Nothing detected anywhere: 0/0 is not an FDR of 0.
+    none = fake_evidence({"peak_sigma": np.zeros(14)}, 14)
+    t0 = C.fdr_table(none, {"permuted": [none, none]}, thr)
+    assert t0["real"] == 0 and t0["fdr"] is None and t0["fdr_upper95"] is None
+    assert t0["nulls"]["permuted"]["fdr"] is None
+    assert CS.fdr_text(t0["nulls"]["permuted"]) == "FDR – (95% bound –)"
+    assert CS.fdr_text(t["nulls"]["permuted"]) == "FDR 0.05 (95% bound 0.11)"
+
+
+def test_threshold_band_varies_every_criterion_both_ways_around_the_used_point():
+    cfg = CurvesConfig()
+    rng = np.random.default_rng(0)
+    n = 300
+    real = fake_evidence({k: rng.uniform(0.5, 1.5, n) * v for k, v in
+                          fake_evidence({}, 1).items()}, n)
+    nulls = {"permuted": [fake_evidence({"peak_sigma": rng.uniform(0, 8, n)}, n)]}
+    base = {**C.thresholds_of(cfg), "min_peak_sigma": 7.5}  # e.g. calibration tightened it
+    grid = C.threshold_grid(real, nulls, cfg, base)
+    used = [g for g in grid if set(g["steps"].values()) == {0}]
+    assert len(used) == 1 and C.grid_thresholds(used[0], {}) == base
+    for name, _ in C.CRITERIA.values():
+        vals = sorted({g["thresholds"][name] for g in grid})
+        assert vals[0] < base[name] < vals[-1], (name, vals)  # looser and stricter than used
+        alone = [g for g in grid if g["steps"][name] != 0
+                 and sum(abs(k) for k in g["steps"].values()) == 1]
+        assert len(alone) == 2  # moved alone, both ways
+    assert len(grid) >= 1 + 2 * len(C.CRITERIA) + 2
+    assert any(g["in_band"] for g in grid) and not all(g["in_band"] for g in grid)
+    # Stricter never detects more.
+    strict = next(g for g in grid if set(g["steps"].values()) == {1})
+    loose = next(g for g in grid if set(g["steps"].values()) == {-1})
+    assert strict["real"] <= used[0]["real"] <= loose["real"]
+    assert C.stepped_thresholds(base, [1] * 9, 0.2)["min_invariance_corr"] < 1.0
+
+
 def test_coverage_numbers_on_constructed_orientations():
     neurons = [0.0, 20.0, 45.0, 90.0, 100.0, 180.0]
     features = [130.0, 150.0, 260.0, 10.0]

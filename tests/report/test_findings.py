@@ -72,6 +72,30 @@ def test_markdown_has_one_column_per_finding_with_units():
     assert by_key["copies"] == "3" and by_key["new"] == "–"
 
 
+CURVES = {"neurons": {"fdr": {"fdr": 0.0476, "fdr_upper95": 0.109}},
+          "features": {"n_shifted_copies": 1, "n_fills_gap": 0, "n_weight_copies": 4,
+                       "n_weight_new": 0, "new_fdr_random_directions_upper95": None,
+                       "functional": {"largest_gap_neurons_plus_all_deg": 40.0,
+                                      "largest_gap_neurons_plus_copies_deg": 45.0,
+                                      "largest_gap_neurons_plus_gap_fillers_deg": 50.0}}}
+
+
+def test_functional_and_weight_rules_and_the_fdr_bound_sit_side_by_side():
+    rec = record("t1", metrics("t1", "topk", 512, n_new=0, new_fdr=None))
+    rec.curves = CURVES
+    row = findings.findings_rows([rec])[0]
+    assert (row["copies"], row["shifted_copies"], row["weight_copies"]) == (3, 1, 4)
+    assert row["largest_gap_with_copies_deg"] == 45.0 and row["fills_gap"] == 0
+    by_key = dict(zip((k for k, _ in findings.FINDINGS_COLUMNS),
+                      findings.findings_markdown([row]).splitlines()[2].strip("| ").split(" | ")))
+    assert by_key["neuron_fdr"] == "0.0476" and by_key["neuron_fdr_upper95"] == "0.109"
+    assert by_key["new_fdr"] == "–" and by_key["new_fdr_upper95"] == "–"  # 0/0: no FDR
+    assert by_key["largest_gap_with_all_deg"] == "40°" and by_key["weight_new"] == "0"
+    # A run evaluated before the functional rule: its cells say "–", not 0.
+    old = findings.findings_rows([record("t0", metrics("t0", "topk", 512))])[0]
+    assert old["shifted_copies"] is None and old["neuron_fdr_upper95"] is None
+
+
 def test_write_findings_writes_json_and_markdown_beside_the_report(tmp_path):
     recs = [record("t1", metrics("t1", "topk", 512))]
     paths = findings.write_findings(recs, tmp_path)

@@ -65,7 +65,7 @@ def test_census_shows_counts_fdr_coverage_notes_new_features_and_figures():
     assert "new features in neuron gaps" in h and "neurons + new features" not in h
     assert ("criterion used: min_peak_sigma 5 (tightened to meet the FDR target); FDR ≤ 0.1 "
             "<b>not met</b>") in h
-    assert "across the 7 calibration-grid thresholds" in h and "neuron detectors 2–9" in h
+    assert "across the 7 threshold-band points (every criterion moved)" in h and "neuron detectors 2–9" in h
     assert "new SAE detectors 1–3" in h
     assert "input block conv2d0" in h and "shuffle 0" in h
     assert "<td>f5</td><td>150°</td>" in h

@@ -68,7 +68,8 @@ class NeuronCensusMemo:
         """What the neuron census depends on: the data behind the unit stats (`source`), the
         network's weights, the layer, the number of null seeds and every curves setting."""
         settings = to_plain(ccfg)
-        return (source, getattr(model, "weights_sha256", None), layer, n_seeds,
+        return (source, getattr(model, "weights_sha256", None), getattr(model, "plant_id", None),
+                layer, n_seeds,
                 json.dumps(settings, sort_keys=True, default=str))
 
     def get(self, key: tuple) -> NeuronCensus | None:

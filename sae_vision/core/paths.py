@@ -22,8 +22,11 @@ def cache_settings(cfg: Config, layer: str) -> dict:
         except ValueError:  # the source is gone: its cache can still be named by the path
             files = [{"path": str(Path(data["path"]).expanduser().resolve())}]
         return {"data": {"name": "array", "files": files}, "layer": layer, "dtype": cache["dtype"]}
+    ident = {k: model[k] for k in ("family", "name", "pretrained", "weights_path")}
+    if model.get("plant", {}).get("kind", "none") != "none":  # unplanted keys stay as they were
+        ident["plant"] = model["plant"]
     return {
-        "model": {k: model[k] for k in ("family", "name", "pretrained", "weights_path")},
+        "model": ident,
         "layer": layer,
         "data": {k: data[k] for k in ("name", "root", "urls", "image_size", "n_images",
                                       "min_scale", "max_scale", "seed")},

@@ -65,14 +65,14 @@ class LayerRotation(nn.Module):
         self.channels = channels
         self.detector = channels[0] if plant.kind == "hidden" else None
         self.plant_id = plant_id(plant)
-        self.register_buffer("rot_GG", rot.float(), persistent=False)
+        self.register_buffer("rot_GG", rot, persistent=False)  # float64: exact R^T R = I
         self.register_buffer("index", torch.tensor(channels), persistent=False)
 
     def matrix(self) -> torch.Tensor:
         """The full [D, D] orthogonal map (float64): identity outside the rotated channels."""
         full = torch.eye(self.dim, dtype=torch.float64)
         idx = torch.tensor(self.channels)
-        full[idx.unsqueeze(1), idx.unsqueeze(0)] = self.rot_GG.double().cpu()
+        full[idx.unsqueeze(1), idx.unsqueeze(0)] = self.rot_GG.cpu()
         return full
 
     def hidden_direction(self) -> torch.Tensor:

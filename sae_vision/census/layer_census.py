@@ -21,6 +21,7 @@ import torch
 from sae_vision.core import to_plain, write_json
 
 from . import stimuli as S
+from .controls import plant_control
 from .curves import (
     calibrate,
     count_detected,
@@ -262,6 +263,12 @@ def run_census(model, layer: str, cfg, inputs: CensusInputs | None = None,
                                   result["criterion"]["configured"], ccfg.min_gap_deg,
                                   *fc["band_args"], ccfg.cover_tolerance_deg)
         timings["features_s"] = time.perf_counter() - t0
+    control = plant_control(model, layer, ccfg, part, features, result.get("features"))
+    if control is not None:  # a planted positive control (model.plant)
+        result["control"] = control
+        say(f"[curves] control {control['kind']}: " + ", ".join(
+            f"{k} {control[k]}" for k in ("detector", "orientation_deg", "neuron_census_lost",
+                                          "found", "n_functional_copies") if k in control))
     neuron_deg = [d["preferred_orientation"] for d in part.neuron_det]
     cov = coverage(neuron_deg, new_deg, ccfg.min_gap_deg)
     cov["n_copy_detectors"] = len(copy_deg)

@@ -114,3 +114,18 @@ def test_bad_plants_are_one_error_naming_the_field(plant, family, fix):
     cfg.model.plant, cfg.model.family = plant, family
     with pytest.raises(ValueError, match=fix.replace(".", r"\.")):
         check_config(cfg)
+
+
+def test_evaluation_loads_the_plant_of_the_cache_the_sae_was_trained_on():
+    from sae_vision.sae.runs import model_config
+
+    cfg = Config()
+    cfg.model.plant = HIDDEN
+    settings = {"settings": {"model": {"family": "googlenet_bvlc", "name": "googlenet_bvlc",
+                                       "pretrained": True, "weights_path": None}}}
+    meta = {"settings": {"model": {**settings["settings"]["model"],
+                                   "plant": {"kind": "rotate", "layer": "mixed3b",
+                                             "channels": [], "angle_deg": 45.0, "seed": 2}}}}
+    assert model_config(cfg, meta).plant == PlantConfig(kind="rotate", seed=2)
+    # an unplanted cache evaluates on the unplanted network, whatever the command line says
+    assert model_config(cfg, settings).plant == PlantConfig()

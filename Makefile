@@ -63,7 +63,9 @@ study: setup ## The paper's findings on real ImageNet photos (../shared/data/ima
 # non-curve partner by 45° inside mixed3b (model.plant), chosen so the neuron census loses it;
 # `rotate` turns the whole layer. Per plant: its own cache (300 photos), TopK and ReLU-L1 (L0
 # steered to 32) at 4x, 400 steps, and the census without nulls (configured thresholds: on the
-# unplanted net they detect the same 14 neurons as the calibrated study).
+# unplanted net they detect the same 14 neurons as the calibrated study). Measured 2026-12-04:
+# ~15 min per plant at load 6-9 on the shared 2-core CPU (47 min for 2 plants + rotate), so ~90 min
+# for the default 5 plants + rotate.
 CONTROL_ROOT ?= artifacts/controls
 CONTROL_PLANTS ?= 324:41 66:114 408:85 326:313 321:67
 CONTROL_ARGS := experiment=imagenet_sample data.n_images=300 logger=disabled $(STUDY_DATA)

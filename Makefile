@@ -25,7 +25,7 @@ RUN := $(PY) run.py
 # `make study DATA_ROOT=/path/to/photos` points the study at another ImageNet folder.
 STUDY_DATA := $(if $(DATA_ROOT),data.root=$(DATA_ROOT),)
 
-.PHONY: help setup browser demo study test test-all reproduce bench gpu-bundle gpu-check lint format clean cache train evaluate report
+.PHONY: help setup browser demo study study-controls test test-all reproduce bench gpu-bundle gpu-check lint format clean cache train evaluate report
 
 help: ## Show this help (one line per target)
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -58,6 +58,31 @@ study: setup ## The paper's findings on real ImageNet photos (../shared/data/ima
 	$(RUN) experiment=imagenet_sample stage=evaluate $(STUDY_DATA) $(ARGS)
 	$(RUN) experiment=imagenet_sample stage=report $(STUDY_DATA) $(ARGS)
 	@echo "findings: artifacts/study/report/findings.md; report: artifacts/study/report/index.html"
+
+# Planted positive controls (issue 24): each hidden plant rotates a census detector with one
+# non-curve partner by 45° inside mixed3b (model.plant), chosen so the neuron census loses it;
+# `rotate` turns the whole layer. Per plant: its own cache (300 photos), TopK and ReLU-L1 (L0
+# steered to 32) at 4x, 400 steps, and the census without nulls (configured thresholds: on the
+# unplanted net they detect the same 14 neurons as the calibrated study). Measured 2026-12-04:
+# ~15 min per plant at load 6-9 on the shared 2-core CPU (47 min for 2 plants + rotate), so ~90 min
+# for the default 5 plants + rotate.
+CONTROL_ROOT ?= artifacts/controls
+CONTROL_PLANTS ?= 324:41 66:114 408:85 326:313 321:67
+CONTROL_ARGS := experiment=imagenet_sample data.n_images=300 logger=disabled $(STUDY_DATA)
+CONTROL_TRAIN := sae.arch=topk,relu_l1 sae.expansion=4 sae.l0_control=true train.n_steps=400 \
+	train.ckpt_every=400 'hydra.sweeper.params={}'
+CONTROL_EVAL := curves.n_null_seeds=0 eval.polysemantic=false eval.splice=false
+
+study-controls: setup ## Planted positive controls: hidden detectors + a rotated basis; sensitivity in artifacts/controls/controls.md (~2 h on 2 cores)
+	@set -e; for p in $(CONTROL_PLANTS) rotate; do \
+	  if [ $$p = rotate ]; then pl="model.plant.kind=rotate model.plant.seed=0"; \
+	  else pl="model.plant.kind=hidden model.plant.channels=[$${p/:/,}]"; fi; \
+	  root="paths.root=$(CONTROL_ROOT)/$${p/:/-}"; echo "== plant $$p"; \
+	  $(RUN) stage=cache $(CONTROL_ARGS) $$root $$pl $(ARGS); \
+	  $(RUN) -m stage=train $(CONTROL_ARGS) $$root $$pl $(CONTROL_TRAIN) $(ARGS); \
+	  $(RUN) stage=evaluate $(CONTROL_ARGS) $$root $$pl $(CONTROL_EVAL) $(ARGS); \
+	done
+	$(PY) -m sae_vision.report.controls $(CONTROL_ROOT)
 
 test: setup browser ## Fast test suite (real weights, real tars, real Hydra, W&B offline)
 	$(VENV)/bin/pytest -m "not slow" $(ARGS)

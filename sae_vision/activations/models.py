@@ -16,10 +16,19 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from sae_vision.core import ALL_LAYER_DIMS, MODELS, ModelConfig, check_layer
+from sae_vision.core import (
+    ALL_LAYER_DIMS,
+    MODELS,
+    ModelConfig,
+    PlantConfig,
+    check_layer,
+    check_plant,
+    to_plain,
+)
 
 from .devices import pick_device
 from .googlenet import caffe_key, make_googlenet, same_pads
+from .plant import LayerRotation
 from .weights import file_sha256, find_weights
 
 BVLC_MEAN_BGR = (104.0, 116.7, 122.7)
@@ -112,6 +121,8 @@ class VisionModel(nn.Module):
         self.weights_path = str(weights_path) if weights_path else None
         self.weights_sha256 = file_sha256(weights_path) if weights_path else None
         self._dims: dict[str, int] = {}  # probed timm channel counts
+        self.plant: LayerRotation | None = None  # the planted change of basis (install_plant)
+        self.plant_id: str | None = None  # its hash: part of the census memo key
 
     def preprocess(self, x_B3HW: torch.Tensor) -> torch.Tensor:
         """RGB in [0, 1] -> the network's own input convention (channel order, scale, mean)."""
@@ -174,6 +185,24 @@ class VisionModel(nn.Module):
             yield self
         finally:
             handle.remove()
+
+    def install_plant(self, plant: PlantConfig) -> None:
+        """Rotate `plant.layer`'s output by an orthogonal map (model.plant): every reader (cache,
+        splice, census, null networks copied from this model) sees y = R h; the next module of
+        the network gets R^T y back, so the logits do not change."""
+        if self.plant is not None:
+            raise ValueError("this model already carries a plant")
+        module = self._module(plant.layer)
+        names = list(self.net._modules)
+        path = self._paths[plant.layer]
+        if path not in names or names.index(path) + 1 >= len(names):
+            raise ValueError(f"model.plant.layer={plant.layer!r} is not a block or conv output "
+                             "of the network's main path; choose e.g. mixed3a or mixed3b")
+        nxt = self.net._modules[names[names.index(path) + 1]]
+        self.plant = LayerRotation(plant, self.layer_dim(plant.layer))
+        self.plant_id = self.plant.plant_id
+        module.register_forward_hook(self.plant.output_hook)
+        nxt.register_forward_pre_hook(self.plant.input_pre_hook)
 
     def layer_dim(self, layer: str) -> int:
         """Channels of `layer`: the Lucid table, or a probe pass for timm modules."""
@@ -269,5 +298,10 @@ def load_model(cfg: ModelConfig) -> VisionModel:
         raise ValueError(
             f"model.family={cfg.family!r} is not valid; choose one of {sorted(MODELS)}"
         )
+    plant = PlantConfig(**to_plain(cfg.plant))  # a dataclass or OmegaConf node: plain lists
+    check_plant(plant, cfg.family)
+    model = _BUILDERS[cfg.family](cfg)
+    if plant.kind != "none":
+        model.install_plant(plant)
     device = pick_device(cfg.device, "model.device")
-    return _BUILDERS[cfg.family](cfg).eval().requires_grad_(False).to(device)
+    return model.eval().requires_grad_(False).to(device)

@@ -21,6 +21,7 @@ import torch
 from sae_vision.core import to_plain, write_json
 
 from . import stimuli as S
+from .controls import plant_control
 from .curves import (
     calibrate,
     count_detected,
@@ -68,7 +69,8 @@ class NeuronCensusMemo:
         """What the neuron census depends on: the data behind the unit stats (`source`), the
         network's weights, the layer, the number of null seeds and every curves setting."""
         settings = to_plain(ccfg)
-        return (source, getattr(model, "weights_sha256", None), layer, n_seeds,
+        return (source, getattr(model, "weights_sha256", None), getattr(model, "plant_id", None),
+                layer, n_seeds,
                 json.dumps(settings, sort_keys=True, default=str))
 
     def get(self, key: tuple) -> NeuronCensus | None:
@@ -262,6 +264,12 @@ def run_census(model, layer: str, cfg, inputs: CensusInputs | None = None,
                                   result["criterion"]["used"], ccfg.min_gap_deg,
                                   tol=ccfg.cover_tolerance_deg, **fc["band_args"])
         timings["features_s"] = time.perf_counter() - t0
+    control = plant_control(model, layer, ccfg, part, features, result.get("features"))
+    if control is not None:  # a planted positive control (model.plant)
+        result["control"] = control
+        say(f"[curves] control {control['kind']}: " + ", ".join(
+            f"{k} {control[k]}" for k in ("detector", "orientation_deg", "neuron_census_lost",
+                                          "found", "n_functional_copies") if k in control))
     neuron_deg = [d["preferred_orientation"] for d in part.neuron_det]
     cov = coverage(neuron_deg, new_deg, ccfg.min_gap_deg)
     cov["n_copy_detectors"] = len(copy_deg)

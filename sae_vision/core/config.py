@@ -5,6 +5,10 @@ OmegaConf objects structured by them), so tests can build them directly without 
 Every `check_*` raises ValueError naming the field and the allowed values.
 """
 
+# long: one documented dataclass per config group (every field with its one-line doc, as STYLE.md
+# asks) and the checks that name those fields; splitting schema from checks would put the
+# allowed values of a field in a different file from the field.
+
 from __future__ import annotations
 
 import hashlib
@@ -74,6 +78,7 @@ STAGES = ("cache", "train", "evaluate", "report")
 LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 LOADER_MODES = ("auto", "memory", "stream")
+PLANTS = ("none", "hidden", "rotate")
 
 
 @dataclass
@@ -87,6 +92,15 @@ class StageConfig:
 
 
 @dataclass
+class PlantConfig:
+    kind: str = "none"  # none | hidden (a detector mixed with partners) | rotate (whole layer)
+    layer: str = "mixed3b"  # the rotated layer (a block or conv output of googlenet_bvlc)
+    channels: list[int] = field(default_factory=list)  # hidden: [detector, partner, ...]
+    angle_deg: float = 45.0  # hidden with one partner: the rotation angle (45: a 50/50 mix)
+    seed: int = 0  # the random orthogonal map (rotate, or hidden with 2+ partners)
+
+
+@dataclass
 class ModelConfig:
     family: str = "googlenet_bvlc"  # googlenet_bvlc | inceptionv1 (Lucent, inception5h) | timm
     name: str = "googlenet_bvlc"  # timm model name when family=timm; informational otherwise
@@ -95,6 +109,7 @@ class ModelConfig:
     weights_dir: str | None = None  # folder to search; falls back to $SAE_VISION_WEIGHTS_DIR
     allow_download: bool = True  # try the network when no local weights are found
     device: str = "auto"  # auto | cpu | cuda
+    plant: PlantConfig = field(default_factory=PlantConfig)  # planted control (README: Controls)
 
 
 @dataclass
@@ -437,6 +452,7 @@ def check_config(cfg: Config) -> None:
     """Validate every field that a typo or a bad value could break; raise ValueError."""
     _check_finite(cfg)
     _check_choices(cfg)
+    check_plant(cfg.model.plant, cfg.model.family)
     layers = list(cfg.cache.layers) if cfg.cache.layers else [cfg.layer.name]
     for name in layers:
         dim = check_layer(name, cfg.model.family)
@@ -490,6 +506,22 @@ def check_config(cfg: Config) -> None:
                 "sae.expansion / sae.n_features"
             )
     _check_data_source(cfg)
+
+
+def check_plant(plant: PlantConfig, family: str) -> None:
+    """Validate model.plant: kind, a Lucid layer of googlenet_bvlc, distinct in-range channels."""
+    _one_of("model.plant.kind", plant.kind, PLANTS)
+    if plant.kind == "none":
+        return
+    if family != "googlenet_bvlc":
+        raise ValueError(f"model.plant needs model.family=googlenet_bvlc, not {family!r}; drop "
+                         "the model.plant overrides")
+    dim = check_layer(plant.layer)
+    if plant.kind == "hidden":
+        ch = list(plant.channels)
+        if len(ch) < 2 or len(set(ch)) != len(ch) or not all(0 <= c < dim for c in ch):
+            raise ValueError(f"model.plant.channels={ch} must list 2+ distinct channels of "
+                             f"{plant.layer} (0..{dim - 1}): the detector first, then partners")
 
 
 def to_plain(cfg: Any) -> dict:

@@ -26,8 +26,11 @@ def cache_settings(cfg: Config, layer: str) -> dict:
                                      "min_scale", "max_scale", "seed")}
     if data.get("subset", "first") != "first":  # the default keeps earlier caches' names
         data_key["subset"] = data["subset"]
+    ident = {k: model[k] for k in ("family", "name", "pretrained", "weights_path")}
+    if model.get("plant", {}).get("kind", "none") != "none":  # unplanted keys stay as they were
+        ident["plant"] = model["plant"]
     return {
-        "model": {k: model[k] for k in ("family", "name", "pretrained", "weights_path")},
+        "model": ident,
         "layer": layer,
         "data": data_key,
         "sampling": {k: cache[k] for k in ("sampling", "n_per_image", "exclude_border")},

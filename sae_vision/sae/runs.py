@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from sae_vision.activations import split_shards
-from sae_vision.core import ALL_LAYER_DIMS, Config, DataConfig, ModelConfig, paths, to_plain
+from sae_vision.core import (
+    ALL_LAYER_DIMS,
+    Config,
+    DataConfig,
+    ModelConfig,
+    PlantConfig,
+    paths,
+    to_plain,
+)
 
 # The file names of a run folder: declared here once.
 WEIGHTS_FILE = "sae.safetensors"
@@ -230,10 +238,14 @@ def data_config(cache_meta: dict, fallback: DataConfig) -> DataConfig:
 
 def model_config(cfg: Config, cache_meta: dict) -> ModelConfig:
     """cfg.model with the network identity taken from the cache that the SAE was trained on."""
-    mc = ModelConfig(**{k: v for k, v in to_plain(cfg.model).items()
+    plain = to_plain(cfg.model)
+    plain["plant"] = PlantConfig(**plain.get("plant") or {})
+    mc = ModelConfig(**{k: v for k, v in plain.items()
                         if k in {f.name for f in dataclasses.fields(ModelConfig)}})
     rec = (cache_meta.get("settings") or {}).get("model") or {}
     ident = {k: rec[k] for k in ("family", "name", "pretrained", "weights_path") if k in rec}
+    if rec:  # the cache's plant (none when its settings name none), never the command line's
+        ident["plant"] = PlantConfig(**rec.get("plant") or {})
     if not ident and cache_meta.get("model") in ("googlenet_bvlc", "inceptionv1", "timm"):
         ident = {"family": cache_meta["model"], "name": cache_meta.get("model_name", mc.name)}
     return dataclasses.replace(mc, **ident)

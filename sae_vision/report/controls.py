@@ -1,0 +1,81 @@
+"""The planted positive controls' sensitivity: "the pipeline finds a hidden detector in X of N
+plants", per SAE arch, from the `control` records of every run's curves.json under a root
+(`make study-controls` writes one folder per plant there).
+
+    python -m sae_vision.report.controls artifacts/controls
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from sae_vision.core import write_json, write_text
+
+
+def control_rows(root: str | Path) -> list[dict]:
+    """One row per (plant, SAE run): the plant, whether the neuron census lost the detector,
+    and the SAE's best census feature for it."""
+    rows = []
+    for path in sorted(Path(root).glob("*/sae/*/eval/curves.json")):
+        res = json.loads(path.read_text())
+        ctl = res.get("control")
+        if not ctl or ctl.get("kind") != "hidden":
+            continue
+        metrics = path.parent / "metrics.json"
+        arch = json.loads(metrics.read_text()).get("arch") if metrics.exists() else None
+        best = ctl.get("best_feature") or {}
+        rows.append({
+            "plant": path.parents[3].name, "run": path.parents[1].name, "arch": arch,
+            "detector": ctl["detector"], "partners": ctl["partners"],
+            "orientation_deg": ctl["orientation_deg"],
+            "neuron_census_lost": ctl["neuron_census_lost"],
+            "gap_at_detector_deg": ctl["gap_at_detector_deg"],
+            "found": ctl["found"], "best_feature": best.get("feature"),
+            "orientation_diff_deg": best.get("orientation_diff_deg"),
+            "corr_battery": best.get("corr_battery"), "weight_class": best.get("weight_class"),
+            "best_any_corr": (ctl.get("best_any_feature") or {}).get("corr_battery"),
+        })
+    return rows
+
+
+def sensitivity(rows: list[dict]) -> dict:
+    """Per arch: plants run, plants whose detector the neuron census lost, and of those, how
+    many the SAE found (the sensitivity counts only plants that left a real gap)."""
+    out: dict = {}
+    for r in rows:
+        s = out.setdefault(r["arch"] or "?", {"n_plants": 0, "n_lost": 0, "n_found": 0})
+        s["n_plants"] += 1
+        s["n_lost"] += bool(r["neuron_census_lost"])
+        s["n_found"] += bool(r["neuron_census_lost"] and r["found"])
+    for s in out.values():
+        s["line"] = (f"finds a hidden two-channel detector in {s['n_found']} of {s['n_lost']} "
+                     f"plants the neuron census lost ({s['n_plants']} planted)")
+    return out
+
+
+def _markdown(rows: list[dict], sens: dict) -> str:
+    cols = ["plant", "arch", "detector", "partners", "orientation_deg", "neuron_census_lost",
+            "found", "best_feature", "orientation_diff_deg", "corr_battery", "weight_class",
+            "best_any_corr"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("–" if r[c] is None else str(r[c]) for c in cols) + " |"
+              for r in rows]
+    lines += [""] + [f"- {arch}: {s['line']}" for arch, s in sorted(sens.items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_controls(root: str | Path) -> dict:
+    """Write <root>/controls.json and controls.md; return {"rows", "sensitivity"}."""
+    rows = control_rows(root)
+    out = {"rows": rows, "sensitivity": sensitivity(rows)}
+    write_json(Path(root) / "controls.json", out)
+    write_text(Path(root) / "controls.md", _markdown(rows, out["sensitivity"]))
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m sae_vision.report.controls ROOT")
+    print(_markdown(*write_controls(sys.argv[1]).values()), end="")

@@ -78,12 +78,18 @@ def _best(detected: list[dict], corr: np.ndarray, theta: float, tol: float) -> d
     d = max(detected, key=lambda r: corr[r["unit"]])
     nov = d.get("novelty") or {}
     dtheta = float(circ_diff(d["preferred_orientation"], theta))
+    found = bool(dtheta <= tol and corr[d["unit"]] >= FOUND_MIN_CORR)
     return {"feature": int(d["unit"]), "orientation_deg": d["preferred_orientation"],
             "orientation_diff_deg": dtheta, "corr_battery": round(float(corr[d["unit"]]), 4),
-            "weight_class": nov.get("class"),
+            "class": nov.get("class"), "weight_class": nov.get("weight_class"),
+            "fills_gap": nov.get("fills_gap"),
             "decoder_top_neurons": (nov.get("decoder") or {}).get("top_neurons"),
             "decoder_top_shares": (nov.get("decoder") or {}).get("top_shares"),
-            "found": bool(dtheta <= tol and corr[d["unit"]] >= FOUND_MIN_CORR)}
+            "found": found,
+            # what the study's verdict needs: found, and the census calls it a new detector
+            # that fills a gap (the functional rule of census/novelty.py)
+            "found_new_gap_filling": bool(found and nov.get("class") == "new"
+                                          and nov.get("fills_gap"))}
 
 
 def control_vectors(model, layer: str, part: NeuronCensus, features) -> torch.Tensor:
@@ -130,6 +136,8 @@ def plant_control(model, layer: str, ccfg, part: NeuronCensus, features,
             out["best_any_feature"] = {"feature": best_any,
                                        "corr_battery": round(float(corr[best_any]), 4)}
             out["found"] = bool(out["best_feature"] and out["best_feature"]["found"])
+            out["found_new_gap_filling"] = bool(out["best_feature"]
+                                                and out["best_feature"]["found_new_gap_filling"])
         return out
     if f_resp is not None and features_result is not None:
         h = acts.double().numpy() @ plant.matrix().numpy()  # h = R^T y, row-wise
@@ -138,8 +146,10 @@ def plant_control(model, layer: str, ccfg, part: NeuronCensus, features,
             c = _corr_cols(h, f_resp[:, d["unit"]])
             n = int(np.argmax(c))
             rows.append({"feature": int(d["unit"]), "neuron": n, "corr_battery": round(float(
-                c[n]), 4), "weight_class": (d.get("novelty") or {}).get("class")})
+                c[n]), 4), "class": (d.get("novelty") or {}).get("class"),
+                "weight_class": (d.get("novelty") or {}).get("weight_class")})
         out["features"] = rows
         out["n_functional_copies"] = sum(r["corr_battery"] >= FOUND_MIN_CORR for r in rows)
         out["n_weight_copies"] = sum(r["weight_class"] == "copy" for r in rows)
+        out["n_census_copies"] = sum(r["class"] in ("copy", "shifted copy") for r in rows)
     return out

@@ -34,7 +34,9 @@ def control_rows(root: str | Path) -> list[dict]:
             "gap_at_detector_deg": ctl["gap_at_detector_deg"],
             "found": ctl["found"], "best_feature": best.get("feature"),
             "orientation_diff_deg": best.get("orientation_diff_deg"),
-            "corr_battery": best.get("corr_battery"), "weight_class": best.get("weight_class"),
+            "corr_battery": best.get("corr_battery"), "class": best.get("class"),
+            "weight_class": best.get("weight_class"), "fills_gap": best.get("fills_gap"),
+            "found_new_gap_filling": ctl.get("found_new_gap_filling"),
             "best_any_corr": (ctl.get("best_any_feature") or {}).get("corr_battery"),
         })
     return rows
@@ -45,20 +47,24 @@ def sensitivity(rows: list[dict]) -> dict:
     many the SAE found (the sensitivity counts only plants that left a real gap)."""
     out: dict = {}
     for r in rows:
-        s = out.setdefault(r["arch"] or "?", {"n_plants": 0, "n_lost": 0, "n_found": 0})
+        s = out.setdefault(r["arch"] or "?", {"n_plants": 0, "n_lost": 0, "n_found": 0,
+                                              "n_found_new_gap_filling": 0})
         s["n_plants"] += 1
         s["n_lost"] += bool(r["neuron_census_lost"])
         s["n_found"] += bool(r["neuron_census_lost"] and r["found"])
+        s["n_found_new_gap_filling"] += bool(r["neuron_census_lost"]
+                                             and r.get("found_new_gap_filling"))
     for s in out.values():
         s["line"] = (f"finds a hidden two-channel detector in {s['n_found']} of {s['n_lost']} "
-                     f"plants the neuron census lost ({s['n_plants']} planted)")
+                     f"plants the neuron census lost ({s['n_plants']} planted); the census "
+                     f"calls it new and gap-filling in {s['n_found_new_gap_filling']}")
     return out
 
 
 def _markdown(rows: list[dict], sens: dict) -> str:
     cols = ["plant", "arch", "detector", "partners", "orientation_deg", "neuron_census_lost",
-            "found", "best_feature", "orientation_diff_deg", "corr_battery", "weight_class",
-            "best_any_corr"]
+            "found", "best_feature", "orientation_diff_deg", "corr_battery", "class",
+            "weight_class", "fills_gap", "found_new_gap_filling", "best_any_corr"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("–" if r[c] is None else str(r[c]) for c in cols) + " |"
               for r in rows]

@@ -53,6 +53,9 @@ def test_hidden_detector_is_lost_by_the_neuron_census_and_found_by_its_direction
     best = ctl["best_feature"]
     assert ctl["found"] and best["feature"] == 0 and best["corr_battery"] > 0.999
     assert best["orientation_diff_deg"] == 0.0 and best["weight_class"] == "new"
+    # the functional rule agrees: no single channel responds like it on the battery
+    assert best["class"] == "new"
+    assert ctl["found_new_gap_filling"] == bool(best["fills_gap"])
     assert sorted(best["decoder_top_shares"][:2]) == pytest.approx([0.5, 0.5], abs=1e-3)
     assert json.dumps(res)
 

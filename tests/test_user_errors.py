@@ -110,6 +110,44 @@ def test_cache_verify_rewrites_exactly_the_damaged_shards_byte_for_byte(clean_ca
     assert "rewriting" not in out.stdout
 
 
+def test_a_member_forged_together_with_the_metadata_is_rebuilt_by_the_advised_verify(
+        clean_cache, root):
+    d, clean = cache_dir_of(root), cache_dir_of(clean_cache)
+    plant_member(d / "shard-000001.tar", "000001-00000.txt", b"forged")
+    rehash(d, "shard-000001.tar")  # sidecar and metadata.json agree with the forged tar
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert_user_error(out, "shard-000001.tar", "000001-00000.txt", "cache.verify=true")
+    # The advised command, then the original one: the pair succeeds.
+    out = cli("stage=cache", "cache.verify=true", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "shard-000001.tar is holding a member 000001-00000.txt" in out.stdout, out.stdout
+    for name in sorted(p.name for p in clean.iterdir()):
+        if name != "metadata.json":
+            assert (d / name).read_bytes() == (clean / name).read_bytes(), name
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_metadata_whose_settings_do_not_produce_its_key_is_rebuilt_by_verify(clean_cache, root):
+    import json
+
+    d, clean = cache_dir_of(root), cache_dir_of(clean_cache)
+    meta = json.loads((d / "metadata.json").read_text())
+    meta["settings"]["seed"] += 1  # settings of another cache, under this cache's key
+    (d / "metadata.json").write_text(json.dumps(meta))
+    out = cli("stage=cache", "cache.verify=true", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "do not produce its key" in out.stdout and "verified" not in out.stdout, out.stdout
+    for name in sorted(p.name for p in clean.iterdir()):
+        if name != "metadata.json":
+            assert (d / name).read_bytes() == (clean / name).read_bytes(), name
+    assert json.loads((d / "metadata.json").read_text())["settings"] == json.loads(
+        (clean / "metadata.json").read_text())["settings"]
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------------------
 # 3. A cache with no vectors is an error
 

@@ -333,6 +333,12 @@ def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]
     cheap checks run (present, size, sidecar agrees)."""
     bad = []
     for d in dirs.values():
+        distrust = _untrusted_metadata(d) if full and (d / METADATA).exists() else None
+        if distrust:  # nothing it records can be relied on: every shard is rebuilt
+            bad.append((d / METADATA, distrust))
+            bad += [(tar, "listed by an untrusted metadata.json")
+                    for tar in sorted(d.glob("shard-*.tar"))]
+            continue
         if (d / METADATA).exists():
             entries = load_cache_meta(d)["shards"]
         elif full:  # an unfinished cache: its complete shards are checked against their sidecars
@@ -352,6 +358,22 @@ def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]
             if problem:
                 bad.append((d / entry["name"], problem))
     return bad
+
+
+def _untrusted_metadata(cache_dir: Path) -> str | None:
+    """Why a finished cache's metadata.json cannot be trusted (unreadable, or its recorded
+    settings do not produce its own key), or None."""
+    try:
+        meta = load_cache_meta(cache_dir)
+        settings, key = meta.get("settings"), meta.get("key")
+        if settings is None and key is None:
+            return None  # written before caches recorded their settings
+        if not isinstance(settings, dict) or paths.key_of_settings(settings) != key:
+            return (f"untrusted: its recorded settings do not produce its key {key!r}; "
+                    "rebuilding the cache from the images")
+    except (CacheError, KeyError, TypeError, ValueError) as e:
+        return f"untrusted ({e}); rebuilding the cache from the images"
+    return None
 
 
 def _refuse_empty(cache_dir: Path, meta: dict) -> None:

@@ -307,6 +307,8 @@ def shard_problem(cache_dir: str | os.PathLike, entry: dict, full: bool = True) 
     p = Path(cache_dir) / entry["name"]
     if not p.exists():
         return "missing"
+    if not p.is_file():  # a FIFO or a link to a device would block or never end a read
+        return "not a regular file"
     size, want = p.stat().st_size, entry["bytes"]
     if size != want:
         return f"{'truncated' if size < want else 'grown'} ({size} bytes, {want} recorded)"
@@ -319,6 +321,23 @@ def shard_problem(cache_dir: str | os.PathLike, entry: dict, full: bool = True) 
         return f"at odds with its sidecar {side.name}"
     if full and sha256_file(p) != entry["sha256"]:
         return "corrupt (its sha256 is not the recorded one)"
+    if full:
+        return foreign_member(p)
+    return None
+
+
+def foreign_member(path: str | os.PathLike) -> str | None:
+    """What a shard holds that this cache never writes (a member other than MEMBERS, or a link
+    or folder), or None. Reads the tar headers only: nothing is decoded."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                ext = m.name.rsplit("/", 1)[-1].split(".", 1)[-1]
+                if not m.isfile() or ext not in MEMBERS:
+                    return (f"holding a member {m.name} that this cache never writes "
+                            f"(only {', '.join(MEMBERS)})")
+    except (tarfile.TarError, OSError) as e:
+        return f"not a readable tar ({type(e).__name__}: {e})"
     return None
 
 

@@ -218,6 +218,28 @@ def test_evaluate_never_falls_back_to_a_checkpoint_and_the_advised_train_rerun_r
     assert f"loading {weights} (step" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
+def test_a_moved_artifacts_folder_evaluates_and_reports_as_before(run_root, tmp_path):
+    import json
+
+    root, run_dir = run_root
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    moved = tmp_path / "moved"
+    root.rename(moved)  # the old absolute paths no longer exist
+    out = cli("stage=evaluate", f"paths.root={moved}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = json.loads((moved / "sae" / run_dir.name / "eval" / "metrics.json").read_text())
+    assert after["reconstruction"] == before["reconstruction"], (after, before)
+    assert after["reconstruction"]["fvu"] is not None
+    assert after["cache_dir"].startswith(str(moved))
+    out = cli("stage=report", f"paths.root={moved}", *TINY, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipping run" not in out.stderr, out.stderr[-3000:]
+    assert run_dir.name in (moved / "report" / "index.html").read_text()
+
+
 def test_run_name_reused_with_other_settings_is_an_error_naming_the_key(run_root):
     root, run_dir = run_root
     out = cli("stage=train", f"paths.root={root}", f"train.run_name={run_dir.name}",

@@ -285,6 +285,43 @@ def test_read_only_artifacts_give_the_real_error_not_a_cleanup_failure(run_root,
     assert_user_error(out, "cannot create the run folder", "not writable")
 
 
+@pytest.fixture
+def full_disk():
+    """make(folder): a 16 KiB tmpfs mounted on `folder` (as root), so writes there fill it."""
+    mounts = []
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0 or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)],
+                capture_output=True).returncode:
+            pytest.skip("cannot mount a small tmpfs here")
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in reversed(mounts):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["train", "evaluate", "report"])
+def test_disk_full_is_one_error_line_and_loses_nothing(stage, run_root, full_disk):
+    root, run_dir = run_root
+    if stage == "train":
+        shutil.rmtree(root / "sae")
+        full = full_disk(root / "sae")
+    else:
+        full = full_disk(run_dir / "eval" if stage == "evaluate" else root / "report")
+    weights = None if stage == "train" else (run_dir / "sae.safetensors").read_bytes()
+    out = cli(f"stage={stage}", f"paths.root={root}", *TINY, timeout=600)
+    assert_user_error(out, "No space left on device", "free space")
+    # Nothing half-written is left behind, and the run's weights are as they were.
+    assert not [p for p in full.rglob("*") if ".tmp" in p.name], list(full.rglob("*"))
+    if weights is not None:
+        assert (run_dir / "sae.safetensors").read_bytes() == weights
+
+
 def test_report_skips_a_broken_run_folder_with_a_warning_and_builds_the_rest(run_root):
     root, run_dir = run_root
     good = run_dir.with_name(run_dir.name + "-copy")

@@ -42,6 +42,7 @@ from .shards import (
     ShardWriter,
     finalize_cache,
     load_cache_meta,
+    read_json_file,
     shard_complete,
     shard_name,
     shard_problem,
@@ -345,7 +346,7 @@ def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]
             entries = []
             for side in sorted(d.glob("shard-*.json")):
                 try:
-                    entries.append(json.loads(side.read_text()))
+                    entries.append(read_json_file(side))
                 except (OSError, ValueError):
                     bad.append((side.with_suffix(".tar"), f"without a readable sidecar {side.name}"))
             entries = [e for e in entries if shard_complete(d, e["index"])]

@@ -148,6 +148,21 @@ def test_metadata_whose_settings_do_not_produce_its_key_is_rebuilt_by_verify(cle
     assert out.returncode == 0, out.stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_a_fifo_in_place_of_a_shard_is_named_and_the_advised_verify_rebuilds_it(clean_cache,
+                                                                                root):
+    d, clean = cache_dir_of(root), cache_dir_of(clean_cache)
+    (d / "shard-000002.tar").unlink()
+    os.mkfifo(d / "shard-000002.tar")
+    out = cli("stage=train", f"paths.root={root}", *TINY, timeout=120)
+    assert_user_error(out, "shard-000002.tar is not a regular file", "cache.verify=true")
+    out = cli("stage=cache", "cache.verify=true", f"paths.root={root}", *TINY, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (d / "shard-000002.tar").read_bytes() == (clean / "shard-000002.tar").read_bytes()
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------------------
 # 3. A cache with no vectors is an error
 
@@ -238,6 +253,33 @@ def test_a_moved_artifacts_folder_evaluates_and_reports_as_before(run_root, tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     assert "skipping run" not in out.stderr, out.stderr[-3000:]
     assert run_dir.name in (moved / "report" / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_two_evaluations_of_one_run_at_once_one_refuses_and_the_results_are_intact(run_root):
+    import json
+
+    from sae_vision.core import io
+
+    root, run_dir = run_root
+    held = io.try_lock(run_dir / "eval.lock")  # a live evaluation of this run
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    held.release()
+    assert_user_error(out, f"run {run_dir} is being evaluated by another live process",
+                      f"pid {os.getpid()}")
+    assert not (run_dir / "eval").exists()
+    # Two real processes at once: each finishes or refuses with that line; the files are whole.
+    args = [sys.executable, "run.py", "stage=evaluate", f"paths.root={root}", *TINY]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert any(rc == 0 for rc, _ in outs), outs
+    for rc, err in outs:
+        assert rc == 0 or (rc == 2 and "is being evaluated by another live process" in err), err
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["reconstruction"]["fvu"] is not None
+    assert not list((run_dir / "eval").glob("*.tmp*")) and not (run_dir / "eval.lock").exists()
 
 
 def test_run_name_reused_with_other_settings_is_an_error_naming_the_key(run_root):

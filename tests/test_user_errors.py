@@ -110,6 +110,59 @@ def test_cache_verify_rewrites_exactly_the_damaged_shards_byte_for_byte(clean_ca
     assert "rewriting" not in out.stdout
 
 
+def test_a_member_forged_together_with_the_metadata_is_rebuilt_by_the_advised_verify(
+        clean_cache, root):
+    d, clean = cache_dir_of(root), cache_dir_of(clean_cache)
+    plant_member(d / "shard-000001.tar", "000001-00000.txt", b"forged")
+    rehash(d, "shard-000001.tar")  # sidecar and metadata.json agree with the forged tar
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert_user_error(out, "shard-000001.tar", "000001-00000.txt", "cache.verify=true")
+    # The advised command, then the original one: the pair succeeds.
+    out = cli("stage=cache", "cache.verify=true", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "shard-000001.tar is holding a member 000001-00000.txt" in out.stdout, out.stdout
+    for name in sorted(p.name for p in clean.iterdir()):
+        if name != "metadata.json":
+            assert (d / name).read_bytes() == (clean / name).read_bytes(), name
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_metadata_whose_settings_do_not_produce_its_key_is_rebuilt_by_verify(clean_cache, root):
+    import json
+
+    d, clean = cache_dir_of(root), cache_dir_of(clean_cache)
+    meta = json.loads((d / "metadata.json").read_text())
+    meta["settings"]["seed"] += 1  # settings of another cache, under this cache's key
+    (d / "metadata.json").write_text(json.dumps(meta))
+    out = cli("stage=cache", "cache.verify=true", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "do not produce its key" in out.stdout and "verified" not in out.stdout, out.stdout
+    for name in sorted(p.name for p in clean.iterdir()):
+        if name != "metadata.json":
+            assert (d / name).read_bytes() == (clean / name).read_bytes(), name
+    assert json.loads((d / "metadata.json").read_text())["settings"] == json.loads(
+        (clean / "metadata.json").read_text())["settings"]
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_fifo_in_place_of_a_shard_is_named_and_the_advised_verify_rebuilds_it(clean_cache,
+                                                                                root):
+    d, clean = cache_dir_of(root), cache_dir_of(clean_cache)
+    (d / "shard-000002.tar").unlink()
+    os.mkfifo(d / "shard-000002.tar")
+    out = cli("stage=train", f"paths.root={root}", *TINY, timeout=120)
+    assert_user_error(out, "shard-000002.tar is not a regular file", "cache.verify=true")
+    out = cli("stage=cache", "cache.verify=true", f"paths.root={root}", *TINY, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (d / "shard-000002.tar").read_bytes() == (clean / "shard-000002.tar").read_bytes()
+    out = cli("stage=train", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 # --------------------------------------------------------------------------------------------
 # 3. A cache with no vectors is an error
 
@@ -180,6 +233,55 @@ def test_evaluate_never_falls_back_to_a_checkpoint_and_the_advised_train_rerun_r
     assert f"loading {weights} (step" in out.stdout + out.stderr
 
 
+@pytest.mark.slow
+def test_a_moved_artifacts_folder_evaluates_and_reports_as_before(run_root, tmp_path):
+    import json
+
+    root, run_dir = run_root
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    before = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    moved = tmp_path / "moved"
+    root.rename(moved)  # the old absolute paths no longer exist
+    out = cli("stage=evaluate", f"paths.root={moved}", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    after = json.loads((moved / "sae" / run_dir.name / "eval" / "metrics.json").read_text())
+    assert after["reconstruction"] == before["reconstruction"], (after, before)
+    assert after["reconstruction"]["fvu"] is not None
+    assert after["cache_dir"].startswith(str(moved))
+    out = cli("stage=report", f"paths.root={moved}", *TINY, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "skipping run" not in out.stderr, out.stderr[-3000:]
+    assert run_dir.name in (moved / "report" / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_two_evaluations_of_one_run_at_once_one_refuses_and_the_results_are_intact(run_root):
+    import json
+
+    from sae_vision.core import io
+
+    root, run_dir = run_root
+    held = io.try_lock(run_dir / "eval.lock")  # a live evaluation of this run
+    out = cli("stage=evaluate", f"paths.root={root}", *TINY)
+    held.release()
+    assert_user_error(out, f"run {run_dir} is being evaluated by another live process",
+                      f"pid {os.getpid()}")
+    assert not (run_dir / "eval").exists()
+    # Two real processes at once: each finishes or refuses with that line; the files are whole.
+    args = [sys.executable, "run.py", "stage=evaluate", f"paths.root={root}", *TINY]
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert any(rc == 0 for rc, _ in outs), outs
+    for rc, err in outs:
+        assert rc == 0 or (rc == 2 and "is being evaluated by another live process" in err), err
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert metrics["reconstruction"]["fvu"] is not None
+    assert not list((run_dir / "eval").glob("*.tmp*")) and not (run_dir / "eval.lock").exists()
+
+
 def test_run_name_reused_with_other_settings_is_an_error_naming_the_key(run_root):
     root, run_dir = run_root
     out = cli("stage=train", f"paths.root={root}", f"train.run_name={run_dir.name}",
@@ -223,6 +325,43 @@ def test_read_only_artifacts_give_the_real_error_not_a_cleanup_failure(run_root,
     # Everything read-only: Hydra's run folder is refused before Hydra tries to create it.
     out = cli("stage=evaluate", f"paths.root={ro}", *TINY)
     assert_user_error(out, "cannot create the run folder", "not writable")
+
+
+@pytest.fixture
+def full_disk():
+    """make(folder): a 16 KiB tmpfs mounted on `folder` (as root), so writes there fill it."""
+    mounts = []
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0 or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(folder)],
+                capture_output=True).returncode:
+            pytest.skip("cannot mount a small tmpfs here")
+        mounts.append(folder)
+        return folder
+
+    yield make
+    for folder in reversed(mounts):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["train", "evaluate", "report"])
+def test_disk_full_is_one_error_line_and_loses_nothing(stage, run_root, full_disk):
+    root, run_dir = run_root
+    if stage == "train":
+        shutil.rmtree(root / "sae")
+        full = full_disk(root / "sae")
+    else:
+        full = full_disk(run_dir / "eval" if stage == "evaluate" else root / "report")
+    weights = None if stage == "train" else (run_dir / "sae.safetensors").read_bytes()
+    out = cli(f"stage={stage}", f"paths.root={root}", *TINY, timeout=600)
+    assert_user_error(out, "No space left on device", "free space")
+    # Nothing half-written is left behind, and the run's weights are as they were.
+    assert not [p for p in full.rglob("*") if ".tmp" in p.name], list(full.rglob("*"))
+    if weights is not None:
+        assert (run_dir / "sae.safetensors").read_bytes() == weights
 
 
 def test_report_skips_a_broken_run_folder_with_a_warning_and_builds_the_rest(run_root):

@@ -42,6 +42,7 @@ from .shards import (
     ShardWriter,
     finalize_cache,
     load_cache_meta,
+    read_json_file,
     shard_complete,
     shard_name,
     shard_problem,
@@ -389,13 +390,19 @@ def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]
     cheap checks run (present, size, sidecar agrees)."""
     bad = []
     for d in dirs.values():
+        distrust = _untrusted_metadata(d) if full and (d / METADATA).exists() else None
+        if distrust:  # nothing it records can be relied on: every shard is rebuilt
+            bad.append((d / METADATA, distrust))
+            bad += [(tar, "listed by an untrusted metadata.json")
+                    for tar in sorted(d.glob("shard-*.tar"))]
+            continue
         if (d / METADATA).exists():
             entries = load_cache_meta(d)["shards"]
         elif full:  # an unfinished cache: its complete shards are checked against their sidecars
             entries = []
             for side in sorted(d.glob("shard-*.json")):
                 try:
-                    entries.append(json.loads(side.read_text()))
+                    entries.append(read_json_file(side))
                 except (OSError, ValueError):
                     bad.append((side.with_suffix(".tar"), f"without a readable sidecar {side.name}"))
             entries = [e for e in entries if shard_complete(d, e["index"])]
@@ -408,6 +415,22 @@ def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]
             if problem:
                 bad.append((d / entry["name"], problem))
     return bad
+
+
+def _untrusted_metadata(cache_dir: Path) -> str | None:
+    """Why a finished cache's metadata.json cannot be trusted (unreadable, or its recorded
+    settings do not produce its own key), or None."""
+    try:
+        meta = load_cache_meta(cache_dir)
+        settings, key = meta.get("settings"), meta.get("key")
+        if settings is None and key is None:
+            return None  # written before caches recorded their settings
+        if not isinstance(settings, dict) or paths.key_of_settings(settings) != key:
+            return (f"untrusted: its recorded settings do not produce its key {key!r}; "
+                    "rebuilding the cache from the images")
+    except (CacheError, KeyError, TypeError, ValueError) as e:
+        return f"untrusted ({e}); rebuilding the cache from the images"
+    return None
 
 
 def _refuse_empty(cache_dir: Path, meta: dict) -> None:

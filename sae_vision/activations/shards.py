@@ -143,6 +143,15 @@ class ShardWriter:
         self._pending.abort()
 
 
+def read_json_file(path: str | os.PathLike):
+    """A JSON file's content; a FIFO or device in its place is a ValueError, never a read that
+    blocks or never ends."""
+    p = Path(path)
+    if p.exists() and not p.is_file():
+        raise ValueError(f"{p} is not a regular file")
+    return json.loads(p.read_text())
+
+
 def shard_complete(cache_dir: str | os.PathLike, index: int) -> bool:
     """A shard counts only when its sidecar exists and the tar has the recorded size."""
     d = Path(cache_dir)
@@ -151,8 +160,8 @@ def shard_complete(cache_dir: str | os.PathLike, index: int) -> bool:
     if not side.exists() or not tar.exists():
         return False
     try:
-        info = json.loads(side.read_text())
-    except (json.JSONDecodeError, OSError):
+        info = read_json_file(side)
+    except (ValueError, OSError):
         return False
     return tar.stat().st_size == info.get("bytes")
 
@@ -268,6 +277,9 @@ def load_cache_meta(cache_dir: str | os.PathLike, expect: dict | None = None) ->
                 if partial else "run `python run.py stage=cache` with the same model/layer/data "
                 "settings first")
         raise CacheError(f"no complete activation cache at {d}: {hint}")
+    if not path.is_file():
+        raise CacheError(f"{path} is not a regular file (a FIFO, device or folder); delete it "
+                         "and rerun stage=cache")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -307,18 +319,37 @@ def shard_problem(cache_dir: str | os.PathLike, entry: dict, full: bool = True) 
     p = Path(cache_dir) / entry["name"]
     if not p.exists():
         return "missing"
+    if not p.is_file():  # a FIFO or a link to a device would block or never end a read
+        return "not a regular file"
     size, want = p.stat().st_size, entry["bytes"]
     if size != want:
         return f"{'truncated' if size < want else 'grown'} ({size} bytes, {want} recorded)"
     side = p.with_suffix(".json")
     try:
-        info = json.loads(side.read_text())
+        info = read_json_file(side)
     except (OSError, ValueError):
         return f"without a readable sidecar {side.name}"
     if info.get("sha256") != entry["sha256"] or info.get("bytes") != want:
         return f"at odds with its sidecar {side.name}"
     if full and sha256_file(p) != entry["sha256"]:
         return "corrupt (its sha256 is not the recorded one)"
+    if full:
+        return foreign_member(p)
+    return None
+
+
+def foreign_member(path: str | os.PathLike) -> str | None:
+    """What a shard holds that this cache never writes (a member other than MEMBERS, or a link
+    or folder), or None. Reads the tar headers only: nothing is decoded."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                ext = m.name.rsplit("/", 1)[-1].split(".", 1)[-1]
+                if not m.isfile() or ext not in MEMBERS:
+                    return (f"holding a member {m.name} that this cache never writes "
+                            f"(only {', '.join(MEMBERS)})")
+    except (tarfile.TarError, OSError) as e:
+        return f"not a readable tar ({type(e).__name__}: {e})"
     return None
 
 

@@ -42,7 +42,12 @@ def cache_settings(cfg: Config, layer: str) -> dict:
 
 def cache_key(cfg: Config, layer: str) -> str:
     """`<layer>-<hash>`: readable, and unique per content-changing setting."""
-    return f"{layer}-{content_hash(cache_settings(cfg, layer))}"
+    return key_of_settings(cache_settings(cfg, layer))
+
+
+def key_of_settings(settings: dict) -> str:
+    """The cache key that `settings` (as cache_settings returns them) produce."""
+    return f"{settings['layer']}-{content_hash(settings)}"
 
 
 def cache_dir(cfg: Config, layer: str | None = None) -> Path:

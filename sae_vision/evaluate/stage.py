@@ -18,7 +18,8 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from sae_vision.core import (
     Tracker,
     disabled,
     drop_stale_tmp,
+    io,
     paths,
     plots,
     to_json,
@@ -46,6 +48,7 @@ from sae_vision.sae import (
     SUMMARY_DIR,
     WEIGHTS_FILE,
     RunInfo,
+    RunLocked,
     check_dims,
     check_weights,
     model_config,
@@ -218,6 +221,22 @@ def _splice(cfg: Config, session: _Session, mc: ModelConfig, sae, info: RunInfo,
     spl = splice_metrics(model, sae, info.layer, images, mean_C, ev.splice_batch_size,
                          session.baselines[base_key])
     return {**spl, "images": how, "image_ids": ids}
+
+
+@contextmanager
+def evaluating(run_dir: Path) -> Iterator[None]:
+    """Hold the run's evaluation lock (eval.lock beside eval/): a second evaluation of the same
+    run at once is refused, naming the live one, so neither overwrites the other's files."""
+    lock_path = run_dir / "eval.lock"
+    lock = io.try_lock(lock_path)
+    if lock is None:
+        raise RunLocked(f"run {run_dir} is being evaluated by another live process "
+                        f"({io.holder_of(lock_path) or 'unknown process'}); wait for it to "
+                        "finish and read its results in eval/, or rerun then")
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session,
@@ -467,8 +486,9 @@ def run(cfg: Config, tracker: Tracker | None = None,
         key = str(run_dir.resolve().relative_to(root)) if run_dir.resolve().is_relative_to(
             root) else run_dir.name
         prefix = "eval/" if single else f"eval/{key}/"
-        m = evaluate_run(run_dir, cfg, tracker, session, key,
-                         requested_layer=cfg.layer.name if single else None, prefix=prefix)
+        with evaluating(run_dir):
+            m = evaluate_run(run_dir, cfg, tracker, session, key,
+                             requested_layer=cfg.layer.name if single else None, prefix=prefix)
         results[key] = m
         metric_paths.append(m["files"]["metrics"])
         _log_run(tracker, m, prefix)

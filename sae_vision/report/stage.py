@@ -241,7 +241,9 @@ def _fresh_folders(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("data", "figures", "assets"):
         shutil.rmtree(out / sub, ignore_errors=True)
-    shutil.copytree(ASSETS_DIR, out / "assets")
+    (out / "assets").mkdir()
+    for f in sorted(ASSETS_DIR.iterdir()):  # one by one: copytree would hide a full disk's errno
+        shutil.copyfile(f, out / "assets" / f.name)
     fig_dir = out / "figures"
     fig_dir.mkdir()
     return fig_dir

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -85,10 +86,24 @@ def _read_json(path: Path) -> dict:
 # The SAE
 
 
-def save_sae(sae, run_dir: str | os.PathLike, meta: dict) -> None:
-    """Write run_dir/sae.safetensors, then run_dir/config.json, each atomically."""
+def write_tensors(tensors: dict, tmp: Path, final: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (disk full above all) as the OSError they
+    are, naming `final`: safetensors reports them as a SafetensorError with the OS's code."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        n = int(code.group(1))
+        raise OSError(n, os.strerror(n), str(final)) from e
+
+
+def save_sae(sae, run_dir: str | os.PathLike, meta: dict) -> None:
+    """Write run_dir/sae.safetensors, then run_dir/config.json, each atomically."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in sae.state_dict().items()}
@@ -102,7 +117,8 @@ def save_sae(sae, run_dir: str | os.PathLike, meta: dict) -> None:
     }
     # Weights first, so a reader never pairs a new config.json with older weights.
     with io.atomic_write(run_dir / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+        write_tensors(tensors, tmp, run_dir / WEIGHTS_FILE,
+                      metadata={"format_version": str(FORMAT_VERSION)})
         config[SHA_KEY] = sha256_file(tmp)
     io.write_json(run_dir / CONFIG_FILE, config, indent=2, sort_keys=True)
 
@@ -201,8 +217,6 @@ class TrainState:
 
 def save_train_state(dir_path: Path, state: TrainState) -> None:
     """Write train_state.safetensors + train_state.json (each atomically)."""
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {"since_fired_F": state.since_fired_F.contiguous()}
     tensors.update({k: v.contiguous() for k, v in state.window_tensors.items()})
     opt_state_keys: dict[str, list[str]] = {}
@@ -225,7 +239,7 @@ def save_train_state(dir_path: Path, state: TrainState) -> None:
         "seed": state.seed,
     }
     with io.atomic_write(dir_path / TRAIN_STATE_FILE) as tmp:
-        save_file(tensors, str(tmp))
+        write_tensors(tensors, tmp, dir_path / TRAIN_STATE_FILE)
         info["sha256"] = sha256_file(tmp)
     # Read back only by us, and a resumed run must see exactly the metrics it saved (NaN too).
     io.write_json(dir_path / TRAIN_STATE_JSON, info, strict=False)

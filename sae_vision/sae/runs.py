@@ -170,12 +170,25 @@ class RunInfo:
     hparams: dict
 
 
+def recorded_cache(meta: dict, cfg: Config, layer: str) -> Path:
+    """The cache a run was trained on: by its path relative to paths.root (so a moved or copied
+    artifacts folder still finds it), then by its key under paths.root, then by the absolute
+    path recorded at training time; the config's own cache when the run records none."""
+    root, rel, key = Path(cfg.paths.root), meta.get("cache_rel"), meta.get("cache_key")
+    found = [root / rel if rel else None, root / "cache" / key if key else None,
+             Path(meta["cache_dir"]) if meta.get("cache_dir") else None]
+    found = [d for d in found if d is not None]
+    for d in found:
+        if (d / "metadata.json").is_file():
+            return d
+    return found[0] if found else paths.cache_dir(cfg, layer)
+
+
 def run_info(run_dir: Path, sae, meta: dict, cfg: Config, cache_meta: dict | None = None
              ) -> RunInfo:
     """Layer, cache and held-out shards of a run (recorded values first, then the config's)."""
     layer = meta.get("layer") or _lookup(meta, "layer.name") or cfg.layer.name
-    cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else Path(
-        meta.get("cache_dir") or paths.cache_dir(cfg, layer))
+    cache_dir = Path(cfg.cache.dir) if cfg.cache.dir else recorded_cache(meta, cfg, layer)
     holdout, train = meta.get("holdout_shards"), meta.get("train_shards")
     if holdout is None and cache_meta is not None:
         # A run that did not record its split: recompute train's deterministic one.

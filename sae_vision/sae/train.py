@@ -297,6 +297,14 @@ def _build_sae(job: TrainJob) -> tuple[torch.nn.Module, TrainState | None]:
     return sae.to(job.device), state
 
 
+def _under_root(cache: Path, cfg) -> str | None:
+    """The cache's path relative to paths.root (None when it lies elsewhere)."""
+    try:
+        return str(Path(cache).resolve().relative_to(Path(cfg.paths.root).resolve()))
+    except ValueError:
+        return None
+
+
 def _base_meta(job: TrainJob, sae) -> dict:
     """What every checkpoint's config.json records about the run (besides its step)."""
     return {
@@ -307,6 +315,7 @@ def _base_meta(job: TrainJob, sae) -> dict:
         "arch": job.cfg.sae.arch,
         "input_scale": _input_scale(job),
         "cache_dir": str(job.cache),
+        "cache_rel": _under_root(job.cache, job.cfg),
         "cache_key": job.meta.get("key"),
         "train_shards": job.train_shards,
         "holdout_shards": job.holdout_shards,

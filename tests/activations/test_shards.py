@@ -1,6 +1,7 @@
 """Shard format: plain webdataset can read it; readers refuse truncated or foreign caches."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -210,3 +211,33 @@ def test_every_kind_of_damaged_shard_is_named_with_the_repair_command(tmp_path, 
     assert S.shard_problem(tmp_path, S.load_cache_meta(tmp_path)["shards"][1]).startswith(problem)
     with pytest.raises(S.CacheError, match=rf"shard-000001.tar is {problem}.*cache.verify=true"):
         S.load_vectors(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo"])
+@pytest.mark.parametrize("target", ["shard-000001.tar", "shard-000001.json", "metadata.json"])
+def test_a_fifo_or_dev_zero_in_place_of_a_cache_file_is_named_and_never_hangs(tmp_path, kind,
+                                                                             target):
+    import signal
+
+    cache_dir = tmp_path / "cache"
+    S.write_cache(cache_dir, _chunks(), {"dim": 8, "dtype": "float16"}, chunks_per_shard=2)
+    (cache_dir / target).unlink()
+    if kind == "fifo":
+        os.mkfifo(cache_dir / target)  # a read would block until a writer opens it: forever
+    else:
+        (cache_dir / target).symlink_to("/dev/zero")  # a read would never end
+
+    def hung(*_):
+        raise TimeoutError(f"reading a cache with {target} as {kind} hung")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(S.CacheError) as err:
+            S.load_vectors(cache_dir)
+        assert target in str(err.value)
+        assert "not a regular file" in str(err.value) or "readable sidecar" in str(err.value)
+        assert not S.shard_complete(cache_dir, 1) or target == "metadata.json"
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -66,3 +66,25 @@ def test_model_and_data_config_come_from_the_cache_that_the_run_was_trained_on()
     dc = runs.data_config(cache_meta, DataConfig())
     assert (dc.name, dc.root, dc.n_images) == ("imagefolder", "/photos", 900)
     assert dc.image_size == DataConfig().image_size
+
+
+def test_recorded_cache_prefers_the_path_under_paths_root_then_the_key_then_the_absolute(
+        tmp_path):
+    cfg = Config()
+    cfg.paths.root = str(tmp_path / "moved")
+
+    def cache(d: Path) -> Path:
+        d.mkdir(parents=True)
+        (d / "metadata.json").write_text("{}")
+        return d
+
+    meta = {"cache_rel": "cache/L-abc", "cache_key": "L-abc",
+            "cache_dir": str(tmp_path / "old" / "cache" / "L-abc")}
+    # Nothing exists yet: the run names its cache under the current root.
+    assert runs.recorded_cache(meta, cfg, "L") == tmp_path / "moved" / "cache" / "L-abc"
+    old = cache(tmp_path / "old" / "cache" / "L-abc")
+    assert runs.recorded_cache(meta, cfg, "L") == old  # the absolute path, as a fallback only
+    moved = cache(tmp_path / "moved" / "cache" / "L-abc")
+    assert runs.recorded_cache(meta, cfg, "L") == moved
+    # A run from before cache_rel was recorded: found by its key.
+    assert runs.recorded_cache({"cache_key": "L-abc", "cache_dir": str(old)}, cfg, "L") == moved

@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -251,11 +251,16 @@ def try_lock(path: str | os.PathLike) -> Lock | None:
 
 
 @contextlib.contextmanager
-def hold_lock(path: str | os.PathLike) -> Iterator[Lock]:
-    """Hold the lock at `path` for the block; LockHeld when another live process has it."""
+def hold_lock(path: str | os.PathLike,
+              busy: Callable[[str], Exception] | None = None) -> Iterator[Lock]:
+    """Hold the lock at `path` for the block. When another live process has it: `busy(holder)`
+    (the holder as its lock file names it, or 'unknown process') is raised, else LockHeld."""
     lock = try_lock(path)
     if lock is None:
-        raise LockHeld(Path(path), holder_of(path))
+        holder = holder_of(path)
+        if busy is not None:
+            raise busy(holder or "unknown process")
+        raise LockHeld(Path(path), holder)
     try:
         yield lock
     finally:

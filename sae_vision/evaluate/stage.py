@@ -227,16 +227,12 @@ def _splice(cfg: Config, session: _Session, mc: ModelConfig, sae, info: RunInfo,
 def evaluating(run_dir: Path) -> Iterator[None]:
     """Hold the run's evaluation lock (eval.lock beside eval/): a second evaluation of the same
     run at once is refused, naming the live one, so neither overwrites the other's files."""
-    lock_path = run_dir / "eval.lock"
-    lock = io.try_lock(lock_path)
-    if lock is None:
-        raise RunLocked(f"run {run_dir} is being evaluated by another live process "
-                        f"({io.holder_of(lock_path) or 'unknown process'}); wait for it to "
-                        "finish and read its results in eval/, or rerun then")
-    try:
+    def busy(holder: str) -> RunLocked:
+        return RunLocked(f"run {run_dir} is being evaluated by another live process ({holder}); "
+                         "wait for it to finish and read its results in eval/, or rerun then")
+
+    with io.hold_lock(run_dir / "eval.lock", busy):
         yield
-    finally:
-        lock.release()
 
 
 def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session,

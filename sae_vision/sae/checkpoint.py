@@ -285,19 +285,16 @@ def run_lock(run_dir: Path) -> Iterator[None]:
     The lock is io's flock, which the kernel releases when the holder dies (even by SIGKILL),
     so a killed run never leaves a stale lock behind.
     """
-    lock_path = run_dir / LOCK_FILE
-    lock = io.try_lock(lock_path)
-    if lock is None:
-        raise RunLocked(f"run folder {run_dir} is being written by another live run "
-                        f"({io.holder_of(lock_path) or 'unknown process'}); wait for it to finish "
-                        "(this command will then return its result) or set train.run_name")
-    try:
+    def busy(holder: str) -> RunLocked:
+        return RunLocked(f"run folder {run_dir} is being written by another live run ({holder}); "
+                         "wait for it to finish (this command will then return its result) or "
+                         "set train.run_name")
+
+    with io.hold_lock(run_dir / LOCK_FILE, busy):
         # We hold the lock, so temporaries and staged checkpoints here belong to a killed run.
         for folder in (run_dir, run_dir / CHECKPOINTS_DIR):
             io.drop_stale_tmp(folder, any_pid=True)
         yield
-    finally:
-        lock.release()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -183,6 +183,10 @@ def test_lock_held_by_a_live_process_then_free_after_it_is_killed(tmp_path):
         with pytest.raises(io.LockHeld, match=f"pid {proc.pid} "):
             with io.hold_lock(path):
                 pass
+        # a caller's own error, told who holds it (the run and evaluation locks use this)
+        with pytest.raises(KeyError, match=f"busy: pid {proc.pid} "):
+            with io.hold_lock(path, lambda holder: KeyError(f"busy: {holder}")):
+                pass
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

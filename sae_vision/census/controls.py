@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .curves import circ_diff, criterion, evidence, orientation_gaps
+from .novelty import pearson_columns
 from .parts import NeuronCensus
 from .responses import feature_responses, layer_vectors
 
@@ -26,10 +27,7 @@ FOUND_MIN_CORR = 0.8
 
 def _corr_cols(a_NF: np.ndarray, b_N: np.ndarray) -> np.ndarray:
     """Pearson correlation of every column of a with b ([F]; 0 for a constant column)."""
-    a = a_NF - a_NF.mean(0)
-    b = b_N - b_N.mean()
-    den = np.sqrt((a * a).sum(0) * (b * b).sum())
-    return np.where(den > 0, (a * b[:, None]).sum(0) / np.maximum(den, 1e-300), 0.0)
+    return pearson_columns(a_NF, np.asarray(b_N)[:, None])[:, 0]
 
 
 def _gap_containing(neuron_deg: list[float], theta: float) -> float:

@@ -157,6 +157,19 @@ def alignment_summary(dec_align: Mapping, enc_align: Mapping | None) -> dict:
 FUNCTIONAL_CLASSES = ("copy", "shifted copy", "new")
 
 
+def pearson_columns(a_NF, b_NU) -> np.ndarray:
+    """[F, U] Pearson correlation over the N rows of every column of a with every column of b;
+    a column constant up to rounding (relative to its own scale) correlates 0 with everything."""
+
+    def z(x: np.ndarray) -> np.ndarray:
+        a = x - x.mean(0)
+        sd = np.sqrt((a * a).sum(0))
+        live = sd > 1e-9 * np.sqrt(len(x)) * np.abs(x).max(0, initial=0.0)
+        return np.where(live, a / np.maximum(sd, 1e-300), 0.0)
+
+    return z(np.asarray(a_NF, dtype=np.float64)).T @ z(np.asarray(b_NU, dtype=np.float64))
+
+
 def response_correlation(f_resp_NF, n_resp_NU) -> dict[str, np.ndarray]:
     """Per feature (columns of [N, F]): the largest Pearson correlation over the N stimuli with
     any channel of [N, U] (`rho_max`, a constant column correlates 0) and that channel."""
@@ -164,15 +177,7 @@ def response_correlation(f_resp_NF, n_resp_NU) -> dict[str, np.ndarray]:
     n = np.asarray(n_resp_NU, dtype=np.float64)
     if f.shape[0] != n.shape[0]:
         raise ValueError(f"feature responses have {f.shape[0]} stimuli, channels {n.shape[0]}")
-
-    def z(x: np.ndarray) -> np.ndarray:
-        a = x - x.mean(0)
-        sd = np.sqrt((a * a).sum(0))
-        # Constant up to rounding (relative to the column's own scale): correlates with nothing.
-        live = sd > 1e-9 * np.sqrt(len(x)) * np.abs(x).max(0, initial=0.0)
-        return np.where(live, a / np.maximum(sd, 1e-300), 0.0)
-
-    rho_FU = z(f).T @ z(n)
+    rho_FU = pearson_columns(f, n)
     best = rho_FU.argmax(1) if rho_FU.size else np.zeros(f.shape[1], dtype=int)
     rho = rho_FU[np.arange(f.shape[1]), best] if rho_FU.size else np.zeros(f.shape[1])
     return {"rho_max": np.clip(rho, -1.0, 1.0), "channel": best}

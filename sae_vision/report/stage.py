@@ -24,13 +24,16 @@ sae_vision.findings.
 
 from __future__ import annotations
 
+import errno
 import html
 import logging
 import math
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,7 @@ from sae_vision.core import (
     Tracker,
     copy_file,
     disabled,
+    io,
     paths,
     to_json,
     to_plain,
@@ -72,6 +76,8 @@ logger = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).with_name("assets")
 PAGE_SIZE = 48  # cards per browser page
+# OS errors that mean the disk (or the user's quota) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -178,52 +184,52 @@ def _static_sections(records: list[RunRecord], rows: list[dict], thumbs: dict[st
 
 
 def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
-    """Build artifacts/report/ (index.html + data) and artifacts/reproduce.json."""
+    """Build artifacts/report/ (index.html + data) and artifacts/reproduce.json.
+
+    The new report is written whole into a staging folder beside the old one and only then
+    swapped in (see swap_in): a failure at any point, a full disk included, leaves the previous
+    report as it was."""
     tracker = tracker or disabled()
     t0 = time.perf_counter()
     run_dirs = find_runs(cfg)
     out = paths.report_dir(cfg)
-    fig_dir = _fresh_folders(out)
     device = stage_device("report", cfg.model.device, "model.device")
-    skipped: list[tuple[Path, str]] = []
-    records = sorted(load_runs(run_dirs, cfg, skipped), key=_order)
-    browsers, caches_manifest, thumbs, neuron_browser = _write_browsers(cfg, records, out, device,
-                                                                        skipped)
-    records = [r for r in records if r.run_dir not in {d for d, _ in skipped}]
-    if not records:
-        raise ValueError(f"none of the {len(run_dirs)} run(s) could be read (see the warnings "
-                         "above); retrain them with stage=train, or repair their caches")
-    logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
+    if out.is_mount():
+        raise ValueError(f"the report folder {out} is a mount point: stage=report builds the new "
+                         "report beside it and swaps it in, which needs it on its parent's file "
+                         "system; mount its parent instead, or point paths.root elsewhere")
+    with io.hold_lock(out.with_name(f"{out.name}.lock"), _busy(out)):
+        recover(out)
+        staging = None
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+            built = _build(cfg, run_dirs, staging, out, device)
+            swap_in(staging, out)
+        except BaseException as e:
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                raise ValueError(
+                    f"no space left while writing the report to {out} ({e}); the previous "
+                    "report is kept as it was: free space (or point paths.root elsewhere) and "
+                    "rerun stage=report") from e
+            raise
+    records, rows, browsers, findings = built.records, built.rows, built.browsers, built.findings
     n_cards = sum(b["n_units"] for b in browsers)
-
-    rows = summary_rows(records)
-    sections, figures, census_rows = _static_sections(records, rows, thumbs, neuron_browser,
-                                                      fig_dir)
-    if skipped:  # the page says what it left out, and why
-        key, nav, title_, body = sections[0]
-        sections[0] = (key, nav, title_, body + html_skipped(skipped))
-    generated = time.strftime("%Y-%m-%d %H:%M")
-    title = f"sae-vision report{' · ' + cfg.experiment if cfg.experiment else ''}"
-    write_js(out / "data" / "report.js", "REPORT", None, {
-        "generated": generated, "page_size": PAGE_SIZE, "browsers": browsers,
-        "runs": [{k: v for k, v in row.items()} for row in rows]})
     index = out / "index.html"
-    write_text(index, html_page(title, generated, sections))
 
-    # Tracker: the tables and the figures.
+    # Tracker: the tables and the figures, from the report now in place.
     tracker.log_table("report/summary", [to_json(r) for r in rows])
-    if census_rows:
-        tracker.log_table("report/curve_census", to_json(census_rows))
-    for rel in figures:
+    if built.census_rows:
+        tracker.log_table("report/curve_census", to_json(built.census_rows))
+    for rel in built.figures:
         tracker.log_image(f"report/{Path(rel).stem}", out / rel)
-
-    manifest_path = write_manifest(cfg, records, caches_manifest, out, index)
+    manifest_path = write_manifest(cfg, records, built.caches, out, index)
     tracker.summary({"report/n_runs": len(records), "report/n_cards": n_cards})
-    findings = write_findings(records, out)
     if findings:
         tracker.log_table("report/findings", to_json(findings_rows(records)))
         logger.info(findings_markdown(findings_rows(records)))
-    written = [index, out / "data" / "report.js", manifest_path, *findings]
+    written = [index, out / "data" / "report.js", manifest_path, *(out / f for f in findings)]
     for p in written:
         logger.info(f"[report] wrote {p}")
     logger.info(f"[report] {len(browsers)} browsers, {n_cards} cards, "
@@ -233,18 +239,99 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
                         n_cards=n_cards, files=tuple(str(p) for p in written))
 
 
-def _fresh_folders(out: Path) -> Path:
-    """The report folder with data/, figures/ and assets/ regenerated; returns figures/.
+@dataclass
+class _Built:
+    """What _build wrote into the staging folder (paths relative to it)."""
 
-    crops/ and featurevis/ are kept: their files are content-keyed.
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    for sub in ("data", "figures", "assets"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    (out / "assets").mkdir()
+    records: list[RunRecord]
+    rows: list[dict]  # the summary table
+    browsers: list[dict]  # data/report.js's index of browsers
+    caches: list[dict]  # the caches, for the manifest
+    figures: list[str]
+    census_rows: list[dict]
+    findings: list[Path]
+
+
+def _build(cfg: Config, run_dirs: list[Path], stage: Path, out: Path,
+           device: torch.device) -> _Built:
+    """The whole report written into `stage` (which becomes `out`); its paths relative to it."""
+    fig_dir = _fresh_folders(stage, out)
+    skipped: list[tuple[Path, str]] = []
+    records = sorted(load_runs(run_dirs, cfg, skipped), key=_order)
+    browsers, caches_manifest, thumbs, neuron_browser = _write_browsers(cfg, records, stage,
+                                                                        device, skipped)
+    records = [r for r in records if r.run_dir not in {d for d, _ in skipped}]
+    if not records:
+        raise ValueError(f"none of the {len(run_dirs)} run(s) could be read (see the warnings "
+                         "above); retrain them with stage=train, or repair their caches")
+    logger.info(f"[report] {len(records)} run(s): {', '.join(r.name for r in records)}")
+    rows = summary_rows(records)
+    sections, figures, census_rows = _static_sections(records, rows, thumbs, neuron_browser,
+                                                      fig_dir)
+    if skipped:  # the page says what it left out, and why
+        key, nav, title_, body = sections[0]
+        sections[0] = (key, nav, title_, body + html_skipped(skipped))
+    generated = time.strftime("%Y-%m-%d %H:%M")
+    title = f"sae-vision report{' · ' + cfg.experiment if cfg.experiment else ''}"
+    write_js(stage / "data" / "report.js", "REPORT", None, {
+        "generated": generated, "page_size": PAGE_SIZE, "browsers": browsers,
+        "runs": [{k: v for k, v in row.items()} for row in rows]})
+    write_text(stage / "index.html", html_page(title, generated, sections))
+    findings = [p.relative_to(stage) for p in write_findings(records, stage)]
+    return _Built(records, rows, browsers, caches_manifest, figures, census_rows, findings)
+
+
+def _busy(out: Path):
+    def busy(holder: str) -> ValueError:
+        return ValueError(f"the report {out} is being built by another live process ({holder}); "
+                          "wait for it to finish, then rerun stage=report")
+    return busy
+
+
+def recover(out: Path) -> None:
+    """Clear what a killed report run left beside `out` (called with the report lock held).
+
+    A run killed between swap_in's two renames leaves no `out` and the previous report aside as
+    .<name>.old-*: it is put back. Half-built .<name>.partial-* folders are removed."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"))
+    if olds and not out.exists():
+        olds.pop().rename(out)
+        logger.warning(f"[report] put back the previous report {out}, left aside by a run that "
+                       "was stopped while swapping in its new one")
+    for p in [*olds, *out.parent.glob(f".{out.name}.partial-*")]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Replace `out` with the complete report in `staging` (same file system): rename the old one
+    aside, rename the new one into place, then delete the old one. At every moment one intact
+    report exists: `out`, or (killed between the renames) .<name>.old-*, which recover() puts
+    back."""
+    old = out.with_name(f".{out.name}.old-{time.time_ns()}")
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fresh_folders(stage: Path, out: Path) -> Path:
+    """The staging folder with assets/ copied and figures/ made; returns figures/.
+
+    crops/ and featurevis/ are carried over from the current report `out`, hard-linked where the
+    file system allows (their files are content-keyed, and replaced only by a rename)."""
+    for sub in ("crops", "featurevis"):
+        for f in sorted((out / sub).rglob("*")) if (out / sub).is_dir() else ():
+            if f.is_file() and not f.is_symlink():
+                dst = stage / f.relative_to(out)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(f, dst)
+                except OSError:  # no hard links here: a copy
+                    shutil.copyfile(f, dst)
+    (stage / "assets").mkdir()
     for f in sorted(ASSETS_DIR.iterdir()):  # one by one: copytree would hide a full disk's errno
-        shutil.copyfile(f, out / "assets" / f.name)
-    fig_dir = out / "figures"
+        shutil.copyfile(f, stage / "assets" / f.name)
+    fig_dir = stage / "figures"
     fig_dir.mkdir()
     return fig_dir
 
@@ -281,6 +368,8 @@ def _write_browsers(cfg: Config, records: list[RunRecord], out: Path, device: to
             done = _cache_browsers(cfg, cache_dir, recs, out, device, model_cache,
                                    layers.count(recs[0].info.layer) > 1)
         except Exception as e:  # noqa: BLE001 - an unreadable cache skips its runs, not the page
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                raise  # the report's own disk is full: no run can be written
             for r in recs:
                 skip(r.run_dir, f"its cache {cache_dir} cannot be read ({type(e).__name__}: {e})",
                      skipped)

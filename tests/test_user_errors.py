@@ -347,14 +347,14 @@ def full_disk():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["train", "evaluate", "report"])
+@pytest.mark.parametrize("stage", ["train", "evaluate"])  # report: tests/report/test_stage.py
 def test_disk_full_is_one_error_line_and_loses_nothing(stage, run_root, full_disk):
     root, run_dir = run_root
     if stage == "train":
         shutil.rmtree(root / "sae")
         full = full_disk(root / "sae")
     else:
-        full = full_disk(run_dir / "eval" if stage == "evaluate" else root / "report")
+        full = full_disk(run_dir / "eval")
     weights = None if stage == "train" else (run_dir / "sae.safetensors").read_bytes()
     out = cli(f"stage={stage}", f"paths.root={root}", *TINY, timeout=600)
     assert_user_error(out, "No space left on device", "free space")

@@ -345,3 +345,107 @@ def test_runs_whose_cache_cannot_be_read_are_skipped_listed_on_the_page_and_the_
         assert f"warning: skipping run {sae_root / name}" in err
         assert str(sae_root / name) in page
     assert "shard-000000.tar is corrupt" in page and "not a cache&#x27;s metadata" in page
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing is lost: the new report is built beside the old one and swapped in only when complete
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by relative path."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _beside(out: Path) -> list[str]:
+    """Anything a report run left beside the report folder (staging, old copy, lock)."""
+    return sorted(p.name for p in out.parent.iterdir()
+                  if p.name.startswith(f".{out.name}.") or p.name == f"{out.name}.lock")
+
+
+def test_a_rerun_replaces_the_whole_report_and_leaves_nothing_beside_it(tmp_path):
+    cfg = build_study(tmp_path)
+    out = Path(report.run(cfg).report_dir)
+    crops = _hashes(out / "crops")
+    assert crops
+    (out / "stale.html").write_text("a page of an older report")
+    res = report.run(cfg)
+    assert Path(res.report_dir) == out and Path(res.index_path).is_file()
+    assert not (out / "stale.html").exists()  # the folder is replaced, not patched
+    assert _hashes(out / "crops") == crops  # content-keyed crops carried over, not redrawn
+    assert all(Path(f).is_file() for f in res.files)
+    assert _beside(out) == []
+
+
+def test_a_failure_mid_report_leaves_the_previous_report_as_it_was(tmp_path, monkeypatch):
+    import shutil
+
+    cfg = build_study(tmp_path)
+    out = Path(report.run(cfg).report_dir)
+    before = _hashes(out)
+    # The next report would differ (one run fewer) and fails after writing its data scripts.
+    shutil.rmtree(Path(cfg.paths.root) / "sae" / f"{LAYER}-topk-f512-k32")
+
+    def broken_page(*args, **kwargs):
+        raise RuntimeError("the page writer broke")
+
+    monkeypatch.setattr(report, "html_page", broken_page)
+    with pytest.raises(RuntimeError, match="the page writer broke"):
+        report.run(cfg)
+    assert _hashes(out) == before
+    assert _beside(out) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 32 MiB tmpfs (needs root, as in CI), unmounted afterwards."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(mnt)],
+            capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_a_full_disk_mid_report_is_one_error_line_and_keeps_the_previous_report(small_disk,
+                                                                                tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cfg = build_study(small_disk)
+    out = Path(report.run(cfg).report_dir)
+    before = _hashes(out)
+    size = sum((out / f).stat().st_size for f in before)
+    # Fill the disk so that a little of the new report fits, but not all of it.
+    st = os.statvfs(small_disk)
+    free = st.f_bavail * st.f_frsize
+    room = 64 * 1024
+    assert size > 2 * room, size
+    with open(small_disk / "filler", "wb") as f:
+        for _ in range((free - room) // (1 << 20)):
+            f.write(b"\0" * (1 << 20))
+        f.write(b"\0" * ((free - room) % (1 << 20)))
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    res = subprocess.run(
+        [sys.executable, "run.py", "stage=report", f"paths.root={cfg.paths.root}",
+         f"hydra.run.dir={tmp_path / 'hydra'}", "logger=disabled", "model.device=cpu",
+         f"layer={LAYER}", "data=imagefolder", f"data.root={small_disk / 'photos'}",
+         f"data.n_images={N_IMAGES}", "report.n_examples=4", "report.n_random_examples=2",
+         "report.max_cards=40"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
+        env=env)
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [x for x in res.stderr.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "no space left while writing the report" in lines[0]
+    assert "previous report is kept" in lines[0] and "free space" in lines[0]
+    assert _hashes(out) == before
+    assert _beside(out) == []

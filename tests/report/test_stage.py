@@ -449,3 +449,15 @@ def test_a_full_disk_mid_report_is_one_error_line_and_keeps_the_previous_report(
     assert "previous report is kept" in lines[0] and "free space" in lines[0]
     assert _hashes(out) == before
     assert _beside(out) == []
+
+
+def test_a_report_left_aside_by_a_killed_swap_is_put_back(tmp_path):
+    # Killed between swap_in's renames: no report folder, the old one aside, the new one staged.
+    out = tmp_path / "report"
+    old, partial = tmp_path / ".report.old-1", tmp_path / ".report.partial-x"
+    for folder, text in ((old, "previous"), (partial, "half")):
+        folder.mkdir()
+        (folder / "index.html").write_text(text)
+    report.recover(out)
+    assert (out / "index.html").read_text() == "previous"
+    assert _beside(out) == []

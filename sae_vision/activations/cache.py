@@ -14,8 +14,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from sae_vision.core import (
 )
 
 from .devices import stage_device
+from .host import HostBatch, one_thread, single_threaded
 from .images import Item, collate_items, iter_webdataset, make_images
 from .shards import (
     METADATA,
@@ -190,30 +191,6 @@ def shard_loader(cfg: Config, dataset, todo: list[int], n_total: int
         yield s, batches(s)
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run the enclosed host work on one intra-op thread: on 2 cores the small ops around the
-    forward (resize, stacking, norms, gather, encoding) run several times slower when they share
-    the cores with the pool (stacking a batch: 20 ms vs 2 ms; a resize: 29 ms vs 1.5 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-def _single_threaded(batches: Iterable[list[Item]]) -> Iterator[list[Item]]:
-    """Decode in one thread (see _one_thread)."""
-    it = iter(batches)
-    while True:
-        with _one_thread():
-            items = next(it, None)
-        if items is None:
-            return
-        yield items
-
-
 def _stream_shards(cfg: Config, skip: set[int]) -> Iterator[tuple[int, list[list[Item]]]]:
     """Group a webdataset image stream into shards (it cannot be indexed, so read in order)."""
     per, bs = cfg.cache.images_per_shard, cfg.cache.batch_size
@@ -274,7 +251,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     t0, n_img_done = time.perf_counter(), 0
     n_vec = dict.fromkeys(layers, 0)
     bar = Progress("cache", total=len(todo) * cfg.cache.images_per_shard, unit="img")
-    host = _HostBatch(next(model.parameters()).device)
+    host = HostBatch(next(model.parameters()).device)
     shard_iter = (shard_loader(cfg, dataset, todo, n_total) if dataset is not None
                   else _stream_shards(cfg, done | {s for s in range(n_shards) if s % world != rank}))
     for shard, batches in shard_iter:
@@ -326,7 +303,7 @@ def _reuse_or_repair(cfg: Config, dirs: dict[str, Path]) -> CacheResult | None:
 
 def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int],
                  geoms: dict, shard: int, batches, n_total: int, n_vec: dict[str, int],
-                 bar: Progress, n_complete: int, host: _HostBatch) -> int | None:
+                 bar: Progress, n_complete: int, host: HostBatch) -> int | None:
     """Write one shard of every layer from its image batches, under the shard's lock; returns
     the images done (None when another process holds the shard). `dims` and `geoms` are each
     layer's width and geometry, `n_vec` counts vectors per layer, and `n_complete` (shards
@@ -347,7 +324,7 @@ def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int]
         try:
             skipped, seen = [], []
             if cfg.data.num_workers == 0:
-                batches = _single_threaded(batches)
+                batches = single_threaded(batches)
             for items in batches:
                 good = [it for it in items if it.image is not None]
                 skipped += [{"idx": it.idx, "source": it.source, "error": it.error}
@@ -361,7 +338,7 @@ def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int]
                 x = host([it.image for it in good])
                 with torch.inference_mode():
                     acts = model.activations(x, layers)
-                with _one_thread():  # small ops: as for decoding (same bytes either way)
+                with one_thread():  # small ops: as for decoding (same bytes either way)
                     for la in layers:
                         n_vec[la] += _write_chunk(writers[la], acts[la], good, cfg, geoms[la])
                 n_img_done += len(items)
@@ -382,30 +359,6 @@ def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int]
                 ) from e
             raise
     return n_img_done
-
-
-class _HostBatch:
-    """Stacks each batch of images for the model's device. On CUDA into fresh pinned memory, so
-    that the non-blocking copy really is asynchronous; otherwise into one buffer reused from
-    batch to batch, on one thread (a fresh 19 MB batch on the 2-thread pool costs ~20 ms of
-    page faults and contention against ~1.5 ms this way)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.buf = device, None
-
-    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        shape = (len(images), *images[0].shape)
-        if self.device.type == "cuda":
-            buf = torch.empty(shape, dtype=images[0].dtype, pin_memory=True)
-            return torch.stack(images, out=buf).to(self.device, non_blocking=True)
-        buf = self.buf
-        if (buf is None or buf.dtype != images[0].dtype or buf.shape[1:] != shape[1:]
-                or len(buf) < len(images)):
-            self.buf = buf = torch.empty(shape, dtype=images[0].dtype)
-        with _one_thread():
-            x = torch.stack(images, out=buf[:len(images)])
-        # The model never writes into its input, and nothing keeps x past its batch.
-        return x.to(self.device)
 
 
 def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]:

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from sae_vision.core import (
 )
 
 from .devices import stage_device
+from .host import HostBatch, one_thread, single_threaded
 from .images import Item, collate_items, iter_webdataset, make_images
 from .shards import (
     METADATA,
@@ -190,22 +191,6 @@ def shard_loader(cfg: Config, dataset, todo: list[int], n_total: int
         yield s, batches(s)
 
 
-def _single_threaded(batches: Iterable[list[Item]]) -> Iterator[list[Item]]:
-    """Decode in one thread: torch's resize kernels run ~20x slower when they share the cores
-    with the intra-op pool (measured 1.5 ms vs 29 ms per demo crop on 2 cores)."""
-    it = iter(batches)
-    while True:
-        n = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            items = next(it, None)
-        finally:
-            torch.set_num_threads(n)
-        if items is None:
-            return
-        yield items
-
-
 def _stream_shards(cfg: Config, skip: set[int]) -> Iterator[tuple[int, list[list[Item]]]]:
     """Group a webdataset image stream into shards (it cannot be indexed, so read in order)."""
     per, bs = cfg.cache.images_per_shard, cfg.cache.batch_size
@@ -266,11 +251,12 @@ def run(cfg: Config, tracker: Tracker | None = None) -> CacheResult:
     t0, n_img_done = time.perf_counter(), 0
     n_vec = dict.fromkeys(layers, 0)
     bar = Progress("cache", total=len(todo) * cfg.cache.images_per_shard, unit="img")
+    host = HostBatch(next(model.parameters()).device)
     shard_iter = (shard_loader(cfg, dataset, todo, n_total) if dataset is not None
                   else _stream_shards(cfg, done | {s for s in range(n_shards) if s % world != rank}))
     for shard, batches in shard_iter:
         n_here = _write_shard(cfg, model, dirs, dims, geoms, shard, batches, n_total, n_vec, bar,
-                              n_complete=len(done) + todo.index(shard))
+                              n_complete=len(done) + todo.index(shard), host=host)
         if n_here is None:  # another process holds this shard
             continue
         n_img_done += n_here
@@ -317,13 +303,12 @@ def _reuse_or_repair(cfg: Config, dirs: dict[str, Path]) -> CacheResult | None:
 
 def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int],
                  geoms: dict, shard: int, batches, n_total: int, n_vec: dict[str, int],
-                 bar: Progress, n_complete: int) -> int | None:
+                 bar: Progress, n_complete: int, host: HostBatch) -> int | None:
     """Write one shard of every layer from its image batches, under the shard's lock; returns
     the images done (None when another process holds the shard). `dims` and `geoms` are each
     layer's width and geometry, `n_vec` counts vectors per layer, and `n_complete` (shards
-    already complete) goes into the out-of-space message."""
+    already complete) goes into the out-of-space message; `host` stacks the batches."""
     layers = list(dirs)
-    device = next(model.parameters()).device
     n_img_done = 0
     # One lock per shard, in the first layer's folder: every layer's shard is written together.
     lock = dirs[layers[0]] / f"{shard_name(shard)}.lock"
@@ -339,7 +324,7 @@ def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int]
         try:
             skipped, seen = [], []
             if cfg.data.num_workers == 0:
-                batches = _single_threaded(batches)
+                batches = single_threaded(batches)
             for items in batches:
                 good = [it for it in items if it.image is not None]
                 skipped += [{"idx": it.idx, "source": it.source, "error": it.error}
@@ -350,11 +335,12 @@ def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int]
                 seen += [it.idx for it in items]
                 if not good:
                     continue
-                x = _to_device([it.image for it in good], device)
+                x = host([it.image for it in good])
                 with torch.inference_mode():
                     acts = model.activations(x, layers)
-                for la in layers:
-                    n_vec[la] += _write_chunk(writers[la], acts[la], good, cfg, geoms[la])
+                with one_thread():  # small ops: as for decoding (same bytes either way)
+                    for la in layers:
+                        n_vec[la] += _write_chunk(writers[la], acts[la], good, cfg, geoms[la])
                 n_img_done += len(items)
                 bar.set({"shard": shard, "vectors": sum(n_vec.values())})
                 bar.update(len(items))
@@ -373,15 +359,6 @@ def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int]
                 ) from e
             raise
     return n_img_done
-
-
-def _to_device(images: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A batch of images on the model's device; on CUDA stacked into pinned memory, so that the
-    non-blocking copy really is asynchronous."""
-    if device.type != "cuda":
-        return torch.stack(images).to(device)
-    buf = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=True)
-    return torch.stack(images, out=buf).to(device, non_blocking=True)
 
 
 def _damaged_shards(dirs: dict[str, Path], full: bool) -> list[tuple[Path, str]]:

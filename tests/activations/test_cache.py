@@ -269,3 +269,37 @@ def test_decoding_workers_persist_from_shard_to_shard(tmp_path):
     assert [i for i, _ in got[0]] == [0, 1, 2, 3] and [i for i, _ in got[2]] == [8, 9, 10, 11]
     pids = {pid for items in got.values() for _, pid in items}
     assert len(pids) == 1 and pids != {os.getpid()}
+
+
+def test_shards_match_plain_batches_written_on_the_default_threads(tmp_path, bvlc_model):
+    """The stage's host-side shortcuts (one input buffer reused from batch to batch, one thread
+    for stacking, sampling and encoding) change no byte: its shards and their statistics equal
+    those written from freshly stacked batches with every op on two threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # Batches of 3 and 1 per 4-image shard: a short batch reuses the buffer, then a full one.
+        cfg = tiny_cfg(tmp_path, n_images=8, batch_size=3)
+        got = Path(cache.run(cfg).cache_dirs["mixed3b"])
+        ref, images = tmp_path / "ref", DemoImages(cfg.data)
+        ref.mkdir()
+        mask = cache.valid_mask(28, bvlc_model.geometry("mixed3b"), cfg.data.image_size,
+                                cfg.cache.exclude_border)
+        for shard in (0, 1):
+            writer = shards.ShardWriter(ref, shard, 480, cfg.cache.dtype)
+            for lo in (4 * shard, 4 * shard + 3):
+                idx = list(range(lo, min(lo + 3, 4 * shard + 4)))
+                x = torch.stack([images[i].image for i in idx])
+                with torch.inference_mode():
+                    acts = bvlc_model.activations(x, ["mixed3b"])["mixed3b"]
+                vecs, flat = cache.sample_vectors(acts, idx, cfg.cache.sampling,
+                                                  cfg.cache.n_per_image, mask, cfg.seed)
+                pos = np.stack([np.repeat(idx, cfg.cache.n_per_image), (flat // 28).numpy(),
+                                (flat % 28).numpy()], 1)
+                writer.add(vecs, pos.astype(np.int32), {i: images[i].source for i in idx})
+            want = writer.finish((4 * shard, 4 * shard + 4), 4, [])
+            side = json.loads((got / shards.shard_name(shard)).with_suffix(".json").read_text())
+            assert {k: side[k] for k in want} == want
+            assert (got / side["name"]).read_bytes() == (ref / want["name"]).read_bytes()
+    finally:
+        torch.set_num_threads(before)

@@ -187,47 +187,52 @@ class ReluL1Loss(torch.autograd.Function):
     Returns (loss, mse, l1, codes [B, F], x̂ [B, D]); only loss carries a gradient. x enters as
     data, so the encoder's [B, D] input gradient that plain autograd forms only to reduce it to
     ∇b_dec is never built: b_dec's encoder-side gradient is -W_enc ∇b_enc, a matrix-vector
-    product. The L1 term's code gradient rides in GEMM 4 as its bias and the ReLU mask is applied
-    in place, so the backward allocates one [B, F] tensor.
+    product. Every bias and reduction over [B, F] rides in a GEMM as one extra column (x_in gets
+    a column of ones against b_enc, W_dec a column of row norms, the residual gradient a column
+    of the L1 weight), so no [B, F] tensor is copied or summed apart from the ReLU, applied in
+    place, and its mask in the backward, also in place.
     """
 
     @staticmethod
     def forward(ctx, x_BD, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, lam):
-        n = x_BD.shape[0]
-        x_in = x_BD - b_dec_D
-        codes = torch.addmm(b_enc_F, x_in, W_enc_DF).relu_()
-        r = torch.addmm(b_dec_D, codes, W_dec_FD)  # x̂ now; the residual x̂ - x below
-        x_hat = r.detach().clone()
-        r.sub_(x_BD)
+        n, d = x_BD.shape
+        x_in = x_BD.new_empty(n, d + 1)  # [x - b_dec, 1]
+        torch.sub(x_BD, b_dec_D, out=x_in[:, :d])
+        x_in[:, d] = 1
+        enc = torch.cat([W_enc_DF.t(), b_enc_F[:, None]], 1)  # [F, D+1]: [W_encᵀ, b_enc]
+        codes = (x_in @ enc.t()).relu_()  # GEMM 1
         norms_F = W_dec_FD.norm(dim=1)
-        col_F = codes.sum(0)
+        dec = torch.cat([W_dec_FD, norms_F[:, None]], 1)  # [F, D+1]: [W_dec, ||W_dec,f||]
+        out = codes @ dec  # GEMM 2: [f W_dec, Σ_f f_bf ||W_dec,f||]
+        x_hat = out[:, :d] + b_dec_D
+        r = x_hat - x_BD
         mse = torch.dot(r.reshape(-1), r.reshape(-1)) / n
-        l1 = torch.dot(col_F, norms_F) / n
+        l1 = out[:, d].sum() / n
         loss = mse + lam * l1
-        ctx.save_for_backward(x_in, codes, r, norms_F, col_F, W_enc_DF, W_dec_FD, lam)
+        ctx.save_for_backward(x_in, codes, r, norms_F, dec, W_enc_DF, W_dec_FD, lam)
         ctx.mark_non_differentiable(mse, l1, codes, x_hat)
         return loss, mse, l1, codes, x_hat
 
     @staticmethod
     def backward(ctx, g_loss, *_unused):
-        x_in, codes, r, norms_F, col_F, W_enc_DF, W_dec_FD, lam = ctx.saved_tensors
+        x_in, codes, r, norms_F, dec, W_enc_DF, W_dec_FD, lam = ctx.saved_tensors
         need = ctx.needs_input_grad
-        n = codes.shape[0]
-        g_xhat = r * (2.0 * g_loss / n)  # [B, D]
-        c = lam * g_loss / n  # ∂loss/∂f_bf = g_xhat_b · W_dec,f + c ||W_dec,f|| where f_bf > 0
+        n, d = r.shape
+        g = r.new_empty(n, d + 1)  # [∂loss/∂x̂, c]: c = λ g / B weighs the L1 term
+        torch.mul(r, 2.0 * g_loss / n, out=g[:, :d])
+        g[:, d] = lam * g_loss / n
         grad_W_dec = None
         if need[3]:
-            grad_W_dec = codes.t() @ g_xhat  # GEMM 3 (of 5)
+            gd = codes.t() @ g  # GEMM 3: [∇W_dec from x̂, c Σ_b f_bf]
             # the L1 term through the row norms: c Σ_b f_bf W_dec,f / ||W_dec,f||
-            per_row = torch.where(norms_F > 0, col_F / norms_F, torch.zeros_like(norms_F))
-            grad_W_dec.addcmul_((c * per_row)[:, None], W_dec_FD)
-        # GEMM 4, with the L1 term's c ||W_dec,f|| as its bias; then the ReLU mask in place (a
-        # fresh [B, F] tensor costs page faults on CPU: one buffer serves both)
-        g_pre = torch.addmm(c * norms_F, g_xhat, W_dec_FD.t())
+            per_row = torch.where(norms_F > 0, gd[:, d] / norms_F, torch.zeros_like(norms_F))
+            grad_W_dec = torch.addcmul(gd[:, :d], per_row[:, None], W_dec_FD)
+        g_pre = g @ dec.t()  # GEMM 4: ∂loss/∂f = g_x̂ W_decᵀ + c ||W_dec,f||
         torch.ops.aten.threshold_backward.grad_input(g_pre, codes, 0, grad_input=g_pre)
-        grad_b_enc = g_pre.sum(0)
-        grad_W_enc = (g_pre.t() @ x_in).t() if need[1] else None  # GEMM 5; [F, D]-major
-        grad_b_dec = g_xhat.sum(0) - W_enc_DF @ grad_b_enc if need[4] else None
+        ge = g_pre.t() @ x_in  # GEMM 5: [∇W_encᵀ, ∇b_enc]
+        grad_b_enc = ge[:, d].contiguous()
+        grad_W_enc = ge[:, :d].contiguous().t() if need[1] else None  # [F, D]-major, as W_enc
+        grad_b_dec = g[:, :d].sum(0) - W_enc_DF @ grad_b_enc if need[4] else None
         return (None, grad_W_enc, grad_b_enc if need[2] else None, grad_W_dec, grad_b_dec, None)
 
 

@@ -211,10 +211,13 @@ class ReluL1Loss(torch.autograd.Function):
         loss = mse + lam * l1
         ctx.save_for_backward(x_in, codes, r, norms_F, dec, W_enc_DF, W_dec_FD, lam)
         ctx.mark_non_differentiable(mse, l1, codes, x_hat)
+        ctx.set_materialize_grads(False)  # else autograd zero-fills a [B, F] grad for the codes
         return loss, mse, l1, codes, x_hat
 
     @staticmethod
     def backward(ctx, g_loss, *_unused):
+        if g_loss is None:
+            return (None,) * 6
         x_in, codes, r, norms_F, dec, W_enc_DF, W_dec_FD, lam = ctx.saved_tensors
         need = ctx.needs_input_grad
         n, d = r.shape

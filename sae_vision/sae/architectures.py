@@ -91,6 +91,7 @@ class SAEOutput:
     dense_codes: Tensor | None = None  # dense archs: [B, F] codes (scaled units)
     pairs: Pairs | None = None  # TopK family: the active (sample, feature) pairs
     vals: Tensor | None = None  # TopK family: their code values [N]
+    counts: Tensor | None = None  # feature_counts() when the forward computed it (relu_l1)
 
     @cached_property
     def codes(self) -> Tensor:
@@ -108,6 +109,8 @@ class SAEOutput:
 
     def feature_counts(self) -> Tensor:
         """Number of samples in which each feature is > 0, as float [F]."""
+        if self.counts is not None:
+            return self.counts
         if self.pairs is None:
             # Dense codes are >= 0 (ReLU, JumpReLU), so sign() is the 0/1 firing indicator; its
             # float column sum is exact and 3x faster on CPU than a boolean count to int64.
@@ -342,7 +345,23 @@ class ReluL1SAE(SAE, arch="relu_l1"):
         loss, mse, l1, codes, x_hat_s = ReluL1Loss.apply(
             x_s, self.W_enc, self.b_enc, self.W_dec, self.b_dec, lam)
         return SAEOutput(self._scale_out(x_hat_s), _finish_losses(loss, {"mse": mse, "l1": l1}),
-                         dense_codes=codes)
+                         dense_codes=codes, counts=self._firing_counts(codes))
+
+    def _init_arch_state(self, cfg: SAEConfig, n_feat: int) -> None:
+        self._sign_buf: Tensor | None = None  # reused [B, F] scratch of _firing_counts
+
+    def _firing_counts(self, codes_BF: Tensor) -> Tensor:
+        """Samples in which each feature fires: sign(codes) (codes >= 0) into a reused buffer in
+        training (a fresh [4096, 3840] tensor costs page faults on CPU), summed by a
+        matrix-vector product; exact, as a float sum of 0/1 below 2^24."""
+        n, buf = codes_BF.numel(), self._sign_buf
+        if not self.training:
+            buf = codes_BF.new_empty(n)
+        elif (buf is None or buf.numel() < n or buf.dtype != codes_BF.dtype
+              or buf.device != codes_BF.device):
+            buf = self._sign_buf = codes_BF.new_empty(n)
+        sign = torch.sign(codes_BF, out=buf[:n].view(codes_BF.shape))
+        return torch.mv(sign.t(), codes_BF.new_ones(codes_BF.shape[0]))
 
     def _activate_dense(self, pre_BF: Tensor) -> Tensor:
         return F.relu(pre_BF)

@@ -117,6 +117,8 @@ def test_relu_l1_fused_loss_matches_plain_autograd_float64():
     torch.testing.assert_close(out.x_hat, ref.x_hat, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(out.codes, ref.codes, rtol=1e-12, atol=1e-12)
     assert 0 < (out.codes > 0).float().mean() < 1  # both branches of the ReLU are exercised
+    torch.testing.assert_close(out.feature_counts(), (ref.codes > 0).sum(0).double(), rtol=0,
+                               atol=0)
     for name in g_plain:
         torch.testing.assert_close(g_fused[name], g_plain[name], rtol=1e-10, atol=1e-12)
     assert g_fused["b_dec"].abs().max() > 0

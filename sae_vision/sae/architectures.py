@@ -36,6 +36,7 @@ from .kernels import (
     JumpReLUFn,
     Pairs,
     ProjectRowGrad,
+    ReluL1Loss,
     SparseDecode,
     SparseEncode,
     StepFn,
@@ -90,6 +91,7 @@ class SAEOutput:
     dense_codes: Tensor | None = None  # dense archs: [B, F] codes (scaled units)
     pairs: Pairs | None = None  # TopK family: the active (sample, feature) pairs
     vals: Tensor | None = None  # TopK family: their code values [N]
+    counts: Tensor | None = None  # feature_counts() when the forward computed it (relu_l1)
 
     @cached_property
     def codes(self) -> Tensor:
@@ -107,8 +109,12 @@ class SAEOutput:
 
     def feature_counts(self) -> Tensor:
         """Number of samples in which each feature is > 0, as float [F]."""
+        if self.counts is not None:
+            return self.counts
         if self.pairs is None:
-            return (self.dense_codes > 0).sum(0).float()
+            # Dense codes are >= 0 (ReLU, JumpReLU), so sign() is the 0/1 firing indicator; its
+            # float column sum is exact and 3x faster on CPU than a boolean count to int64.
+            return self.dense_codes.detach().sign().sum(0)
         # A scatter of 0/1 per pair: no boolean compaction or bincount, so no host sync.
         active = (self.vals.detach() > 0).float()
         return active.new_zeros(self.pairs.n_features).index_add_(0, self.pairs.cols, active)
@@ -325,6 +331,37 @@ class ReluL1SAE(SAE, arch="relu_l1"):
         # MMCS 0.66 uncentred, 0.90 centred, at L0 = k). Checkpoints of format 1 encoded x;
         # checkpoint.load_sae folds b_dec W_enc into their b_enc.
         return x_s - self.b_dec
+
+    def forward(
+        self, x_BD: Tensor, dead_mask: Tensor | None = None, l1_scale: float | None = None
+    ) -> SAEOutput:
+        """See SAE.forward. Without autocast and with x as data (the training step), the whole
+        loss is one ReluL1Loss: the same values and gradients with five GEMMs instead of six."""
+        x_s = self._scale_in(x_BD)
+        if x_s.requires_grad or torch.is_autocast_enabled(x_s.device.type):
+            return super().forward(x_BD, dead_mask, l1_scale)
+        scale = self.l1_scale if l1_scale is None else float(l1_scale)
+        lam = self.cfg.l1_coeff * scale * self.l1_log_ctrl.exp()
+        loss, mse, l1, codes, x_hat_s = ReluL1Loss.apply(
+            x_s, self.W_enc, self.b_enc, self.W_dec, self.b_dec, lam)
+        return SAEOutput(self._scale_out(x_hat_s), _finish_losses(loss, {"mse": mse, "l1": l1}),
+                         dense_codes=codes, counts=self._firing_counts(codes))
+
+    def _init_arch_state(self, cfg: SAEConfig, n_feat: int) -> None:
+        self._sign_buf: Tensor | None = None  # reused [B, F] scratch of _firing_counts
+
+    def _firing_counts(self, codes_BF: Tensor) -> Tensor:
+        """Samples in which each feature fires: sign(codes) (codes >= 0) into a reused buffer in
+        training (a fresh [4096, 3840] tensor costs page faults on CPU), summed by a
+        matrix-vector product; exact, as a float sum of 0/1 below 2^24."""
+        n, buf = codes_BF.numel(), self._sign_buf
+        if not self.training:
+            buf = codes_BF.new_empty(n)
+        elif (buf is None or buf.numel() < n or buf.dtype != codes_BF.dtype
+              or buf.device != codes_BF.device):
+            buf = self._sign_buf = codes_BF.new_empty(n)
+        sign = torch.sign(codes_BF, out=buf[:n].view(codes_BF.shape))
+        return torch.mv(sign.t(), codes_BF.new_ones(codes_BF.shape[0]))
 
     def _activate_dense(self, pre_BF: Tensor) -> Tensor:
         return F.relu(pre_BF)
@@ -625,7 +662,17 @@ def make_sae(
 
 
 def forward_reference(sae: SAE, x_BD: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
-    """TopK-family forward with plain dense autograd: the oracle for tests and benchmarks."""
+    """TopK-family and relu_l1 forward with plain dense autograd: the oracle for tests and
+    benchmarks (relu_l1's own forward is the fused ReluL1Loss)."""
+    if isinstance(sae, ReluL1SAE):
+        x_s = sae._scale_in(x_BD)
+        codes = F.relu(torch.addmm(sae.b_enc, x_s - sae.b_dec, sae.W_enc))
+        x_hat_s = codes @ sae.W_dec + sae.b_dec
+        mse = (x_hat_s - x_s).pow(2).sum(1).mean()
+        l1 = (codes @ sae.W_dec.norm(dim=1)).mean()
+        loss = mse + sae.l1_coeff_now * l1
+        return SAEOutput(sae._scale_out(x_hat_s), _finish_losses(loss, {"mse": mse, "l1": l1}),
+                         dense_codes=codes)
     if not sae.uses_k:
         return sae(x_BD)
     x_s = sae._scale_in(x_BD)

@@ -179,6 +179,66 @@ class SparseDecode(torch.autograd.Function):
         return grad_vals, grad_W, None, None
 
 
+class ReluL1Loss(torch.autograd.Function):
+    """relu_l1's whole loss in one Function, with a hand-written backward of five GEMMs.
+
+    f = ReLU((x - b_dec) W_enc + b_enc), x̂ = f W_dec + b_dec,
+    loss = Σ ||x̂ - x||² / B + λ Σ_b Σ_f f_bf ||W_dec,f|| / B.
+    Returns (loss, mse, l1, codes [B, F], x̂ [B, D]); only loss carries a gradient. x enters as
+    data, so the encoder's [B, D] input gradient that plain autograd forms only to reduce it to
+    ∇b_dec is never built: b_dec's encoder-side gradient is -W_enc ∇b_enc, a matrix-vector
+    product. Every bias and reduction over [B, F] rides in a GEMM as one extra column (x_in gets
+    a column of ones against b_enc, W_dec a column of row norms, the residual gradient a column
+    of the L1 weight), so no [B, F] tensor is copied or summed apart from the ReLU, applied in
+    place, and its mask in the backward, also in place.
+    """
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, lam):
+        n, d = x_BD.shape
+        x_in = x_BD.new_empty(n, d + 1)  # [x - b_dec, 1]
+        torch.sub(x_BD, b_dec_D, out=x_in[:, :d])
+        x_in[:, d] = 1
+        enc = torch.cat([W_enc_DF.t(), b_enc_F[:, None]], 1)  # [F, D+1]: [W_encᵀ, b_enc]
+        codes = (x_in @ enc.t()).relu_()  # GEMM 1
+        norms_F = W_dec_FD.norm(dim=1)
+        dec = torch.cat([W_dec_FD, norms_F[:, None]], 1)  # [F, D+1]: [W_dec, ||W_dec,f||]
+        out = codes @ dec  # GEMM 2: [f W_dec, Σ_f f_bf ||W_dec,f||]
+        x_hat = out[:, :d] + b_dec_D
+        r = x_hat - x_BD
+        mse = torch.dot(r.reshape(-1), r.reshape(-1)) / n
+        l1 = out[:, d].sum() / n
+        loss = mse + lam * l1
+        ctx.save_for_backward(x_in, codes, r, norms_F, dec, W_enc_DF, W_dec_FD, lam)
+        ctx.mark_non_differentiable(mse, l1, codes, x_hat)
+        ctx.set_materialize_grads(False)  # else autograd zero-fills a [B, F] grad for the codes
+        return loss, mse, l1, codes, x_hat
+
+    @staticmethod
+    def backward(ctx, g_loss, *_unused):
+        if g_loss is None:
+            return (None,) * 6
+        x_in, codes, r, norms_F, dec, W_enc_DF, W_dec_FD, lam = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n, d = r.shape
+        g = r.new_empty(n, d + 1)  # [∂loss/∂x̂, c]: c = λ g / B weighs the L1 term
+        torch.mul(r, 2.0 * g_loss / n, out=g[:, :d])
+        g[:, d] = lam * g_loss / n
+        grad_W_dec = None
+        if need[3]:
+            gd = codes.t() @ g  # GEMM 3: [∇W_dec from x̂, c Σ_b f_bf]
+            # the L1 term through the row norms: c Σ_b f_bf W_dec,f / ||W_dec,f||
+            per_row = torch.where(norms_F > 0, gd[:, d] / norms_F, torch.zeros_like(norms_F))
+            grad_W_dec = torch.addcmul(gd[:, :d], per_row[:, None], W_dec_FD)
+        g_pre = g @ dec.t()  # GEMM 4: ∂loss/∂f = g_x̂ W_decᵀ + c ||W_dec,f||
+        torch.ops.aten.threshold_backward.grad_input(g_pre, codes, 0, grad_input=g_pre)
+        ge = g_pre.t() @ x_in  # GEMM 5: [∇W_encᵀ, ∇b_enc]
+        grad_b_enc = ge[:, d].contiguous()
+        grad_W_enc = ge[:, :d].contiguous().t() if need[1] else None  # [F, D]-major, as W_enc
+        grad_b_dec = g[:, :d].sum(0) - W_enc_DF @ grad_b_enc if need[4] else None
+        return (None, grad_W_enc, grad_b_enc if need[2] else None, grad_W_dec, grad_b_dec, None)
+
+
 class ProjectRowGrad(torch.autograd.Function):
     """Identity whose backward removes each row's gradient component along that row (dense paths)."""
 

@@ -7,7 +7,7 @@ import torch
 
 from sae_vision.core.config import SAEConfig
 from sae_vision.sae.architectures import forward_reference, make_sae
-from sae_vision.sae.kernels import JumpReLUFn, StepFn, batch_topk_flat
+from sae_vision.sae.kernels import JumpReLUFn, ReluL1Loss, StepFn, batch_topk_flat
 
 
 def randomised(sae, seed=0):
@@ -88,6 +88,78 @@ def test_sparse_backward_gives_input_gradient_like_autograd(arch):
         ].backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------
+# relu_l1's fused loss (ReluL1Loss) against plain autograd
+
+
+def _relu_l1(seed, d=16, n_feat=96):
+    torch.manual_seed(seed)
+    sae = randomised(make_sae(SAEConfig(arch="relu_l1", n_features=n_feat, l1_coeff=3.0), d,
+                              input_scale=0.7, mean=torch.randn(d).abs()).double(), seed)
+    with torch.no_grad():  # unequal row norms, and one zero row (the norm's gradient at 0)
+        sae.W_dec.mul_(torch.rand(n_feat, 1, dtype=torch.float64) + 0.5)
+        sae.W_dec[3].zero_()
+        sae.l1_log_ctrl.fill_(0.3)
+    sae.set_l1_scale(0.5)
+    return sae
+
+
+def test_relu_l1_fused_loss_matches_plain_autograd_float64():
+    sae = _relu_l1(0)
+    x = torch.randn(64, 16, dtype=torch.float64).abs()
+    out, g_fused = _grads(sae, lambda: sae(x))
+    ref, g_plain = _grads(sae, lambda: forward_reference(sae, x))
+    assert set(out.losses) == set(ref.losses) == {"loss", "mse", "l1"}
+    for key in ref.losses:
+        torch.testing.assert_close(out.losses[key], ref.losses[key], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.x_hat, ref.x_hat, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.codes, ref.codes, rtol=1e-12, atol=1e-12)
+    assert 0 < (out.codes > 0).float().mean() < 1  # both branches of the ReLU are exercised
+    torch.testing.assert_close(out.feature_counts(), (ref.codes > 0).sum(0).double(), rtol=0,
+                               atol=0)
+    for name in g_plain:
+        torch.testing.assert_close(g_fused[name], g_plain[name], rtol=1e-10, atol=1e-12)
+    assert g_fused["b_dec"].abs().max() > 0
+
+
+def test_relu_l1_fused_loss_passes_gradcheck():
+    sae = _relu_l1(1, d=5, n_feat=12)
+    x = torch.randn(9, 5, dtype=torch.float64).abs() * sae.input_scale
+    lam = sae.l1_coeff_now
+    params = [p.detach().clone().requires_grad_(True)
+              for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec)]
+    assert torch.autograd.gradcheck(lambda *p: ReluL1Loss.apply(x, *p, lam)[0], params)
+
+
+def test_relu_l1_keeps_the_input_gradient_and_bf16_autocast_on_the_plain_path():
+    # (the plain path computes in float32, as the trainer does)
+    sae = _relu_l1(2).float()
+    x = torch.randn(32, 16).abs().requires_grad_(True)
+    sae(x).losses["loss"].backward()
+    g = x.grad.clone()
+    x.grad = None
+    forward_reference(sae, x).losses["loss"].backward()
+    torch.testing.assert_close(g, x.grad, rtol=1e-4, atol=1e-5)
+    assert g.abs().max() > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = sae(x.detach()).losses["loss"]
+    torch.testing.assert_close(low, sae(x.detach()).losses["loss"], rtol=0.05, atol=0)
+
+
+def test_relu_l1_step_runs_five_gemms_not_six(count_ops, one_thread):
+    # The sixth dense GEMM of a plain autograd step is dL/dx of the encoder, formed only to be
+    # reduced to b_dec's gradient; the fused loss gets that gradient as a matrix-vector product.
+    sae = _relu_l1(3).float()
+    x = torch.randn(64, 16).abs()
+    counts = []
+    for fn in (lambda: sae(x), lambda: forward_reference(sae, x)):
+        counter = count_ops()
+        with counter:
+            fn().losses["loss"].backward()
+        counts.append(counter.counts["mm"] + counter.counts["addmm"])
+    assert counts == [5, 6]
 
 
 @pytest.mark.parametrize(

@@ -230,6 +230,7 @@ def _overcomplete_sae_core(why: ImportError):
         stub.__path__ = [str(folder)]
         sys.modules[name] = stub
     sae = sys.modules["overcomplete.sae"]
+    sys.modules["overcomplete"].sae = sae  # so a second `import overcomplete.sae` finds it
     sae.SAE = importlib.import_module("overcomplete.sae.base").SAE
     sae.TopKSAE = importlib.import_module("overcomplete.sae.topk_sae").TopKSAE
     sae.mse_l1 = importlib.import_module("overcomplete.sae.losses").mse_l1

@@ -59,7 +59,19 @@ def _machine_line(run: dict) -> str:
     return (f"Machine: {m.get('gpu') or m['cpu_model']}, {m['cores']} cores, "
             f"{m.get('mem_total_gb', float('nan')):g} GB RAM; Python {m['python']}, torch "
             f"{m['torch']}; overcomplete {m.get('peer') or 'absent'}; commit {m['git_commit']}; "
-            f"{m['date']}; sizes: {'quick' if run['sizes']['peer_steps'] < 32 else 'full'}.")
+            f"{m['date']}; sizes: {_sizes_name(run['sizes'])}.")
+
+
+def _sizes_name(sizes: dict) -> str:
+    """Which of benchmarks.run's size sets a run used ("custom" when none, e.g. --expansion)."""
+    from dataclasses import asdict
+
+    from benchmarks.run import FULL, GPU, QUICK
+
+    for name, known in (("full", FULL), ("quick", QUICK), ("gpu", GPU)):
+        if json.loads(json.dumps(asdict(known))) == sizes:
+            return name
+    return "custom"
 
 
 def _misses(run: dict) -> str:

@@ -97,7 +97,7 @@ reproduce: setup ## The paper-scale study on ImageNet (needs DATA_ROOT=/path/to/
 	$(RUN) experiment=paper data.root=$(DATA_ROOT) stage=evaluate $(ARGS)
 	$(RUN) experiment=paper data.root=$(DATA_ROOT) stage=report $(ARGS)
 
-bench: setup ## Benchmarks as ratios (cache vs forward, trainer vs overcomplete and roofline, loader, memory, planted dictionary)
+bench: setup ## Benchmarks as ratios (cache vs forward, trainer vs overcomplete and roofline, loader, memory, planted dictionary); ARGS=--keep records the run BENCHMARKS.md quotes
 	$(PIP) install -c constraints.txt -e ".[bench]"
 	$(PY) -m benchmarks.run $(ARGS)
 

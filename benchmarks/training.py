@@ -218,6 +218,7 @@ def _overcomplete_sae_core(why: ImportError):
     which imports its visualisation (OpenCV) and optimisation (scikit-learn) modules: neither is
     on a bare GPU machine (`make gpu-check`), and the training code needs neither."""
     import importlib
+    import importlib.machinery
     import importlib.util
     import types
 
@@ -228,6 +229,9 @@ def _overcomplete_sae_core(why: ImportError):
     for name, folder in (("overcomplete", root), ("overcomplete.sae", root / "sae")):
         stub = types.ModuleType(name)
         stub.__path__ = [str(folder)]
+        # a spec, so that importlib.util.find_spec still answers once the stub is in sys.modules
+        stub.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        stub.__spec__.submodule_search_locations = [str(folder)]
         sys.modules[name] = stub
     sae = sys.modules["overcomplete.sae"]
     sys.modules["overcomplete"].sae = sae  # so a second `import overcomplete.sae` finds it

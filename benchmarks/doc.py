@@ -28,6 +28,7 @@ _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /tab
 _DATE = re.compile(r"(?<![\w.])\d{4}-\d{2}-\d{2}(?: \d{2}:\d{2}(?::\d{2})?)?(?![\w.])")
 # A figure: digits with thousands commas and/or decimals, an optional exponent and percent sign;
 # not part of a word (mixed3b, sha256, bf16, L0) and not a version or path piece (2.14.1).
+_ORDINAL = re.compile(r"^\s*\d+\.\s")
 _NUMBER = re.compile(r"(?<![\w.])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?:e([-+]?\d+))?(%?)(?![\w]|\.\d)")
 
 
@@ -181,6 +182,7 @@ def figures(text: str) -> list[tuple[int, str, float, float]]:
         for m in _DATE.finditer(line):
             found.append((lineno, m.group(0), math.nan, 0.0))
         line = _DATE.sub(" ", line)
+        line = _ORDINAL.sub(" ", line)  # "6. caching ...": a list's ordinal, not a figure
         for m in _NUMBER.finditer(line):
             whole, frac, exp, pct = m.groups()
             digits = whole.replace(",", "") + (frac or "")

@@ -356,7 +356,7 @@ def markdown_table(run: dict) -> str:
     if "roofline" in run:
         ro = run["roofline"]
         ours = run["train"]["topk"]["ours"]["samples_per_s"]
-        row("3", f"TopK training vs dense roofline (6 GEMMs/step: {ro['six_gemm_s'] * 1e3:.0f} ms, "
+        row("3", f"TopK training vs dense roofline (six GEMMs per step: {ro['six_gemm_s'] * 1e3:.0f} ms, "
             f"{ro['gflops_per_s']:.0f} GFLOP/s), samples/s", _f(ours),
             _f(ro["roofline_samples_per_s"]), "topk_vs_roofline")
         row("3", "TopK training vs encoder-only bound (encoder GEMM + top-k), samples/s",

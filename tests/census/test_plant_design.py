@@ -2,6 +2,9 @@
 units: a partner silent on the battery hides nothing, the proposed group does, and then the
 census's own control record says "yes" for a feature equal to the planted detector."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -101,3 +104,56 @@ def test_the_census_of_the_planted_net_calls_the_detector_new_and_gap_filling(to
     assert ctl["neuron_census_lost"] and ctl["oracle"]["class"] == "new"
     assert ctl["oracle"]["fills_gap"] and ctl["oracle"] == sim["oracle"]
     assert ctl["found_new_gap_filling"] and ctl["best_feature"]["feature"] == 0
+
+
+def makefile_plants() -> list[PlantConfig]:
+    """The hidden plants of the Makefile's CONTROL_PLANTS (`d:p1:...:pn@seed`)."""
+    text = (Path(__file__).parents[2] / "Makefile").read_text()
+    block = re.search(r"^CONTROL_PLANTS \?= ((?:.*\\\n)*.*)$", text, re.M).group(1)
+    out = []
+    for spec in block.replace("\\\n", " ").split():
+        ch, _, seed = spec.partition("@")
+        out.append(PlantConfig(kind="hidden", channels=[int(c) for c in ch.split(":")],
+                               seed=int(seed or 0)))
+    return out
+
+
+@pytest.mark.slow
+def test_on_real_mixed3b_the_makefile_plants_leave_a_gap_that_the_oracle_fills(
+        bvlc_model, weights_dir):
+    """The issue's planted control, checked without an SAE on the real BVLC layer (σ from the 8
+    demo crops; the Makefile comment quotes the same with photos): for every plant that
+    `make study-controls` uses, the neuron census loses the detector, no curve-tuned channel
+    sits within the required separation of its orientation, and the detector's own direction
+    (the oracle) is functionally new and fills the gap. The old two-channel plant 324:41 does
+    not: its rotated channels stay curve-tuned on the detector and the oracle is a copy."""
+    from sae_vision.activations import load_model
+    from sae_vision.core import ModelConfig
+
+    cfg = C.CurvesConfig()
+    probe = R.make_probe(bvlc_model, "mixed3b", cfg.canvas_size)
+    table = C.make_battery(cfg, probe)
+    acts = R.centre_activations(bvlc_model, "mixed3b", table, probe).double().numpy()
+    images = R.make_reference_images(8)
+    vecs = R.layer_vectors(bvlc_model, "mixed3b", images).double().numpy()
+    plants = makefile_plants()
+    assert len({p.channels[0] for p in plants}) >= 5 and len({p.seed for p in plants}) >= 3
+    recs = {p.channels[0]: planted_record(p, acts, vecs, table, cfg) for p in plants}
+    for d, rec in recs.items():
+        o = rec["oracle"]
+        assert rec["neuron_census_lost"] and rec["gap_at_detector_deg"] >= 30.0, (d, rec)
+        assert all(s >= n for s, n in zip(o["neighbour_separation_deg"],
+                                          o["required_separation_deg"])), (d, o)
+        assert o["class"] == "new" and o["rho_max"] < cfg.copy_min_rho and o["fills_gap"], o
+    old = planted_record(PlantConfig(kind="hidden", channels=[324, 41]), acts, vecs, table, cfg)
+    assert old["neuron_census_lost"] and not old["oracle"]["fills_gap"]
+    assert old["rotated_channels_curve_tuned"] == {324: 230.0, 41: 230.0}
+    # the study's path: the planted network's own census (VisionModel's hook) gives the same
+    planted = load_model(ModelConfig(family="googlenet_bvlc", weights_dir=str(weights_dir),
+                                     device="cpu", plant=plants[0]))
+    ctl = CS.run_census(planted, "mixed3b", C.CurvesConfig(n_null_seeds=0),
+                        CS.CensusInputs(images=images, null_seeds=0), verbose=False)["control"]
+    sim = recs[plants[0].channels[0]]
+    assert ctl["neuron_census_lost"] and ctl["orientation_deg"] == sim["orientation_deg"]
+    assert ctl["oracle"]["class"] == "new" and ctl["oracle"]["fills_gap"]
+    assert ctl["oracle"]["rho_max"] == pytest.approx(sim["oracle"]["rho_max"], abs=2e-3)

@@ -66,7 +66,9 @@ study: setup ## The paper's findings on real ImageNet photos (../shared/data/ima
 # d, every curve-tuned neuron near its orientation and the strongest line units, proposed and
 # checked on the unplanted net by `python -m sae_vision.census.plant_design 358 335 408 324 413`
 # (no SAE): the neuron census loses d and the oracle (d's exact direction as one feature) is new
-# and fills the gap, with σ from the 300-photo cache, 32 photos or 8 demo crops alike.
+# and fills the gap, with σ from the 300-photo cache, 32 photos or 8 demo crops alike (413's
+# group was proposed with the cache's σ; the slow test in tests/census/test_plant_design.py checks
+# these five).
 # `rotate` turns the whole layer. Per plant: its own cache (300 photos), TopK and ReLU-L1 (L0
 # steered to 32) at 4x, 400 steps, and the census without nulls (configured thresholds: on the
 # unplanted net they detect the same 14 neurons as the calibrated study). Measured 2026-12-04

@@ -13,6 +13,7 @@ from .devices import (
 )
 from .images import DemoImages, iter_webdataset, make_images, resolve_data_root
 from .models import load_model, lucid_geometry
+from .plant import LayerRotation
 from .shards import (
     CacheError,
     iter_chunks,
@@ -26,6 +27,7 @@ from .shards import (
 __all__ = [
     "CacheError",
     "DemoImages",
+    "LayerRotation",
     "canonical_device",
     "enable_tf32",
     "iter_chunks",

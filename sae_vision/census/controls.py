@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .curves import circ_diff, criterion, evidence, orientation_gaps
-from .novelty import pearson_columns
+from .novelty import curve_tuned, functional_novelty, pearson_columns
 from .parts import NeuronCensus
 from .responses import feature_responses, layer_vectors
 
@@ -39,34 +39,64 @@ def _gap_containing(neuron_deg: list[float], theta: float) -> float:
     return 0.0
 
 
-def hidden_detector(plant, ccfg, part: NeuronCensus, vectors_ND: torch.Tensor) -> dict:
-    """The planted detector as the census sees it: its battery response (u · y), orientation,
-    and whether the neuron census lost it (no rotated channel detected, a gap at its place)."""
+def oracle_record(resp_N: np.ndarray, theta: float, acts_NU: np.ndarray, ev: dict, thr: dict,
+                  ccfg) -> dict:
+    """The planted detector itself (its exact direction u; `resp_N` = u · y on the battery) as
+    one census feature at `theta`, labelled by the study's functional and gap rules
+    (novelty.functional_novelty) against the planted layer's channels (`acts_NU`, their
+    evidence `ev` at thresholds `thr`): what an SAE that recovers it exactly would be called."""
+    det = np.where(criterion(ev, thr)["detected"])[0].tolist()
+    rec = functional_novelty(
+        np.asarray(resp_N, dtype=np.float64)[:, None], acts_NU, np.array([theta]),
+        ev["preferred_orientation"], [0], det, curve_tuned(ev, thr), ev["tuning_width_deg"],
+        min_rho=ccfg.copy_min_rho, max_dtheta_deg=ccfg.copy_max_dtheta_deg,
+        min_gap_deg=ccfg.min_gap_deg, min_sep_deg=ccfg.gap_min_separation_deg)[0]
+    keys = ("class", "fills_gap", "rho_max", "rho_channel", "nearest_curve_tuned",
+            "dtheta_nearest_curve_tuned_deg", "neighbour_separation_deg",
+            "required_separation_deg", "gap_width_deg")
+    return {k: rec[k] for k in keys}
+
+
+def hidden_record(plant, ccfg, table, acts_NU: np.ndarray, ev: dict, thr: dict,
+                  vectors_MD: np.ndarray) -> dict:
+    """The planted detector as the census of the planted layer sees it (battery `table`, its
+    responses `acts_NU` and their evidence `ev` at thresholds `thr`; natural vectors for the
+    detector's σ): orientation, whether the neuron census lost it (no rotated channel detected,
+    a gap at its place), the rotated channels still curve-tuned (criteria 1-3) and where, and
+    the oracle (`oracle_record`). Returns {"resp", "nat", "record"}."""
     u = plant.hidden_direction().numpy()
-    acts = part.real["acts"].double().numpy()
-    resp = acts @ u
-    nat = vectors_ND.double().numpy() @ u
-    ev = evidence(resp[:, None], part.table, ccfg, np.array([nat.mean()]), np.array([nat.std()]))
-    theta = float(ev["preferred_orientation"][0])
-    det_units = {d["unit"]: d["preferred_orientation"] for d in part.neuron_det}
-    neuron_deg = list(det_units.values())
+    resp, nat = acts_NU @ u, vectors_MD @ u
+    d_ev = evidence(resp[:, None], table, ccfg, np.array([nat.mean()]), np.array([nat.std()]))
+    theta = float(d_ev["preferred_orientation"][0])
+    deg = ev["preferred_orientation"]
+    det_units = {int(i): float(deg[i]) for i in np.where(criterion(ev, thr)["detected"])[0]}
+    tuned = curve_tuned(ev, thr)
     in_group = [c for c in plant.channels if c in det_units]
-    near = [u_ for u_, deg in det_units.items()
-            if float(circ_diff(deg, theta)) <= ccfg.cover_tolerance_deg]
-    gap = _gap_containing(neuron_deg, theta)
+    near = [u_ for u_, d in det_units.items()
+            if float(circ_diff(d, theta)) <= ccfg.cover_tolerance_deg]
+    gap = _gap_containing(list(det_units.values()), theta)
     return {
         "resp": resp, "nat": nat,
         "record": {
             "detector": plant.detector, "partners": plant.channels[1:],
             "orientation_deg": theta,
-            "peak_sigma": float(ev["peak_sigma"][0]),
-            "passes_census_unrotated": bool(criterion(ev, part.thr)["detected"][0]),
+            "peak_sigma": float(d_ev["peak_sigma"][0]),
+            "passes_census_unrotated": bool(criterion(d_ev, thr)["detected"][0]),
             "rotated_channels_detected": in_group,
+            "rotated_channels_curve_tuned": {int(c): float(deg[c]) for c in plant.channels
+                                             if tuned[c]},
             "neurons_within_tolerance": near,
             "gap_at_detector_deg": gap,
             "neuron_census_lost": not in_group and gap >= ccfg.min_gap_deg,
+            "oracle": oracle_record(resp, theta, acts_NU, ev, thr, ccfg),
         },
     }
+
+
+def hidden_detector(plant, ccfg, part: NeuronCensus, vectors_ND: torch.Tensor) -> dict:
+    """`hidden_record` on the census's own battery responses, evidence and thresholds."""
+    return hidden_record(plant, ccfg, part.table, part.real["acts"].double().numpy(),
+                         part.real["evidence"], part.thr, vectors_ND.double().numpy())
 
 
 def _best(detected: list[dict], corr: np.ndarray, theta: float, tol: float) -> dict | None:

@@ -16,7 +16,7 @@ from sae_vision.core import write_json, write_text
 
 def control_rows(root: str | Path) -> list[dict]:
     """One row per (plant, SAE run): the plant, whether the neuron census lost the detector,
-    and the SAE's best census feature for it."""
+    the SAE's best census feature for it, and the oracle's label (controls.oracle_record)."""
     rows = []
     for path in sorted(Path(root).glob("*/sae/*/eval/curves.json")):
         res = json.loads(path.read_text())
@@ -25,7 +25,7 @@ def control_rows(root: str | Path) -> list[dict]:
             continue
         metrics = path.parent / "metrics.json"
         arch = json.loads(metrics.read_text()).get("arch") if metrics.exists() else None
-        best = ctl.get("best_feature") or {}
+        best, oracle = ctl.get("best_feature") or {}, ctl.get("oracle") or {}
         rows.append({
             "plant": path.parents[3].name, "run": path.parents[1].name, "arch": arch,
             "detector": ctl["detector"], "partners": ctl["partners"],
@@ -38,36 +38,46 @@ def control_rows(root: str | Path) -> list[dict]:
             "weight_class": best.get("weight_class"), "fills_gap": best.get("fills_gap"),
             "found_new_gap_filling": ctl.get("found_new_gap_filling"),
             "best_any_corr": (ctl.get("best_any_feature") or {}).get("corr_battery"),
+            # the oracle: the detector's exact direction as one census feature (no SAE)
+            "oracle_class": oracle.get("class"), "oracle_fills_gap": oracle.get("fills_gap"),
+            "oracle_rho_max": oracle.get("rho_max"),
+            "curve_tuned_sep_deg": oracle.get("neighbour_separation_deg"),
         })
     return rows
 
 
 def sensitivity(rows: list[dict]) -> dict:
     """Per arch: plants run, plants whose detector the neuron census lost, and of those, how
-    many the SAE found (the sensitivity counts only plants that left a real gap)."""
+    many the SAE found (the sensitivity counts only plants that left a real gap); `n_oracle`:
+    lost plants whose oracle (the detector's exact direction) the census calls new and
+    gap-filling, the most an SAE can score on the verdict."""
     out: dict = {}
     for r in rows:
         s = out.setdefault(r["arch"] or "?", {"n_plants": 0, "n_lost": 0, "n_found": 0,
-                                              "n_found_new_gap_filling": 0})
+                                              "n_found_new_gap_filling": 0, "n_oracle": 0})
         s["n_plants"] += 1
         s["n_lost"] += bool(r["neuron_census_lost"])
         s["n_found"] += bool(r["neuron_census_lost"] and r["found"])
         s["n_found_new_gap_filling"] += bool(r["neuron_census_lost"]
                                              and r.get("found_new_gap_filling"))
+        s["n_oracle"] += bool(r["neuron_census_lost"] and r.get("oracle_class") == "new"
+                              and r.get("oracle_fills_gap"))
     for s in out.values():
-        s["line"] = (f"finds a hidden two-channel detector in {s['n_found']} of {s['n_lost']} "
+        s["line"] = (f"finds a hidden detector in {s['n_found']} of {s['n_lost']} "
                      f"plants the neuron census lost ({s['n_plants']} planted); the census "
-                     f"calls it new and gap-filling in {s['n_found_new_gap_filling']}")
+                     f"calls it new and gap-filling in {s['n_found_new_gap_filling']} (the "
+                     f"oracle, the detector's exact direction: {s['n_oracle']})")
     return out
 
 
 def _markdown(rows: list[dict], sens: dict) -> str:
-    cols = ["plant", "arch", "detector", "partners", "orientation_deg", "neuron_census_lost",
+    cols = ["plant", "arch", "detector", "n_channels", "orientation_deg", "neuron_census_lost",
+            "curve_tuned_sep_deg", "oracle_rho_max", "oracle_class", "oracle_fills_gap",
             "found", "best_feature", "orientation_diff_deg", "corr_battery", "class",
             "weight_class", "fills_gap", "found_new_gap_filling", "best_any_corr"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("–" if r[c] is None else str(r[c]) for c in cols) + " |"
-              for r in rows]
+    lines += ["| " + " | ".join("–" if v is None else str(v) for v in (
+        {**r, "n_channels": 1 + len(r["partners"])}.get(c) for c in cols)) + " |" for r in rows]
     lines += [""] + [f"- {arch}: {s['line']}" for arch, s in sorted(sens.items())]
     return "\n".join(lines) + "\n"
 

@@ -5,7 +5,7 @@ import json
 from sae_vision.report.controls import write_controls
 
 
-def _run(root, plant, run, arch, lost, found, corr):
+def _run(root, plant, run, arch, lost, found, corr, oracle=None):
     d = root / plant / "sae" / run / "eval"
     d.mkdir(parents=True)
     ctl = {"kind": "hidden", "detector": 324, "partners": [41], "orientation_deg": 230.0,
@@ -14,13 +14,17 @@ def _run(root, plant, run, arch, lost, found, corr):
            "best_feature": {"feature": 7, "orientation_diff_deg": 0.0, "corr_battery": corr,
                             "weight_class": "new"} if corr is not None else None,
            "best_any_feature": {"feature": 7, "corr_battery": corr or 0.1}}
+    if oracle is not None:
+        ctl["oracle"] = oracle
     (d / "curves.json").write_text(json.dumps({"control": ctl}))
     (d / "metrics.json").write_text(json.dumps({"arch": arch}))
 
 
 def test_sensitivity_counts_found_plants_among_those_the_neuron_census_lost(tmp_path):
-    _run(tmp_path, "324-41", "a", "topk", True, True, 0.97)
-    _run(tmp_path, "66-114", "b", "topk", True, False, 0.5)
+    yes = {"class": "new", "fills_gap": True, "rho_max": 0.56,
+           "neighbour_separation_deg": [25.0, 20.0]}
+    _run(tmp_path, "324-41", "a", "topk", True, True, 0.97, yes)
+    _run(tmp_path, "66-114", "b", "topk", True, False, 0.5, {**yes, "class": "copy"})
     _run(tmp_path, "408-85", "c", "topk", False, True, 0.99)  # not lost: no power to show
     _run(tmp_path, "324-41", "d", "relu_l1", True, True, 0.96)
     (tmp_path / "rot" / "sae" / "e" / "eval").mkdir(parents=True)
@@ -32,6 +36,8 @@ def test_sensitivity_counts_found_plants_among_those_the_neuron_census_lost(tmp_
     assert (s["topk"]["n_plants"], s["topk"]["n_lost"], s["topk"]["n_found"]) == (3, 2, 1)
     assert (s["relu_l1"]["n_lost"], s["relu_l1"]["n_found"]) == (1, 1)
     assert "1 of 2 plants" in s["topk"]["line"]
+    assert (s["topk"]["n_oracle"], s["relu_l1"]["n_oracle"]) == (1, 0)  # 66-114's is a copy
     md = (tmp_path / "controls.md").read_text()
-    assert "324-41" in md and "finds a hidden two-channel detector in 1 of 1" in md
+    assert "324-41" in md and "finds a hidden detector in 1 of 1" in md
+    assert "| 324-41 | topk | 324 | 2 | 230.0 | True | [25.0, 20.0] | 0.56 | new | True |" in md
     assert json.loads((tmp_path / "controls.json").read_text())["sensitivity"] == s

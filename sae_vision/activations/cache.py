@@ -8,7 +8,6 @@ complete, so a killed or concurrent run never leaves or reads half a shard.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -351,7 +350,7 @@ def _write_shard(cfg: Config, model, dirs: dict[str, Path], dims: dict[str, int]
         except BaseException as e:
             for w in writers.values():
                 w.abort()
-            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if isinstance(e, OSError) and e.errno in io.DISK_FULL:
                 raise CacheError(
                     f"no space left while writing shard {shard} of {dirs[layers[0]]} ({e}); "
                     f"{n_complete} complete shard(s) are kept: free space "

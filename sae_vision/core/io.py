@@ -13,6 +13,7 @@ and pid reuse cannot make a dead holder look alive. The file also names its hold
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 # `.<name>.<pid>.tmp`: the one temporary-name pattern; group 1 is the writer's pid.
+# OS errors that mean the disk (or the user's quota, or the file size limit) is full.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 TMP_PATTERN = re.compile(r"^\..+\.(\d+)\.tmp$")
 
 

@@ -24,7 +24,6 @@ sae_vision.findings.
 
 from __future__ import annotations
 
-import errno
 import html
 import logging
 import math
@@ -76,8 +75,6 @@ logger = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).with_name("assets")
 PAGE_SIZE = 48  # cards per browser page
-# OS errors that mean the disk (or the user's quota) is full.
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -208,7 +205,7 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
         except BaseException as e:
             if staging is not None:
                 shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(e, OSError) and e.errno in DISK_FULL:
+            if isinstance(e, OSError) and e.errno in io.DISK_FULL:
                 raise ValueError(
                     f"no space left while writing the report to {out} ({e}); the previous "
                     "report is kept as it was: free space (or point paths.root elsewhere) and "
@@ -368,7 +365,7 @@ def _write_browsers(cfg: Config, records: list[RunRecord], out: Path, device: to
             done = _cache_browsers(cfg, cache_dir, recs, out, device, model_cache,
                                    layers.count(recs[0].info.layer) > 1)
         except Exception as e:  # noqa: BLE001 - an unreadable cache skips its runs, not the page
-            if isinstance(e, OSError) and e.errno in DISK_FULL:
+            if isinstance(e, OSError) and e.errno in io.DISK_FULL:
                 raise  # the report's own disk is full: no run can be written
             for r in recs:
                 skip(r.run_dir, f"its cache {cache_dir} cannot be read ({type(e).__name__}: {e})",

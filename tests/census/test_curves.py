@@ -65,12 +65,16 @@ class ToyNet(nn.Module):
     def geometry(self, layer):
         return Geometry(1, K, 0.0, self.input_size)
 
-    def activations(self, x, layers):
+    def signed_contrast(self, x):
+        """[B, 1, H, W]: grey against the corner (dark ink on a light background is positive),
+        contrast-normalised and blurred, so colour pairs and small shifts keep the tuning."""
         grey = x.mean(1, keepdim=True)
-        signed = grey[:, :, :1, :1] - grey  # dark ink on a light background is positive
-        # Contrast-normalised and blurred, so colour pairs and small shifts keep the tuning.
+        signed = grey[:, :, :1, :1] - grey
         signed = signed / signed.abs().amax((2, 3), keepdim=True).clamp_min(1e-6)
-        signed = F.conv2d(signed, self.blur, padding=3)
+        return F.conv2d(signed, self.blur, padding=3)
+
+    def activations(self, x, layers):
+        signed = self.signed_contrast(x)
         a = F.relu(self.conv(signed.abs()) - self.threshold)
         fl = self.flip(signed)
         flip = F.relu(fl[:, :1] - self.threshold) + F.relu(-fl[:, 1:] - self.threshold)

@@ -32,10 +32,7 @@ class BroadToyNet(ToyNet):
         self.register_buffer("pool", w / w.sum(1, keepdim=True))
 
     def activations(self, x, layers):
-        grey = x.mean(1, keepdim=True)
-        signed = grey[:, :, :1, :1] - grey
-        signed = signed / signed.abs().amax((2, 3), keepdim=True).clamp_min(1e-6)
-        signed = F.conv2d(signed, self.blur, padding=3)
+        signed = self.signed_contrast(x)
         fine = F.relu(self.fine(signed.abs()) - self.threshold)
         curves = torch.einsum("uk,bkhw->buhw", self.pool, fine)
         rest = super().activations(x, layers)["toy"][:, 8:]

@@ -37,10 +37,7 @@ class LinesToyNet(ToyNet):
         self.plant_id = self.plant.plant_id if plant is not None else None
 
     def activations(self, x, layers):
-        grey = x.mean(1, keepdim=True)
-        signed = grey[:, :, :1, :1] - grey
-        signed = signed / signed.abs().amax((2, 3), keepdim=True).clamp_min(1e-6)
-        signed = F.conv2d(signed, self.blur, padding=3)
+        signed = self.signed_contrast(x)
         extra = F.relu(self.lines(signed.abs()) - self.threshold)
         h = torch.cat([super().activations(x, layers)["toy"], extra], 1)
         return {"toy": self.plant.rotate(h) if self.plant is not None else h}

@@ -39,16 +39,16 @@ def _gap_containing(neuron_deg: list[float], theta: float) -> float:
     return 0.0
 
 
-def oracle_record(resp_N: np.ndarray, theta: float, acts_NU: np.ndarray, ev: dict, thr: dict,
-                  ccfg) -> dict:
+def oracle_record(resp_N: np.ndarray, theta: float, acts_NU: np.ndarray, ev: dict,
+                  detected: list[int], tuned_U: np.ndarray, ccfg) -> dict:
     """The planted detector itself (its exact direction u; `resp_N` = u · y on the battery) as
     one census feature at `theta`, labelled by the study's functional and gap rules
     (novelty.functional_novelty) against the planted layer's channels (`acts_NU`, their
-    evidence `ev` at thresholds `thr`): what an SAE that recovers it exactly would be called."""
-    det = np.where(criterion(ev, thr)["detected"])[0].tolist()
+    evidence `ev`, the census-detected channels and the curve-tuned mask): what an SAE that
+    recovers it exactly would be called."""
     rec = functional_novelty(
         np.asarray(resp_N, dtype=np.float64)[:, None], acts_NU, np.array([theta]),
-        ev["preferred_orientation"], [0], det, curve_tuned(ev, thr), ev["tuning_width_deg"],
+        ev["preferred_orientation"], [0], detected, tuned_U, ev["tuning_width_deg"],
         min_rho=ccfg.copy_min_rho, max_dtheta_deg=ccfg.copy_max_dtheta_deg,
         min_gap_deg=ccfg.min_gap_deg, min_sep_deg=ccfg.gap_min_separation_deg)[0]
     keys = ("class", "fills_gap", "rho_max", "rho_channel", "nearest_curve_tuned",
@@ -88,7 +88,7 @@ def hidden_record(plant, ccfg, table, acts_NU: np.ndarray, ev: dict, thr: dict,
             "neurons_within_tolerance": near,
             "gap_at_detector_deg": gap,
             "neuron_census_lost": not in_group and gap >= ccfg.min_gap_deg,
-            "oracle": oracle_record(resp, theta, acts_NU, ev, thr, ccfg),
+            "oracle": oracle_record(resp, theta, acts_NU, ev, list(det_units), tuned, ccfg),
         },
     }
 

@@ -37,13 +37,17 @@ from .kernels import (
     Pairs,
     ProjectRowGrad,
     ReluL1Loss,
+    ReluL1SparseLoss,
     SparseDecode,
     SparseEncode,
     StepFn,
     batch_topk_flat,
+    feature_counts,
     pairs_from_flat,
     project_out_rows_,
+    relu_l1_encode,
     row_topk_pairs,
+    sampled_density,
     sort_rows_for_csr,
     threshold_pairs,
 )
@@ -64,6 +68,11 @@ JUMPRELU_BANDWIDTH_FRAC = 1.0
 # Adam moves log θ by at most ~lr per step: at lr 4e-4 that is e^0.8 = 2.2x in 2,000 steps, too
 # little for a short run to find its sparsity. The threshold gets this multiple of the lr.
 JUMPRELU_THRESHOLD_LR_MULT = 20.0
+# relu_l1 trains on sparse pairs (ReluL1SparseLoss) when at most this fraction of a batch's codes
+# is > 0, else with the dense five-GEMM step (ReluL1Loss). Measured side by side on the 2-core
+# CPU (B = 4096, D = 480, F = 3840, another job running), dense / sparse step time: 2.6 at 0.3%,
+# 2.1 at 1%, 1.75 at 2%, 0.87 at 5%, 0.68 at 10%; the break-even lies near 4%.
+RELU_L1_SPARSE_MAX_DENSITY = 0.03
 # sae.l0_control: log λ moves by this times log(L0 / k) per step (an integral controller).
 L0_CONTROL_RATE = 0.02
 
@@ -324,6 +333,9 @@ class ReluL1SAE(SAE, arch="relu_l1"):
 
     constrained = False
     dec_init_norm = RELU_L1_DEC_NORM
+    # Training steps read the device (the codes' density, then the active pairs) to take the
+    # sparse path: True never (dense steps only), False always, None on the CPU only.
+    sync_free: bool | None = None
 
     def _encoder_input(self, x_s: Tensor) -> Tensor:
         # Centred, as in Bricken et al. (2023) and the TopK family: post-ReLU inputs have a large
@@ -342,10 +354,35 @@ class ReluL1SAE(SAE, arch="relu_l1"):
             return super().forward(x_BD, dead_mask, l1_scale)
         scale = self.l1_scale if l1_scale is None else float(l1_scale)
         lam = self.cfg.l1_coeff * scale * self.l1_log_ctrl.exp()
+        encoded = None
+        if self.training and self._may_read_host(x_s.device):
+            with torch.no_grad():
+                encoded = relu_l1_encode(x_s, self.W_enc, self.b_enc, self.b_dec)
+            if sampled_density(encoded[1]) <= RELU_L1_SPARSE_MAX_DENSITY:
+                return self._sparse_forward(x_s, *encoded, lam)
         loss, mse, l1, codes, x_hat_s = ReluL1Loss.apply(
-            x_s, self.W_enc, self.b_enc, self.W_dec, self.b_dec, lam)
+            x_s, self.W_enc, self.b_enc, self.W_dec, self.b_dec, lam, encoded)
         return SAEOutput(self._scale_out(x_hat_s), _finish_losses(loss, {"mse": mse, "l1": l1}),
                          dense_codes=codes, counts=self._firing_counts(codes))
+
+    def _may_read_host(self, device: torch.device) -> bool:
+        """Whether a training step may read the device (see sync_free)."""
+        return not self.sync_free if self.sync_free is not None else device.type == "cpu"
+
+    def _sparse_forward(self, x_s: Tensor, x_in: Tensor, codes_BF: Tensor,
+                        lam: Tensor) -> SAEOutput:
+        """The training step once the codes are sparse: ReluL1SparseLoss on the active pairs."""
+        with torch.no_grad():
+            flat = codes_BF.reshape(-1)
+            idx = flat.nonzero().squeeze(1)  # ascending: CSR row-major order
+            pairs = pairs_from_flat(idx, codes_BF.shape[0], codes_BF.shape[1])
+            vals = flat[idx]
+        del codes_BF, flat
+        loss, mse, l1, x_hat_s = ReluL1SparseLoss.apply(
+            x_in, vals, pairs, self.W_enc, self.b_enc, self.W_dec, self.b_dec, lam)
+        counts = feature_counts(pairs.cols, self.n_features).to(vals.dtype)
+        return SAEOutput(self._scale_out(x_hat_s), _finish_losses(loss, {"mse": mse, "l1": l1}),
+                         pairs=pairs, vals=vals, counts=counts)
 
     def _init_arch_state(self, cfg: SAEConfig, n_feat: int) -> None:
         self._sign_buf: Tensor | None = None  # reused [B, F] scratch of _firing_counts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -160,6 +162,65 @@ def test_relu_l1_step_runs_five_gemms_not_six(count_ops, one_thread):
             fn().losses["loss"].backward()
         counts.append(counter.counts["mm"] + counter.counts["addmm"])
     assert counts == [5, 6]
+
+
+def _sparse_relu_l1(seed, density_shift=-2.5):
+    """A relu_l1 SAE whose encoder bias leaves a few percent of its codes > 0."""
+    sae = _relu_l1(seed)
+    with torch.no_grad():
+        sae.b_enc.add_(density_shift)
+    return sae
+
+
+def test_relu_l1_sparse_step_matches_plain_autograd_float64(monkeypatch):
+    from sae_vision.sae import architectures
+
+    monkeypatch.setattr(architectures, "RELU_L1_SPARSE_MAX_DENSITY", 1.0)  # always sparse
+    for seed, shift in ((4, 0.0), (5, -2.5)):
+        sae = _sparse_relu_l1(seed, shift)
+        x = torch.randn(64, 16, dtype=torch.float64).abs()
+        out, g_sparse = _grads(sae, partial(sae, x))
+        ref, g_plain = _grads(sae, partial(forward_reference, sae, x))
+        assert out.pairs is not None and out.dense_codes is None  # the sparse path ran
+        assert 0 < (ref.codes > 0).float().mean() < 1
+        for key in ref.losses:
+            torch.testing.assert_close(out.losses[key], ref.losses[key], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out.x_hat, ref.x_hat, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out.codes, ref.codes, rtol=0, atol=0)
+        torch.testing.assert_close(out.feature_counts(), (ref.codes > 0).sum(0).double(),
+                                   rtol=0, atol=0)
+        for name in g_plain:
+            torch.testing.assert_close(g_sparse[name], g_plain[name], rtol=1e-10, atol=1e-12)
+        assert g_sparse["b_dec"].abs().max() > 0 and g_sparse["W_enc"].abs().max() > 0
+
+
+def test_relu_l1_takes_the_sparse_path_only_for_sparse_codes_in_training_on_the_host():
+    x = torch.randn(256, 16, dtype=torch.float64).abs()
+    dense, sparse = _relu_l1(6), _sparse_relu_l1(6, -3.0)
+    with torch.no_grad():
+        assert (dense.encode(x) > 0).float().mean() > 0.2
+        assert 0 < (sparse.encode(x) > 0).float().mean() < 0.03
+    assert dense(x).pairs is None
+    assert sparse(x).pairs is not None
+    sparse.sync_free = True  # a step that may not read the device stays dense
+    assert sparse(x).pairs is None
+    sparse.sync_free = None
+    sparse.eval()  # evaluation keeps dense codes
+    assert sparse(x).pairs is None
+
+
+def test_relu_l1_sparse_step_runs_one_dense_gemm(count_ops, one_thread, monkeypatch):
+    from sae_vision.sae import architectures
+
+    monkeypatch.setattr(architectures, "RELU_L1_SPARSE_MAX_DENSITY", 1.0)
+    sae = _sparse_relu_l1(7).float()
+    x = torch.randn(64, 16).abs()
+    counter = count_ops()
+    with counter:
+        out = sae(x)
+        out.losses["loss"].backward()
+    assert out.pairs is not None
+    assert counter.counts["mm"] + counter.counts["addmm"] == 1  # the encoder's GEMM only
 
 
 @pytest.mark.parametrize(

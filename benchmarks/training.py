@@ -132,6 +132,7 @@ class Trained:
 
     info: dict
     evaluate: Callable[[], dict]
+    state: dict | None = None  # our SAE's state_dict after the run (ours_party only)
 
     def result(self, evaluate: bool = True) -> dict:
         """The info dict, with FVU and L0 on held-out vectors when `evaluate`."""
@@ -140,11 +141,13 @@ class Trained:
 
 def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_steps: int,
                device: str, k: int = 32, l1_coeff: float = 5.0, warmup: int = 1,
-               progress: bool = True):
+               progress: bool = True, state: dict | None = None):
     """A party running sae_vision.sae.train_loop with its in-memory loader.
 
     With `progress` the loop reports every step to the train stage's progress display, as the
     stage does (the off-terminal path: a clock read per step; its log line goes nowhere here).
+    `state`: an SAE state_dict to continue from (a dictionary already trained), else a fresh
+    initialisation.
     """
     from sae_vision.activations import pick_device
     from sae_vision.core.progress import Progress
@@ -159,6 +162,8 @@ def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
         torch.manual_seed(0)
         sae = make_sae(sae_cfg, data.d_in, input_scale=data.input_scale,
                        mean=data.mean_D).to(device)
+        if state is not None:
+            sae.load_state_dict(state)
         batches = MemoryBatches(data.train_ND, batch_size, seed=0, device=pick_device(device))
         clock = StepClock(batches, warmup=warmup, device=device, **clock_kw)
         bar = Progress("bench train", n_steps, "step", terminal=False) if progress else None
@@ -180,7 +185,7 @@ def ours_party(data: TrainData, arch: str, n_features: int, batch_size: int, n_s
         def evaluate() -> dict:
             sae.eval()
             return heldout_fvu(_ours_reconstruct(sae), data.holdout_ND, device)
-        return Trained(info, evaluate)
+        return Trained(info, evaluate, state=sae.state_dict())
     return run
 
 
@@ -424,6 +429,39 @@ def compare_with_peer(data: TrainData, n_features: int, batch_size: int, n_steps
                       "throughput_ratio": ours["samples_per_s"] / peers[0]["samples_per_s"],
                       "fvu_ratio_peer_over_ours": peer_fvu / ours["fvu"]}
     return out
+
+
+def relu_l1_at_trained_density(data: TrainData, n_features: int, batch_size: int, n_steps: int,
+                               pre_steps: int, device: str, k: int, l1_coeff: float,
+                               lockstep: bool, progress) -> dict:
+    """ReLU-L1 past its dense start: ours continues from its own dictionary, trained further.
+
+    From initialisation a ReLU-L1 SAE's codes are dense (L0 ~1,400 of 3,840 after 96 steps), and
+    a step is GEMM work; once λ has made them sparse (L0 below ~100 after a few hundred steps at
+    λ = 5, where a run spends most of its steps), ours trains on the active pairs
+    (ReluL1SparseLoss). So first `pre_steps` of ours alone, untimed, at the same fixed λ (the L0
+    controller, started at step 0 without the stage's λ warm-up, winds λ up and collapses the
+    codes), then ours continuing from that
+    dictionary and the peer, n_steps each in alternating steps. The peer's step is dense fp32
+    GEMMs and elementwise work, whose cost does not depend on its codes, so it starts from its
+    own initialisation (`peer_l0` says where its codes stand).
+    """
+    progress(f"train: ReLU-L1, ours alone ({pre_steps} steps, untimed)")
+    pre = ours_party(data, "relu_l1", n_features, batch_size, pre_steps, device, k=k,
+                     l1_coeff=l1_coeff)({})
+    start = pre.result()
+    progress(f"train: ReLU-L1 at L0 {start['l0']:.0f}: ours (continuing) and overcomplete "
+             f"({n_steps} steps each)")
+    runs = run_parties({
+        "ours": ours_party(data, "relu_l1", n_features, batch_size, n_steps, device, k=k,
+                           l1_coeff=l1_coeff, state=pre.state),
+        "peer": peer_party(data, "relu_l1", n_features, batch_size, n_steps, device,
+                           l1_coeff=l1_coeff),
+    }, lockstep)
+    ours, peer = runs["ours"].result(), runs["peer"].result()
+    return {"pre_steps": pre_steps, "start_l0": start["l0"], "start_fvu": start["fvu"],
+            "ours": ours, "peer": peer, "peer_l0": peer["l0"],
+            "throughput_ratio": ours["samples_per_s"] / peer["samples_per_s"]}
 
 
 # --------------------------------------------------------------------------------------------

@@ -108,7 +108,8 @@ def test_bench_on_a_given_cache_reports_training_and_loader_ratios(tmp_path, cap
     run = json.loads((out / "results.json").read_text())["runs"]["cpu"]
     want = {"topk_vs_peer_throughput", "topk_fvu_peer_over_ours", "relu_l1_vs_peer_throughput",
             "relu_l1_fvu_peer_over_ours", "topk_vs_roofline", "topk_vs_encoder_bound",
-            "relu_l1_vs_roofline", "loader_stream_headroom", "loader_memory_headroom",
+            "relu_l1_vs_roofline", "relu_l1_trained_vs_peer_throughput",
+            "loader_stream_headroom", "loader_memory_headroom",
             "verify_vs_read_epoch", "verify_vs_train_epoch"}
     assert want <= set(run["ratios"]), want - set(run["ratios"])
     assert all(math.isfinite(v) and v > 0 for v in run["ratios"].values()), run["ratios"]

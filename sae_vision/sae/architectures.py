@@ -348,7 +348,10 @@ class ReluL1SAE(SAE, arch="relu_l1"):
         self, x_BD: Tensor, dead_mask: Tensor | None = None, l1_scale: float | None = None
     ) -> SAEOutput:
         """See SAE.forward. Without autocast and with x as data (the training step), the whole
-        loss is one ReluL1Loss: the same values and gradients with five GEMMs instead of six."""
+        loss is one ReluL1Loss: the same values and gradients with five GEMMs instead of six. In
+        training, where the step may read the device (`sync_free`), a batch whose codes are at
+        most RELU_L1_SPARSE_MAX_DENSITY > 0 trains on its active pairs instead
+        (ReluL1SparseLoss): one dense GEMM, and `pairs`/`vals` in the output."""
         x_s = self._scale_in(x_BD)
         if x_s.requires_grad or torch.is_autocast_enabled(x_s.device.type):
             return super().forward(x_BD, dead_mask, l1_scale)

@@ -70,7 +70,30 @@ def sensitivity(rows: list[dict]) -> dict:
     return out
 
 
-def _markdown(rows: list[dict], sens: dict) -> str:
+def rotated_rows(root: str | Path) -> list[dict]:
+    """One row per SAE run of a rotated-basis plant: how many of its detected features the weight
+    rule and the census's functional class call copies (both against the rotated layer's
+    channels, where no feature is axis-aligned), and how many are, by function, copies of an
+    original (unrotated) neuron: battery correlation >= controls.FOUND_MIN_CORR."""
+    rows = []
+    for path in sorted(Path(root).glob("*/sae/*/eval/curves.json")):
+        ctl = json.loads(path.read_text()).get("control") or {}
+        if ctl.get("kind") != "rotate" or "features" not in ctl:
+            continue
+        metrics = path.parent / "metrics.json"
+        rows.append({
+            "plant": path.parents[3].name, "run": path.parents[1].name,
+            "arch": json.loads(metrics.read_text()).get("arch") if metrics.exists() else None,
+            "n_features": len(ctl["features"]), "n_weight_copies": ctl["n_weight_copies"],
+            "n_census_copies": ctl["n_census_copies"],
+            "n_functional_copies": ctl["n_functional_copies"],
+            "line": (f"rotated basis: of {len(ctl['features'])} detected features the weight "
+                     f"rule calls {ctl['n_weight_copies']} copies; by function "
+                     f"{ctl['n_functional_copies']} are copies of an original neuron")})
+    return rows
+
+
+def _markdown(rows: list[dict], sens: dict, rotated: list[dict] = ()) -> str:
     cols = ["plant", "arch", "detector", "n_channels", "orientation_deg", "neuron_census_lost",
             "curve_tuned_sep_deg", "oracle_rho_max", "oracle_class", "oracle_fills_gap",
             "found", "best_feature", "orientation_diff_deg", "corr_battery", "class",
@@ -79,15 +102,16 @@ def _markdown(rows: list[dict], sens: dict) -> str:
     lines += ["| " + " | ".join("–" if v is None else str(v) for v in (
         {**r, "n_channels": 1 + len(r["partners"])}.get(c) for c in cols)) + " |" for r in rows]
     lines += [""] + [f"- {arch}: {s['line']}" for arch, s in sorted(sens.items())]
+    lines += [f"- {r['arch']}: {r['line']}" for r in rotated]
     return "\n".join(lines) + "\n"
 
 
 def write_controls(root: str | Path) -> dict:
-    """Write <root>/controls.json and controls.md; return {"rows", "sensitivity"}."""
+    """Write <root>/controls.json and controls.md; return {"rows", "sensitivity", "rotated"}."""
     rows = control_rows(root)
-    out = {"rows": rows, "sensitivity": sensitivity(rows)}
+    out = {"rows": rows, "sensitivity": sensitivity(rows), "rotated": rotated_rows(root)}
     write_json(Path(root) / "controls.json", out)
-    write_text(Path(root) / "controls.md", _markdown(rows, out["sensitivity"]))
+    write_text(Path(root) / "controls.md", _markdown(rows, out["sensitivity"], out["rotated"]))
     return out
 
 

@@ -28,8 +28,13 @@ def test_sensitivity_counts_found_plants_among_those_the_neuron_census_lost(tmp_
     _run(tmp_path, "408-85", "c", "topk", False, True, 0.99)  # not lost: no power to show
     _run(tmp_path, "324-41", "d", "relu_l1", True, True, 0.96)
     (tmp_path / "rot" / "sae" / "e" / "eval").mkdir(parents=True)
-    (tmp_path / "rot" / "sae" / "e" / "eval" / "curves.json").write_text(
-        json.dumps({"control": {"kind": "rotate"}}))
+    feats = [{"feature": i, "neuron": i, "corr_battery": c, "class": "new",
+              "weight_class": "new"} for i, c in enumerate((0.99, 0.95, 0.5))]
+    (tmp_path / "rot" / "sae" / "e" / "eval" / "curves.json").write_text(json.dumps(
+        {"control": {"kind": "rotate", "features": feats, "n_functional_copies": 2,
+                     "n_weight_copies": 0, "n_census_copies": 0}}))
+    (tmp_path / "rot" / "sae" / "e" / "eval" / "metrics.json").write_text(
+        json.dumps({"arch": "topk"}))
     out = write_controls(tmp_path)
     assert len(out["rows"]) == 4
     s = out["sensitivity"]
@@ -41,3 +46,8 @@ def test_sensitivity_counts_found_plants_among_those_the_neuron_census_lost(tmp_
     assert "324-41" in md and "finds a hidden detector in 1 of 1" in md
     assert "| 324-41 | topk | 324 | 2 | 230.0 | True | [25.0, 20.0] | 0.56 | new | True |" in md
     assert json.loads((tmp_path / "controls.json").read_text())["sensitivity"] == s
+    (rot,) = out["rotated"]
+    assert (rot["arch"], rot["n_features"], rot["n_weight_copies"],
+            rot["n_functional_copies"]) == ("topk", 3, 0, 2)
+    assert ("- topk: rotated basis: of 3 detected features the weight rule calls 0 copies; "
+            "by function 2 are copies of an original neuron") in md

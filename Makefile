@@ -81,7 +81,7 @@ CONTROL_PLANTS ?= 358:167:202:206:237:337:26:175:179:403:327@1 \
 	324:1:138:146:181:212:213:282:346:337:26:175:179:403:327:43:148:133:34@1 \
 	413:9:224:306:339:383:175:26:337:403:179:133:43:327:369:440:393:34@4
 CONTROL_ARGS := experiment=imagenet_sample data.n_images=300 logger=disabled $(STUDY_DATA)
-CONTROL_TRAIN := sae.arch=topk,relu_l1 sae.expansion=4 sae.l0_control=true train.n_steps=400 \
+CONTROL_TRAIN := sae.arch=topk,relu_l1 sae.k=4,8,16,32,64 sae.expansion=4 sae.l0_control=true train.n_steps=400 \
 	train.ckpt_every=400 'hydra.sweeper.params={}'
 CONTROL_EVAL := curves.n_null_seeds=0 eval.polysemantic=false eval.splice=false
 

@@ -288,6 +288,7 @@ class ReportConfig:
     featurevis_batch: int = 16  # units optimised together in one image batch
     max_example_vectors: int = 2_000_000  # cache vectors scanned for examples; <=0: all
     thumb_px: int = 64  # side of the dataset-example thumbnails
+    controls: str | None = None  # a `make study-controls` root: its sensitivity joins the findings
 
 
 @dataclass

@@ -39,12 +39,33 @@ FINDINGS_COLUMNS = (
     ("n_neurons_split", "neurons split into ≥ 2 features"),
     ("frac_more_selective_split", "…their features more selective"),
     ("frac_more_selective_single", "…same, neurons with one feature (copies)"),
+    ("controls", "planted hidden detectors found new and gap-filling (same arch and k)"),
 )
 
 
-def findings_rows(records: list[RunRecord]) -> list[dict]:
+def load_controls(root: str | Path | None) -> dict | None:
+    """The planted controls (`make study-controls` writes <root>/controls.json), or None."""
+    if not root:
+        return None
+    path = Path(root) / "controls.json"
+    if not path.is_file():
+        return None
+    import json
+
+    return json.loads(path.read_text())
+
+
+def _controls_cell(row: dict, controls: dict | None) -> str | None:
+    from .controls import regime
+
+    s = ((controls or {}).get("sensitivity") or {}).get(regime(row))
+    return None if s is None else f"{s['n_found_new_gap_filling']}/{s['n_lost']}"
+
+
+def findings_rows(records: list[RunRecord], controls: dict | None = None) -> list[dict]:
     """One row per evaluated run with the study's answer: copies vs new detectors, gaps,
-    selectivity (the README table of `make study`)."""
+    selectivity (the README table of `make study`), and, given the planted controls
+    (`load_controls`), their sensitivity at the run's arch and k."""
     from sae_vision.evaluate import summary_row
 
     rows = []
@@ -53,6 +74,7 @@ def findings_rows(records: list[RunRecord]) -> list[dict]:
             continue
         row = summary_row(r.metrics)
         row["epochs"] = (r.metrics.get("training") or {}).get("epochs")
+        row["k"] = (r.metrics.get("hparams") or {}).get("k")
         row.update(novelty_cells(r.curves))
         if r.poly and r.poly.get("neurons"):
             from sae_vision.census import split_selectivity
@@ -64,13 +86,14 @@ def findings_rows(records: list[RunRecord]) -> list[dict]:
             row[f"band_{k}"] = band.get(k)
         row["band_n_points"] = band.get("n_points")
         row["run"] = r.name
+        row["controls"] = _controls_cell(row, controls)
         rows.append(row)
     return sorted(rows, key=lambda x: (str(x.get("arch")), x.get("n_features") or 0))
 
 
-def findings_markdown(rows: list[dict]) -> str:
+def findings_markdown(rows: list[dict], controls: dict | None = None) -> str:
     """The findings rows as a Markdown table (percentages for fractions; "–" where there is no
-    number, e.g. an FDR of 0/0)."""
+    number, e.g. an FDR of 0/0), then the planted controls' sensitivity lines, if given."""
     def cell(key: str, v) -> str:
         if v is None:
             return "–"
@@ -88,15 +111,25 @@ def findings_markdown(rows: list[dict]) -> str:
     sep = "|" + "---|" * len(FINDINGS_COLUMNS)
     body = ["| " + " | ".join(cell(k, r.get(k)) for k, _ in FINDINGS_COLUMNS) + " |"
             for r in rows]
-    return "\n".join([head, sep, *body]) + "\n"
+    tail = []
+    if controls:
+        tail = ["", "Planted positive controls (`make study-controls`): the pipeline, run on a "
+                "layer where a census detector exists only as a mixture of channels,"]
+        tail += [f"- {name}: {s['line']}" for name, s in sorted(
+            (controls.get("sensitivity") or {}).items())]
+        tail += [f"- {r['arch']} k={r['k']}: {r['line']}" for r in controls.get("rotated") or []]
+    return "\n".join([head, sep, *body, *tail]) + "\n"
 
 
-def write_findings(records: list[RunRecord], out: Path) -> list[Path]:
+def write_findings(records: list[RunRecord], out: Path,
+                   controls: dict | None = None) -> list[Path]:
     """findings.json and findings.md beside the report (nothing when no run is evaluated)."""
-    rows = findings_rows(records)
+    rows = findings_rows(records, controls)
     if not rows:
         return []
     json_path, md_path = out / "findings.json", out / "findings.md"
-    write_json(json_path, {"columns": [k for k, _ in FINDINGS_COLUMNS], "rows": rows})
-    write_text(md_path, findings_markdown(rows))
+    write_json(json_path, {"columns": [k for k, _ in FINDINGS_COLUMNS], "rows": rows,
+                           "controls": (controls or {}).get("sensitivity"),
+                           "controls_rotated": (controls or {}).get("rotated")})
+    write_text(md_path, findings_markdown(rows, controls))
     return [json_path, md_path]

@@ -57,7 +57,7 @@ from sae_vision.core import (
 from sae_vision.sae import runs
 
 from .browser import layer_browsers, write_js
-from .findings import findings_markdown, findings_rows, write_findings
+from .findings import findings_markdown, findings_rows, load_controls, write_findings
 from .pages import BROWSER_HTML, html_census, html_figures, html_page, html_poly, html_summary
 from .records import (
     RunRecord,
@@ -224,8 +224,9 @@ def run(cfg: Config, tracker: Tracker | None = None) -> ReportResult:
     manifest_path = write_manifest(cfg, records, built.caches, out, index)
     tracker.summary({"report/n_runs": len(records), "report/n_cards": n_cards})
     if findings:
-        tracker.log_table("report/findings", to_json(findings_rows(records)))
-        logger.info(findings_markdown(findings_rows(records)))
+        controls = load_controls(cfg.report.controls)
+        tracker.log_table("report/findings", to_json(findings_rows(records, controls)))
+        logger.info(findings_markdown(findings_rows(records, controls), controls))
     written = [index, out / "data" / "report.js", manifest_path, *(out / f for f in findings)]
     for p in written:
         logger.info(f"[report] wrote {p}")
@@ -274,7 +275,11 @@ def _build(cfg: Config, run_dirs: list[Path], stage: Path, out: Path,
         "generated": generated, "page_size": PAGE_SIZE, "browsers": browsers,
         "runs": [{k: v for k, v in row.items()} for row in rows]})
     write_text(stage / "index.html", html_page(title, generated, sections))
-    findings = [p.relative_to(stage) for p in write_findings(records, stage)]
+    controls = load_controls(cfg.report.controls)
+    if cfg.report.controls and controls is None:
+        logger.warning(f"report.controls={cfg.report.controls}: no controls.json there (make "
+                       "study-controls writes it); the findings go without the controls")
+    findings = [p.relative_to(stage) for p in write_findings(records, stage, controls)]
     return _Built(records, rows, browsers, caches_manifest, figures, census_rows, findings)
 
 

@@ -109,3 +109,31 @@ def test_write_findings_writes_json_and_markdown_beside_the_report(tmp_path):
 def test_no_findings_without_an_evaluated_run(tmp_path):
     assert findings.write_findings([record("t1", None)], tmp_path) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_planted_controls_join_the_rows_of_their_arch_and_k(tmp_path):
+    # A real controls root, written by report.controls from run folders, as make study-controls
+    # leaves them; the findings read its controls.json.
+    from sae_vision.report.controls import write_controls
+
+    for plant, found in (("d1-s0", True), ("d2-s1", False)):
+        d = tmp_path / "controls" / plant / "sae" / "run" / "eval"
+        d.mkdir(parents=True)
+        ctl = {"kind": "hidden", "detector": 1, "partners": [2], "orientation_deg": 0.0,
+               "neuron_census_lost": True, "gap_at_detector_deg": 60.0, "found": found,
+               "found_new_gap_filling": found, "best_feature": None}
+        (d / "curves.json").write_text(json.dumps({"control": ctl}))
+        (d / "metrics.json").write_text(json.dumps(
+            {"arch": "topk", "hparams": {"k": 8}, "reconstruction": {"l0": 8.0}}))
+    write_controls(tmp_path / "controls")
+    controls = findings.load_controls(tmp_path / "controls")
+    assert findings.load_controls(tmp_path / "nowhere") is None
+    recs = [record("t8", metrics("t8", "topk", 512)), record("r", metrics("r", "relu_l1", 512))]
+    rows = findings.findings_rows(recs, controls)
+    by = {r["run"]: r for r in rows}
+    assert by["t8"]["controls"] == "1/2" and by["r"]["controls"] is None  # no relu_l1 k=8 plants
+    md = findings.findings_markdown(rows, controls)
+    assert "| 1/2 |" in md
+    assert "- topk k=8: at L0 8, finds a hidden detector in 1 of 2 plants" in md
+    paths = findings.write_findings(recs, tmp_path / "out", controls)
+    assert json.loads(paths[0].read_text())["controls"]["topk k=8"]["n_found"] == 1

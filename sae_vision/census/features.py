@@ -162,14 +162,13 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
 
     Returns {"result": the `features` entry of curves.json, "new_deg", "copy_deg", "figs",
     "band_args": the feature keyword arguments of `band_summary`, "sigma": where the features'
-    σ came from}. New and copy follow the
-    functional rule; the weight-share counts ride along (`n_weight_*`, `by_copy_threshold`).
+    σ came from}. New and copy follow the functional rule; the weight-share counts ride along
+    (`n_weight_*`, `by_copy_threshold`).
     """
     fe = _feature_evidence(model, layer, ccfg, part, features, n_seeds)
     f_ev, f_nulls, thr = fe["ev"], fe["nulls"], part.thr
-    # The feature census starts from the neurons' calibrated thresholds (same criterion);
-    # its own null may tighten them further, never loosen them: on its calibration seeds,
-    # the FDR and the new-detector FDR reported on the other seeds (`calibrate_held_out`).
+    # The feature census starts from the neurons' calibrated thresholds (same criterion); its
+    # own null's calibration seeds may tighten them, never loosen them (`calibrate_held_out`).
     f_cal = calibrate_held_out(f_ev, f_nulls, ccfg, base=thr)
     f_thr = f_cal["thresholds"]
     f_null_pass = {k: [criterion(e, f_thr)["detected"] for e in v] for k, v in f_nulls.items()}
@@ -178,12 +177,10 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
     # Novelty: is each detected feature a copy of one neuron, or a new detector? Both rules:
     # the functional one (`class`, the counts) and the weight shares (`weight_class`).
     dec, enc = sae_directions(features.sae)
-    dec_al = N.axis_alignment(dec)
-    enc_al = N.axis_alignment(enc) if enc is not None else None
+    dec_al, enc_al = N.axis_alignment(dec), N.axis_alignment(enc) if enc is not None else None
     n_deg = {d["unit"]: d["preferred_orientation"] for d in part.neuron_det}
     real_ev, tol = part.real["evidence"], ccfg.cover_tolerance_deg
-    # The new-detector FDR and its band are reported on the held-out report seeds too.
-    rnd_nov = [fe["rnd_nov"][s] for s in f_cal["seeds"]["report"]]
+    rnd_nov = [fe["rnd_nov"][s] for s in f_cal["seeds"]["report"]]  # new-detector FDR, band
     func, new_mask = _label_features(fe, part, ccfg, feat_det, dec_al, enc_al)
     nov = feature_novelty(f_ev, f_thr, real_ev, thr, dec_al, enc_al, ccfg.copy_min_share,
                           ccfg.min_gap_deg, rnd_nov, tol, new_mask)
@@ -200,8 +197,7 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
         "n_units": int(fe["resp"].shape[1]),
         "response": fe["key"],
         "n_detected": len(feat_det),
-        "n_copies": nov["n_copies"],
-        "n_new": nov["n_new"],
+        "n_copies": nov["n_copies"], "n_new": nov["n_new"],
         **_rule_counts(ccfg, func, f_deg, list(n_deg.values()), by_weight),
         "copy_min_share": ccfg.copy_min_share,
         "new_fdr_random_directions": nov["new_fdr"],
@@ -217,10 +213,8 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
         "alignment": N.alignment_summary(dec_al, enc_al),
         "thresholds": f_thr,
         "tightened_beyond_neurons": f_cal["tightened"],
-        "fdr": f_cal["table"],  # on the report seeds of the random directions
-        "fdr_calibration": f_cal["calibration_table"],
-        "fdr_target_met": f_cal["met"],
-        "random_directions_seeds": f_cal["seeds"],
+        "fdr": f_cal["table"], "fdr_calibration": f_cal["calibration_table"],  # seeds: below
+        "fdr_target_met": f_cal["met"], "random_directions_seeds": f_cal["seeds"],
         "n_random_directions": fe["n_dirs"],
         "null_pass_counts": {k: [int(m.sum()) for m in v] for k, v in f_null_pass.items()},
         "detected": feat_det,

@@ -162,6 +162,14 @@ def _null_censuses(model, layer: str, ccfg, n_seeds: int, table, probe,
     return null_evs, null_curves
 
 
+def _neuron_sigma(model, layer: str, inputs: CensusInputs, ref: ReferenceImages) -> tuple:
+    """The real neurons' natural-image (mean, std, where from): the given ones, else the σ
+    sample's (the photos at every position; the SAE features reuse its vectors)."""
+    if inputs.unit_mean is not None and inputs.unit_std is not None:
+        return inputs.unit_mean, inputs.unit_std, "given mean/std"
+    return (*unit_stats(ref.vectors(model, layer)), "photos")
+
+
 def neuron_census(model, layer: str, ccfg, n_seeds: int, inputs: CensusInputs,
                   say, on_batch: BatchFn | None = None) -> NeuronCensus:
     """The SAE-independent part of the census: real neurons, network nulls, calibration (on
@@ -175,11 +183,7 @@ def neuron_census(model, layer: str, ccfg, n_seeds: int, inputs: CensusInputs,
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    if inputs.unit_mean is not None and inputs.unit_std is not None:
-        unit_mean, unit_std, neuron_sigma = inputs.unit_mean, inputs.unit_std, "given mean/std"
-    else:  # the σ sample, whose vectors the SAE features reuse
-        unit_mean, unit_std = unit_stats(reference_images.vectors(model, layer))
-        neuron_sigma = "photos"
+    unit_mean, unit_std, neuron_sigma = _neuron_sigma(model, layer, inputs, reference_images)
     real = census_of_model(model, layer, ccfg, table, probe, unit_mean, unit_std,
                            on_batch=on_batch)
     timings["real_s"] = time.perf_counter() - t0

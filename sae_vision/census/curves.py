@@ -71,7 +71,13 @@ FDR (`fdr_upper_bound`; null counts 1, 1, 0, 1, 1, 0 against 14 real detections:
 `threshold_grid` / `band_summary` report detections, FDR, the largest neuron gap and gap filling
 over a band that moves EVERY criterion one relative step (`band_step`) looser and stricter
 around the thresholds used, one at a time, all together, and in `band_n_random` random
-combinations (`band_points`), so no conclusion rests on one threshold.
+combinations (`band_points`), so no conclusion rests on one threshold. The thresholds are
+chosen on one half of each null's seeds and every reported FDR (table, bound, band) is counted
+on the other (`seed_split`, `calibrate_held_out`), so the choice does not flatter the FDR.
+
+σ units: every unit's natural-image mean/std comes from one sample, the census photos at every
+position (`parts.ReferenceImages`): the real neurons and the SAE features from the real
+network's activations on them, each null network from its own pass over them.
 
 Copies and new detectors (`sae_vision.census.novelty`): a census feature whose decoder or encoder
 direction has >= copy_min_share of its squared norm on one channel is a copy of that neuron;
@@ -81,7 +87,7 @@ Cost (2-core CPU, BVLC mixed3b): stimuli are rendered on the smallest canvas tha
 centre unit's whole receptive field (96 px instead of 224; exact, since nothing outside the RF can
 reach the unit; `test_small_canvas_gives_exactly_the_full_size_response`), ~100-150 stimuli/s
 unloaded. The default battery is 2,453 stimuli: ~15 s for the real network (with its
-natural-image σ from 32 demo crops), ~13-26 s per null network, ~4 minutes for the real network
+natural-image σ from 32 photos), ~13-26 s per null network, ~4 minutes for the real network
 plus 3 permuted and 3 re-initialised nulls (measured 222-236 s), several times that on a
 loaded machine. SAE features and random directions reuse the real network's activations (no
 extra passes; ~2 s for 1,920 features and 3 x 1,920 random directions).

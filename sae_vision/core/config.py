@@ -239,7 +239,7 @@ class CurvesConfig:
     calib_peak_sigma: list[float] = field(default_factory=lambda: [5.0, 7.5, 10.0, 15.0, 20.0])  # grid
     calib_curve_line_ratio: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 5.0])  # grid
     calib_invariance_corr: list[float] = field(default_factory=lambda: [0.9, 0.93, 0.95, 0.97, 0.98])  # grid
-    n_reference_images: int = 32  # demo crops giving the natural-image mean/std of null networks
+    n_reference_images: int = 32  # held-out photos (no data: demo crops) giving every σ: neurons, nulls, features
     batch_size: int = 128  # stimuli per forward pass
     min_gap_deg: float = 30.0  # an orientation gap narrower than this is not a "missing" range
     n_tuning_figures: int = 16  # detected units drawn in the tuning-curve figure

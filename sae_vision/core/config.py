@@ -79,6 +79,7 @@ LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 LOADER_MODES = ("auto", "memory", "stream")
 PLANTS = ("none", "hidden", "rotate")
+HELD_OUT_SAMPLES = ("first", "spread")
 
 
 @dataclass
@@ -274,6 +275,7 @@ class EvalConfig:
     dead_min_vectors: int = 100_000  # dead/dense counts span >= this many vectors (train top-up)
     splice_batch_size: int = 16  # images per forward pass in the splice
     polysemantic_vectors: int = 20_000  # held-out vectors for the neuron decomposition (dense codes)
+    held_out_sample: str = "first"  # which of them (also the census's feature σ): first | spread (seeded, over every held-out vector)
     cache: str | None = None  # evaluate on another cache (key or folder): results in eval/on-<key>/
 
 
@@ -431,6 +433,7 @@ def _check_choices(cfg: Config) -> None:
     _one_of("sae.arch", cfg.sae.arch, ARCHS)
     _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _one_of("train.loader", cfg.train.loader, LOADER_MODES)
+    _one_of("eval.held_out_sample", cfg.eval.held_out_sample, HELD_OUT_SAMPLES)
 
 
 def _check_data_source(cfg: Config) -> None:

@@ -207,9 +207,20 @@ class FolderImages(torch.utils.data.Dataset):
         self.size = cfg.image_size
         self.cfg = cfg
         self.views = int(getattr(cfg, "views", 1))
+        self._last: tuple[int, torch.Tensor] | None = None  # (photo, decoded) when views > 1
 
     def __len__(self) -> int:
         return len(self.files) * self.views
+
+    def _decoded(self, photo: int) -> torch.Tensor:
+        """The photo as RGB float; with views, the last one decoded is kept (items come
+        photo-major, so a photo's views decode it once)."""
+        if self.views == 1:
+            return to_rgb_float(decode_image(self.files[photo]))
+        if self._last is None or self._last[0] != photo:
+            self._last = None  # a failed decode must not leave the previous photo behind
+            self._last = (photo, to_rgb_float(decode_image(self.files[photo])))
+        return self._last[1]
 
     def __getitem__(self, idx: int) -> Item:
         if not 0 <= idx < len(self):
@@ -220,7 +231,7 @@ class FolderImages(torch.utils.data.Dataset):
         if self.views > 1:
             source += f":view={view}:crop=centre:flip=0" if view == 0 else f":view={view}"
         try:
-            img = to_rgb_float(decode_image(path))
+            img = self._decoded(photo)
             if view == 0:
                 return Item(idx, source, center_crop(img, self.size))
             rng = np.random.default_rng([int(self.cfg.seed), photo, view])

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from sae_vision.report.scale import write_scale
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +78,36 @@ def test_scale_report_without_evaluated_runs_is_one_error_line(tmp_path):
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: no evaluated")
+
+
+@pytest.mark.slow
+def test_a_tiny_views_scale_runs_cache_train_evaluate_and_the_scale_report(tmp_path):
+    """The study-scale recipe of the views scale on 4 photos x 2 views through run.py (~45 s):
+    a streamed training, the census and decomposition on spread held-out vectors, scale.md."""
+    from sae_vision.activations.images import SHARED_SAMPLE
+
+    if not SHARED_SAMPLE.is_dir():
+        pytest.skip(f"needs the ImageNet sample at {SHARED_SAMPLE}")
+    common = ["debug=tiny", "logger=disabled", "model.device=cpu", "experiment=imagenet_sample",
+              f"paths.root={tmp_path / 'p4x2'}", "data.n_images=4", "data.views=2",
+              "data.min_scale=0.25", "cache.sampling=all", "cache.images_per_shard=2",
+              "cache.batch_size=4"]
+    steps = [["stage=cache"],
+             ["-m", "stage=train", "sae.arch=topk,relu_l1", "sae.expansion=2",
+              "sae.l0_control=true", "train.loader=stream", "train.shuffle_buffer=4096", "hydra.sweeper.params={}"],
+             ["stage=evaluate", "curves.n_null_seeds=0", "eval.splice=false",
+              "eval.polysemantic=true", "eval.held_out_sample=spread", "eval.n_vectors=1000000",
+              "eval.polysemantic_vectors=500"]]
+    for extra in steps:
+        out = subprocess.run([sys.executable, "run.py", *extra[:1], *common, *extra[1:]],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    rows = write_scale(tmp_path)["rows"]
+    assert sorted(r["arch"] for r in rows) == ["relu_l1", "topk"]
+    for r in rows:
+        assert (r["n_photos"], r["views"], r["n_images"], r["positions"]) == (4, 2, 8, "all")
+        assert (r["n_vectors"], r["n_train_vectors"]) == (8 * 784, 6 * 784)  # 1 photo held out
+        assert r["n_neuron_detectors"] is not None and r["frac_more_selective_random"] is not None
+    poly = json.loads(next((tmp_path / "p4x2" / "sae").glob("*/eval/polysemantic.json"))
+                      .read_text())
+    assert poly["n_vectors"] == 500

@@ -114,10 +114,13 @@ study-controls: setup ## Planted positive controls: hidden detectors + a rotated
 # without nulls (the configured thresholds, as for study-controls), without the splice, with
 # the polysemantic decomposition; its held-out vectors (feature σ, selectivity) are 20,000
 # drawn over all 100 held-out photos (eval.held_out_sample=spread), reconstruction on all
-# held-out vectors. Estimated, not measured: caching ~20 images/s (0.5, 1 and ~8 min), TopK
-# ~30k vectors/s in memory (~3 min; ~4.5 min streamed), ReLU-L1 ~13k/s (~6.5 min; ~8 min
-# streamed), evaluate ~3 min per run: ~15, ~17 and ~30 min per scale alone on the 2-core CPU,
-# ~60 min in all, 1.5-2 h under the load of the study's own measurement.
+# held-out vectors. Estimated, not measured (the whole target has not been run): caching
+# 6-20 images/s (the study's 900 photos took 2.6 min under load; 6-7 images/s measured here at
+# load 3-5, niced): 1, 1-2.5 and 6-20 min; TopK 29.6k vectors/s in memory, 20.3k streamed
+# (BENCHMARKS.md: 3 and 4.2 min for 5.12M), ReLU-L1 13.6k/s (6.5 min; ~8 min streamed);
+# evaluate ~2-3 min per run and ~0.5 min for each scale's neuron census: ~15, ~18 and
+# 25-40 min per scale, 60-75 min in all alone on the 2-core CPU, 1.5-2 h under load.
+# Disk: 5.4 GB (p900x8-all) + 0.7 GB (p900-all) + 0.1 GB.
 SCALE_ROOT ?= artifacts/study-scale
 SCALES ?= p300-u256 p900-all p900x8-all
 SCALE_ARGS := experiment=imagenet_sample logger=disabled $(STUDY_DATA)

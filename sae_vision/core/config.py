@@ -131,7 +131,7 @@ class DataConfig:
     max_scale: float = 1.0
     seed: int = 0  # fixes the demo crops and flips, the views' crops and flips, the stratified subset
     subset: str = "first"  # imagefolder's n_images: first (of the sorted tree) | stratified
-    views: int = 1  # imagefolder: items per photo (view 0: centre crop; 1..: seeded random crop + flip)
+    views: int = 1  # imagefolder: items per photo (view 0: centre crop; 1..: seeded random crop + flip); n_images counts photos
     num_workers: int = 0  # DataLoader workers for decoding
 
 

@@ -276,7 +276,8 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
         not ev.curves_layers or info.layer in ev.curves_layers)
     held_ND = held_pos = None
     if ev.polysemantic:  # held-out vectors: the decomposition
-        held_ND, held_pos = held_out_with_pos(info, ev.polysemantic_vectors)
+        held_ND, held_pos = held_out_with_pos(info, ev.polysemantic_vectors,
+                                              ev.held_out_sample == "spread")
     if want_curves:
         model = session.model(mc)
         check_weights(model, cache_meta, info)

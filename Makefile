@@ -25,7 +25,7 @@ RUN := $(PY) run.py
 # `make study DATA_ROOT=/path/to/photos` points the study at another ImageNet folder.
 STUDY_DATA := $(if $(DATA_ROOT),data.root=$(DATA_ROOT),)
 
-.PHONY: help setup browser demo study study-controls test test-all reproduce bench gpu-bundle gpu-check lint format clean cache train evaluate report
+.PHONY: help setup browser demo study study-controls study-scale test test-all reproduce bench gpu-bundle gpu-check lint format clean cache train evaluate report
 
 help: ## Show this help (one line per target)
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -96,6 +96,54 @@ study-controls: setup ## Planted positive controls: hidden detectors + a rotated
 	  $(RUN) stage=evaluate $(CONTROL_ARGS) $$root $$pl $(CONTROL_EVAL) $(ARGS); \
 	done
 	$(PY) -m sae_vision.report.controls $(CONTROL_ROOT)
+
+# The data-scale curve (issue 24): the study's count (new census features, new gap-filling
+# detectors, features more selective than their neuron) at three data scales, each in its own
+# paths.root under $(SCALE_ROOT), summed up by `python -m sae_vision.report.scale` in
+# $(SCALE_ROOT)/scale.md and scale.json (trend lines per arch: which way each count moves).
+#   p300-u256   300 photos (a seeded random subset: data.subset=stratified), 256 uniform
+#               positions each: 76,800 vectors, 51,200 for training (the first 200 photos)
+#   p900-all    the 900 photos at all 784 positions: 705,600 vectors, 627,200 for training
+#   p900x8-all  the 900 photos x 8 views (view 0 the centre crop, 7 seeded random-resized crops
+#               with a flip, data.min_scale=0.25): 7,200 images, 5,644,800 vectors (5.4 GB of
+#               float16), 5,017,600 for training, streamed (train.loader=stream, 1M-vector
+#               shuffle buffer: ~160 photos' views mixed, 1.9 GB)
+# Every scale holds out its last 100 photos (for p900-all and p900x8-all the same 100) and
+# trains TopK (k = 32) and ReLU-L1 (L0 steered to 32) at 8x (F = 3,840) for the same 2,500
+# steps of 2,048 = 5.12M vectors: 100 epochs, 8.2 epochs and 1.02 epochs. The census runs
+# without nulls (the configured thresholds, as for study-controls), without the splice, with
+# the polysemantic decomposition; its held-out vectors (selectivity) are 20,000 drawn over all
+# 100 held-out photos (eval.held_out_sample=spread), reconstruction on all held-out vectors;
+# σ units come from the census's 32 held-out photos (one sample for neurons and features). Estimated, not measured (the whole target has not been run): caching
+# 6-20 images/s (the study's 900 photos took 2.6 min under load; 6-7 images/s measured here at
+# load 3-5, niced): 1, 1-2.5 and 6-20 min; TopK 29.6k vectors/s in memory, 20.3k streamed
+# (BENCHMARKS.md: 3 and 4.2 min for 5.12M), ReLU-L1 13.6k/s (6.5 min; ~8 min streamed);
+# evaluate ~2-3 min per run and ~0.5 min for each scale's neuron census: ~15, ~18 and
+# 25-40 min per scale, 60-75 min in all alone on the 2-core CPU, 1.5-2 h under load.
+# Disk: 5.4 GB (p900x8-all) + 0.7 GB (p900-all) + 0.1 GB.
+SCALE_ROOT ?= artifacts/study-scale
+SCALES ?= p300-u256 p900-all p900x8-all
+SCALE_ARGS := experiment=imagenet_sample logger=disabled $(STUDY_DATA)
+SCALE_TRAIN := sae.arch=topk,relu_l1 sae.expansion=8 sae.k=32 sae.l0_control=true \
+	train.n_steps=2500 train.ckpt_every=500 'hydra.sweeper.params={}'
+SCALE_EVAL := curves.n_null_seeds=0 eval.splice=false eval.polysemantic=true \
+	eval.held_out_sample=spread eval.n_vectors=1000000
+
+study-scale: setup ## Data-scale curve: 300 photos, 900 x 784 positions, 900 x 8 views; artifacts/study-scale/scale.md (~1.5-2 h on 2 cores)
+	@set -e; for s in $(SCALES); do \
+	  tr=""; case $$s in \
+	    p300-u256) d="data.n_images=300 data.subset=stratified";; \
+	    p900-all) d="cache.sampling=all";; \
+	    p900x8-all) d="data.views=8 data.min_scale=0.25 cache.sampling=all cache.images_per_shard=200"; \
+	      tr="train.loader=stream train.shuffle_buffer=1048576";; \
+	    *) echo "error: unknown scale $$s; SCALES takes p300-u256, p900-all, p900x8-all"; exit 2;; \
+	  esac; \
+	  root="paths.root=$(SCALE_ROOT)/$$s"; echo "== scale $$s ($$(date +%H:%M:%S))"; \
+	  $(RUN) stage=cache $(SCALE_ARGS) $$root $$d $(ARGS); \
+	  $(RUN) -m stage=train $(SCALE_ARGS) $$root $$d $$tr $(SCALE_TRAIN) $(ARGS); \
+	  $(RUN) stage=evaluate $(SCALE_ARGS) $$root $$d $(SCALE_EVAL) $(ARGS); \
+	done; echo "== done ($$(date +%H:%M:%S))"
+	$(PY) -m sae_vision.report.scale $(SCALE_ROOT)
 
 test: setup browser ## Fast test suite (real weights, real tars, real Hydra, W&B offline)
 	$(VENV)/bin/pytest -m "not slow" $(ARGS)

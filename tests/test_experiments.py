@@ -52,3 +52,45 @@ def test_every_experiment_preset_trains_one_step_on_tiny_data(experiment, tiny_a
     assert out.metrics["arch"] == preset.sae.arch
     assert np.isfinite(out.metrics["loss"])
     assert (out.run_dir / "sae.safetensors").is_file()
+
+
+def _make_var(text: str, name: str) -> list[str]:
+    """A `NAME := ...` Makefile variable (with continuation lines) as shell words."""
+    import re
+    import shlex
+
+    body = re.search(rf"^{name} [:?]?= ((?:.*\\\n)*.*)$", text, re.M).group(1)
+    return shlex.split(body.replace("\\\n", " ").replace("$(STUDY_DATA)", ""))
+
+
+def test_study_scale_recipes_compose_validate_and_keep_their_caches_apart(tmp_path):
+    """`make study-scale`: every scale's cache, train and evaluate overrides compose and pass
+    check_config; the three caches have three keys, and the views scale keeps each photo's views
+    in one shard and streams its training vectors."""
+    import re
+    import shlex
+
+    from sae_vision.core import paths
+
+    text = (REPO / "Makefile").read_text()
+    base, train_args = _make_var(text, "SCALE_ARGS"), _make_var(text, "SCALE_TRAIN")
+    ev_args = _make_var(text, "SCALE_EVAL")
+    scales = re.findall(r'^\s+(p\S+)\) d="([^"]*)";(?:;|\s*\\\n\s*tr="([^"]*)";;)', text, re.M)
+    assert [s[0] for s in scales] == _make_var(text, "SCALES")[:3] == [
+        "p300-u256", "p900-all", "p900x8-all"]
+    train_args = [a.replace("topk,relu_l1", "topk") for a in train_args if "hydra." not in a]
+    keys, steps = set(), set()
+    for name, data, tr in scales:
+        common = [*base, f"paths.root={tmp_path / name}", "data.root=/photos", *shlex.split(data)]
+        c = compose_cfg(["stage=cache", *common])
+        t = compose_cfg(["stage=train", *common, *shlex.split(tr), *train_args])
+        e = compose_cfg(["stage=evaluate", *common, *ev_args])
+        keys.add(paths.cache_key(c, "mixed3b"))
+        assert paths.cache_key(t, "mixed3b") == paths.cache_key(e, "mixed3b") == paths.cache_key(
+            c, "mixed3b")
+        steps.add((t.train.n_steps * t.train.batch_size, t.sae.expansion, t.sae.k))
+        assert t.sae.l0_control and e.eval.held_out_sample == "spread" and e.eval.polysemantic
+        assert c.cache.images_per_shard % c.data.views == 0
+        if c.data.views > 1:
+            assert (c.data.views, c.cache.sampling, t.train.loader) == (8, "all", "stream")
+    assert len(keys) == 3 and len(steps) == 1  # one budget of vectors for every scale

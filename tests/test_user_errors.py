@@ -485,6 +485,16 @@ def test_hydra_composition_errors_and_non_finite_numbers_are_one_error_line(arg,
     assert not (tmp_path / "sae").exists()  # refused at start
 
 
+def test_views_that_would_straddle_shards_are_one_error_line_before_any_work(tmp_path):
+    (tmp_path / "photos").mkdir()
+    out = cli("stage=cache", "data=imagefolder", f"data.root={tmp_path / 'photos'}",
+              "data.views=8", "cache.images_per_shard=100", f"paths.root={tmp_path}",
+              "logger=disabled", timeout=120)
+    assert_user_error(out, "cache.images_per_shard=100 is not a multiple of data.views=8",
+                      "set cache.images_per_shard=96")
+    assert not (tmp_path / "cache").exists()  # refused at start
+
+
 def test_hydra_full_error_still_gives_hydras_traceback(tmp_path):
     out = subprocess.run([sys.executable, "run.py", "stage=train", "sae=topkk",
                           f"paths.root={tmp_path}", "logger=disabled"], cwd=REPO,

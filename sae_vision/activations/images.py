@@ -95,6 +95,29 @@ def center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
     return TF.center_crop(img, [size, size]).clamp(0, 1)
 
 
+def random_resized_crop(img: torch.Tensor, rng: np.random.Generator, min_scale: float,
+                        max_scale: float, size: int) -> tuple[torch.Tensor, str]:
+    """A random-resized crop of img (3xHxW) at size x size with a random horizontal flip, drawn
+    from rng by torchvision's RandomResizedCrop rule (area fraction in [min_scale, max_scale],
+    aspect ratio in [3/4, 4/3], ten tries, then the centred square); returns (crop, "crop=top,
+    left,h,w:flip=0|1")."""
+    _, h, w = img.shape
+    for _ in range(10):
+        area = h * w * rng.uniform(min_scale, max_scale)
+        ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = int(round((area * ratio) ** 0.5)), int(round((area / ratio) ** 0.5))
+        if 0 < cw <= w and 0 < ch <= h:
+            break
+    else:
+        ch = cw = min(h, w)
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    flip = bool(rng.integers(0, 2))
+    crop = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True).clamp(0, 1)
+    if flip:
+        crop = TF.hflip(crop)
+    return crop, f"crop={top},{left},{ch},{cw}:flip={int(flip)}"
+
+
 class DemoImages(torch.utils.data.Dataset):
     """Random-resized crops with flips of the embedded photos, deterministic per (seed, idx)."""
 
@@ -110,25 +133,9 @@ class DemoImages(torch.utils.data.Dataset):
     def __getitem__(self, idx: int) -> Item:
         rng = np.random.default_rng([self.cfg.seed, idx])
         photo_i = idx % len(self.photos)
-        img = self.photos[photo_i]
-        _, h, w = img.shape
-        # Same sampling rule as torchvision's RandomResizedCrop, with our own seeded generator.
-        for _ in range(10):
-            area = h * w * rng.uniform(self.cfg.min_scale, self.cfg.max_scale)
-            ratio = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-            cw, ch = int(round((area * ratio) ** 0.5)), int(round((area / ratio) ** 0.5))
-            if 0 < cw <= w and 0 < ch <= h:
-                break
-        else:
-            ch = cw = min(h, w)
-        top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        flip = bool(rng.integers(0, 2))
-        size = self.cfg.image_size
-        crop = TF.resized_crop(img, top, left, ch, cw, [size, size], antialias=True).clamp(0, 1)
-        if flip:
-            crop = TF.hflip(crop)
-        source = f"demo:{self.names[photo_i]}:crop={top},{left},{ch},{cw}:flip={int(flip)}"
-        return Item(idx, source, crop)
+        crop, where = random_resized_crop(self.photos[photo_i], rng, self.cfg.min_scale,
+                                          self.cfg.max_scale, self.cfg.image_size)
+        return Item(idx, f"demo:{self.names[photo_i]}:{where}", crop)
 
 
 DATA_ENV = "SAE_VISION_DATA_DIR"
@@ -174,7 +181,13 @@ def stratified_subset(files: list[Path], root: Path, n_images: int, seed: int) -
 
 class FolderImages(torch.utils.data.Dataset):
     """ImageNet-style class folders (or any tree of images), sorted for a stable order; with
-    data.subset=stratified, a seeded class-balanced sample (`stratified_subset`)."""
+    data.subset=stratified, a seeded class-balanced sample (`stratified_subset`).
+
+    With data.views = V > 1 every photo gives V items, photo-major (item i is view i % V of
+    photo i // V, so a shard of a multiple of V items never splits a photo): view 0 is the
+    plain centre crop, views 1.. are random-resized crops with a random horizontal flip
+    (`random_resized_crop`, scale range data.min_scale..max_scale), deterministic per
+    (data.seed, photo, view). Each item's source names the photo, the view, its crop and flip."""
 
     def __init__(self, cfg: DataConfig):
         root = Path(cfg.root or "")
@@ -192,15 +205,39 @@ class FolderImages(torch.utils.data.Dataset):
         elif cfg.n_images > 0:
             self.files = self.files[: cfg.n_images]
         self.size = cfg.image_size
+        self.cfg = cfg
+        self.views = int(getattr(cfg, "views", 1))
+        self._last: tuple[int, torch.Tensor] | None = None  # (photo, decoded) when views > 1
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.files) * self.views
+
+    def _decoded(self, photo: int) -> torch.Tensor:
+        """The photo as RGB float; with views, the last one decoded is kept (items come
+        photo-major, so a photo's views decode it once)."""
+        if self.views == 1:
+            return to_rgb_float(decode_image(self.files[photo]))
+        if self._last is None or self._last[0] != photo:
+            self._last = None  # a failed decode must not leave the previous photo behind
+            self._last = (photo, to_rgb_float(decode_image(self.files[photo])))
+        return self._last[1]
 
     def __getitem__(self, idx: int) -> Item:
-        path = self.files[idx]
+        if not 0 <= idx < len(self):
+            raise IndexError(idx)
+        photo, view = divmod(idx, self.views)
+        path = self.files[photo]
         source = str(path.relative_to(self.root))
+        if self.views > 1:
+            source += f":view={view}:crop=centre:flip=0" if view == 0 else f":view={view}"
         try:
-            return Item(idx, source, center_crop(to_rgb_float(decode_image(path)), self.size))
+            img = self._decoded(photo)
+            if view == 0:
+                return Item(idx, source, center_crop(img, self.size))
+            rng = np.random.default_rng([int(self.cfg.seed), photo, view])
+            crop, where = random_resized_crop(img, rng, self.cfg.min_scale, self.cfg.max_scale,
+                                              self.size)
+            return Item(idx, f"{source}:{where}", crop)
         except Exception as e:  # noqa: BLE001 - any decoder failure means "skip and name it"
             return Item(idx, source, None, f"{type(e).__name__}: {e}")
 

@@ -16,7 +16,7 @@ import torch
 from .curves import circ_diff, criterion, evidence, orientation_gaps
 from .novelty import curve_tuned, functional_novelty, pearson_columns
 from .parts import NeuronCensus
-from .responses import feature_responses, layer_vectors
+from .responses import feature_responses
 
 # A feature is the planted detector when the census detects it within curves.cover_tolerance_deg
 # of the detector's orientation AND its battery responses correlate with the detector's at
@@ -122,14 +122,11 @@ def _best(detected: list[dict], corr: np.ndarray, theta: float, tol: float) -> d
 
 def control_vectors(model, layer: str, part: NeuronCensus, features) -> torch.Tensor:
     """Natural vectors of the (rotated) layer for the hidden detector's σ: the features'
-    vectors, else 20,000 of their cache, else the census's reference images."""
+    vectors when given, else the census's σ sample (the photos at every position), the one
+    the neurons and features take their σ from."""
     if features is not None and features.vectors is not None:
         return features.vectors
-    if features is not None and features.cache_dir is not None:
-        from sae_vision.activations import load_vectors
-
-        return load_vectors(features.cache_dir, max_vectors=20_000)
-    return layer_vectors(model, layer, part.reference_images.get())
+    return part.reference_images.vectors(model, layer)
 
 
 def plant_control(model, layer: str, ccfg, part: NeuronCensus, features,

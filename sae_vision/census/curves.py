@@ -71,7 +71,13 @@ FDR (`fdr_upper_bound`; null counts 1, 1, 0, 1, 1, 0 against 14 real detections:
 `threshold_grid` / `band_summary` report detections, FDR, the largest neuron gap and gap filling
 over a band that moves EVERY criterion one relative step (`band_step`) looser and stricter
 around the thresholds used, one at a time, all together, and in `band_n_random` random
-combinations (`band_points`), so no conclusion rests on one threshold.
+combinations (`band_points`), so no conclusion rests on one threshold. The thresholds are
+chosen on one half of each null's seeds and every reported FDR (table, bound, band) is counted
+on the other (`seed_split`, `calibrate_held_out`), so the choice does not flatter the FDR.
+
+σ units: every unit's natural-image mean/std comes from one sample, the census photos at every
+position (`parts.ReferenceImages`): the real neurons and the SAE features from the real
+network's activations on them, each null network from its own pass over them.
 
 Copies and new detectors (`sae_vision.census.novelty`): a census feature whose decoder or encoder
 direction has >= copy_min_share of its squared norm on one channel is a copy of that neuron;
@@ -81,7 +87,7 @@ Cost (2-core CPU, BVLC mixed3b): stimuli are rendered on the smallest canvas tha
 centre unit's whole receptive field (96 px instead of 224; exact, since nothing outside the RF can
 reach the unit; `test_small_canvas_gives_exactly_the_full_size_response`), ~100-150 stimuli/s
 unloaded. The default battery is 2,453 stimuli: ~15 s for the real network (with its
-natural-image σ from 32 demo crops), ~13-26 s per null network, ~4 minutes for the real network
+natural-image σ from 32 photos), ~13-26 s per null network, ~4 minutes for the real network
 plus 3 permuted and 3 re-initialised nulls (measured 222-236 s), several times that on a
 loaded machine. SAE features and random directions reuse the real network's activations (no
 extra passes; ~2 s for 1,920 features and 3 x 1,920 random directions).
@@ -434,6 +440,13 @@ def fdr_table(real_ev: dict, null_evs: dict[str, list[dict]], thr: dict) -> dict
     return out
 
 
+def fdr_ok(t: dict, cfg: CurvesConfig) -> bool:
+    """Does an `fdr_table` meet the target: detections, FDR <= max_fdr, and more real
+    detections than every null seed?"""
+    return (t["real"] > 0 and t["fdr"] is not None and t["fdr"] <= cfg.max_fdr
+            and t["real_exceeds_every_null"])
+
+
 def calibrate(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesConfig,
               base: dict | None = None) -> dict:
     """Thresholds with FDR <= max_fdr and real > every null seed, tightening only as needed.
@@ -446,14 +459,9 @@ def calibrate(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesConfig,
     """
     base = dict(base) if base is not None else thresholds_of(cfg)
     table = fdr_table(real_ev, null_evs, base)
-
-    def ok(t: dict) -> bool:
-        return (t["real"] > 0 and t["fdr"] is not None and t["fdr"] <= cfg.max_fdr
-                and t["real_exceeds_every_null"])
-
-    if not null_evs or ok(table) or not cfg.calibrate:
-        return {"thresholds": base, "tightened": False, "met": bool(null_evs) and ok(table),
-                "table": table}
+    if not null_evs or fdr_ok(table, cfg) or not cfg.calibrate:
+        return {"thresholds": base, "tightened": False,
+                "met": bool(null_evs) and fdr_ok(table, cfg), "table": table}
     best = None
     for ps in sorted({max(p, base["min_peak_sigma"]) for p in cfg.calib_peak_sigma}):
         for lr in sorted({max(x, base["min_curve_line_ratio"]) for x in cfg.calib_curve_line_ratio}):
@@ -462,7 +470,7 @@ def calibrate(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesConfig,
                 thr = {**base, "min_peak_sigma": ps, "min_curve_line_ratio": lr,
                        "min_invariance_corr": ic}
                 t = fdr_table(real_ev, null_evs, thr)
-                if ok(t) and (best is None or t["real"] > best[1]["real"]):
+                if fdr_ok(t, cfg) and (best is None or t["real"] > best[1]["real"]):
                     best = (thr, t)
     if best is None:  # nothing on the grid meets the target: report the strictest point
         thr = {**base, "min_peak_sigma": max(max(cfg.calib_peak_sigma), base["min_peak_sigma"]),
@@ -473,6 +481,43 @@ def calibrate(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesConfig,
         return {"thresholds": thr, "tightened": True, "met": False,
                 "table": fdr_table(real_ev, null_evs, thr)}
     return {"thresholds": best[0], "tightened": True, "met": True, "table": best[1]}
+
+
+def seed_split(n_seeds: int) -> dict:
+    """Which null seeds choose the thresholds and which report the FDR (`calibrate_held_out`):
+    the first half of each null's seeds, 0 .. n//2 - 1, calibrates; the second half reports.
+    With fewer than 2 seeds there is nothing to hold out: both are every seed (optimistic)."""
+    seeds = list(range(int(n_seeds)))
+    if len(seeds) < 2:
+        return {"calibration": seeds, "report": seeds, "held_out": False,
+                "rule": f"{len(seeds)} seed(s) per null: thresholds calibrated and FDR reported "
+                        "on the same seeds (no held-out FDR; it is optimistic)"}
+    half = len(seeds) // 2
+    return {"calibration": seeds[:half], "report": seeds[half:], "held_out": True,
+            "rule": "the first half of each null's seeds calibrates the thresholds; every "
+                    "reported FDR, its bound and the threshold band use the second half"}
+
+
+def select_seeds(null_evs: dict[str, list], seeds: Sequence[int]) -> dict[str, list]:
+    """Each null's entries at these seed indices."""
+    return {k: [v[s] for s in seeds] for k, v in null_evs.items()}
+
+
+def calibrate_held_out(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesConfig,
+                       base: dict | None = None) -> dict:
+    """`calibrate` on the calibration seeds of every null (`seed_split`), the FDR reported on
+    the held-out report seeds, so choosing the thresholds does not flatter the FDR.
+
+    Returns `calibrate`'s thresholds and `tightened`; `table` (the reported FDR) and `met` on
+    the report seeds; `calibration_table` and `calibration_met` on the calibration seeds;
+    `seeds` the split (`seed_split`). Callers compute every other reported FDR (threshold
+    band, configured thresholds) on `select_seeds(null_evs, seeds["report"])`."""
+    split = seed_split(min((len(v) for v in null_evs.values()), default=0))
+    cal = calibrate(real_ev, select_seeds(null_evs, split["calibration"]), cfg, base)
+    table = fdr_table(real_ev, select_seeds(null_evs, split["report"]), cal["thresholds"])
+    return {"thresholds": cal["thresholds"], "tightened": cal["tightened"],
+            "met": bool(null_evs) and fdr_ok(table, cfg), "table": table,
+            "calibration_met": cal["met"], "calibration_table": cal["table"], "seeds": split}
 
 
 def band_points(n_criteria: int, n_random: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -525,9 +570,7 @@ def threshold_grid(real_ev: dict, null_evs: dict[str, list[dict]], cfg: CurvesCo
                      "real": t["real"],
                      "null_means": {k: v["mean"] for k, v in t["nulls"].items()},
                      "fdr": t["fdr"], "fdr_upper95": t["fdr_upper95"],
-                     "in_band": bool(t["real"] > 0 and t["fdr"] is not None
-                                     and t["fdr"] <= cfg.max_fdr
-                                     and t["real_exceeds_every_null"])})
+                     "in_band": fdr_ok(t, cfg)})
     return rows
 
 

@@ -6,7 +6,6 @@ which are new detectors (`sae_vision.census.novelty`). `census.run_census` calls
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,27 +13,28 @@ import torch
 import torch.nn as nn
 
 from . import novelty as N
-from .curves import calibrate, criterion, detections, evidence, tuning_curves
+from .curves import calibrate_held_out, criterion, detections, evidence, tuning_curves
 from .novelty import feature_novelty
 from .parts import NeuronCensus
-from .responses import RandomDirections, feature_responses, feature_stats, layer_vectors
+from .responses import RandomDirections, feature_responses, feature_stats
 
 
 @dataclass
 class FeatureInputs:
     """The SAE whose features the census scores, and where their natural statistics come from.
 
-    mean/std: per-feature stats of curves.feature_response; otherwise computed from `vectors`
-    (raw activation vectors, e.g. held-out cache vectors), else from up to 20,000 vectors of
-    `cache_dir`, else from the reference images. The random-direction null always takes its
-    stats from those same vectors.
+    By default (the evaluate stage) the features' σ comes from the neurons' σ sample: the SAE
+    applied to the real network's activations at every position of the census photos
+    (`parts.ReferenceImages.vectors`), so neurons, nulls and features share one σ unit.
+    `vectors` (raw activation vectors) or `mean`/`std` (per-feature stats of
+    curves.feature_response) replace it (toy tests). The random-direction null always takes
+    its stats from the same vectors as the features.
     """
 
     sae: Any
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     vectors: torch.Tensor | None = None
-    cache_dir: str | Path | None = None
 
 
 def sae_directions(sae) -> tuple[np.ndarray, np.ndarray | None]:
@@ -60,19 +60,16 @@ def _feature_evidence(model, layer: str, ccfg, part: NeuronCensus, features: Fea
         sae.eval()  # batchtopk encodes with its learned threshold, not per batch
     feats = feature_responses(sae, real["acts"])
     vectors = features.vectors
-    if vectors is None:
-        if features.cache_dir is not None:
-            from sae_vision.activations import load_vectors
-
-            vectors = load_vectors(features.cache_dir, max_vectors=20_000)
-        else:
-            vectors = layer_vectors(model, layer, part.reference_images.get())
+    sigma = "given vectors"
+    if vectors is None:  # the neurons' σ sample (the same photos, every position)
+        vectors, sigma = part.reference_images.vectors(model, layer), "photos"
     stats = feature_stats(sae, vectors)
     if isinstance(sae, nn.Module):
         sae.train(was_training)
     if features.std is not None and features.mean is not None:
         stats[key] = (torch.as_tensor(features.mean).float(),
                       torch.as_tensor(features.std).float())
+        sigma = f"given mean/std ({key}); the other response and random directions: {sigma}"
     f_mean, f_std = stats[key]
     f_ev = evidence(feats[key].numpy(), part.table, ccfg, f_mean.numpy(), f_std.numpy())
     # Both responses are recorded: the other one's peak and orientation ride along.
@@ -99,7 +96,7 @@ def _feature_evidence(model, layer: str, ccfg, part: NeuronCensus, features: Fea
     return {"key": key, "resp": feats[key], "pre": feats["pre_acts"], "mean": f_mean,
             "std": f_std, "ev": f_ev,
             "nulls": {"random_directions": rnd_evs} if rnd_evs else {},
-            "null_curves": rnd_curves, "rnd_nov": rnd_nov, "n_dirs": n_dirs}
+            "null_curves": rnd_curves, "rnd_nov": rnd_nov, "n_dirs": n_dirs, "sigma": sigma}
 
 
 def _new_feature_records(feat_det: list[dict], new_units: set, f_tc: dict, dec: np.ndarray,
@@ -164,14 +161,15 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
     (tightened by the random-direction null if need be), copies and new detectors.
 
     Returns {"result": the `features` entry of curves.json, "new_deg", "copy_deg", "figs",
-    "band_args": the feature keyword arguments of `band_summary`}. New and copy follow the
-    functional rule; the weight-share counts ride along (`n_weight_*`, `by_copy_threshold`).
+    "band_args": the feature keyword arguments of `band_summary`, "sigma": where the features'
+    σ came from}. New and copy follow the functional rule; the weight-share counts ride along
+    (`n_weight_*`, `by_copy_threshold`).
     """
     fe = _feature_evidence(model, layer, ccfg, part, features, n_seeds)
     f_ev, f_nulls, thr = fe["ev"], fe["nulls"], part.thr
-    # The feature census starts from the neurons' calibrated thresholds (same criterion);
-    # its own null may tighten them further, never loosen them.
-    f_cal = calibrate(f_ev, f_nulls, ccfg, base=thr)
+    # The feature census starts from the neurons' calibrated thresholds (same criterion); its
+    # own null's calibration seeds may tighten them, never loosen them (`calibrate_held_out`).
+    f_cal = calibrate_held_out(f_ev, f_nulls, ccfg, base=thr)
     f_thr = f_cal["thresholds"]
     f_null_pass = {k: [criterion(e, f_thr)["detected"] for e in v] for k, v in f_nulls.items()}
     f_tc = tuning_curves(fe["resp"].numpy(), part.table, ccfg, fe["mean"], fe["std"])
@@ -179,10 +177,10 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
     # Novelty: is each detected feature a copy of one neuron, or a new detector? Both rules:
     # the functional one (`class`, the counts) and the weight shares (`weight_class`).
     dec, enc = sae_directions(features.sae)
-    dec_al = N.axis_alignment(dec)
-    enc_al = N.axis_alignment(enc) if enc is not None else None
+    dec_al, enc_al = N.axis_alignment(dec), N.axis_alignment(enc) if enc is not None else None
     n_deg = {d["unit"]: d["preferred_orientation"] for d in part.neuron_det}
-    real_ev, rnd_nov, tol = part.real["evidence"], fe["rnd_nov"], ccfg.cover_tolerance_deg
+    real_ev, tol = part.real["evidence"], ccfg.cover_tolerance_deg
+    rnd_nov = [fe["rnd_nov"][s] for s in f_cal["seeds"]["report"]]  # new-detector FDR, band
     func, new_mask = _label_features(fe, part, ccfg, feat_det, dec_al, enc_al)
     nov = feature_novelty(f_ev, f_thr, real_ev, thr, dec_al, enc_al, ccfg.copy_min_share,
                           ccfg.min_gap_deg, rnd_nov, tol, new_mask)
@@ -199,8 +197,7 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
         "n_units": int(fe["resp"].shape[1]),
         "response": fe["key"],
         "n_detected": len(feat_det),
-        "n_copies": nov["n_copies"],
-        "n_new": nov["n_new"],
+        "n_copies": nov["n_copies"], "n_new": nov["n_new"],
         **_rule_counts(ccfg, func, f_deg, list(n_deg.values()), by_weight),
         "copy_min_share": ccfg.copy_min_share,
         "new_fdr_random_directions": nov["new_fdr"],
@@ -216,7 +213,8 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
         "alignment": N.alignment_summary(dec_al, enc_al),
         "thresholds": f_thr,
         "tightened_beyond_neurons": f_cal["tightened"],
-        "fdr": f_cal["table"],
+        "fdr": f_cal["table"], "fdr_calibration": f_cal["calibration_table"],  # seeds: below
+        "fdr_target_met": f_cal["met"], "random_directions_seeds": f_cal["seeds"],
         "n_random_directions": fe["n_dirs"],
         "null_pass_counts": {k: [int(m.sum()) for m in v] for k, v in f_null_pass.items()},
         "detected": feat_det,
@@ -230,7 +228,7 @@ def feature_census(model, layer: str, ccfg, part: NeuronCensus, features: Featur
     if new_records:
         figs["new_features"] = (new_records, part.result["tuning_orientations"],
                                 ccfg.n_new_figures)
-    return {"result": result, "figs": figs,
+    return {"result": result, "figs": figs, "sigma": fe["sigma"],
             "new_deg": [d["preferred_orientation"] for d in feat_det if d["unit"] in new_units],
             "copy_deg": [d["preferred_orientation"] for d in feat_det
                          if d["unit"] not in new_units],

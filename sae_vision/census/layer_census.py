@@ -8,6 +8,7 @@ the null networks are `sae_vision.census.nulls`; the figures are `sae_vision.cor
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from sae_vision.core import to_plain, write_json
 from . import stimuli as S
 from .controls import plant_control
 from .curves import (
-    calibrate,
+    calibrate_held_out,
     count_detected,
     coverage,
     criterion,
@@ -31,6 +32,7 @@ from .curves import (
     detections,
     fdr_table,
     make_battery,
+    select_seeds,
     threshold_grid,
     thresholds_of,
     tuning_curves,
@@ -39,19 +41,25 @@ from .features import FeatureInputs, feature_census
 from .novelty import band_summary, curve_tuned
 from .nulls import NULL_DESTROYS, NULLS, input_block_of
 from .parts import NeuronCensus, ReferenceImages
-from .responses import BatchFn, census_of_model, make_probe
+from .responses import BatchFn, census_of_model, make_probe, unit_stats
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class CensusInputs:
-    """What a layer's census measures the neurons against, besides the network and config."""
+    """What a layer's census measures the neurons against, besides the network and config.
+
+    σ units (natural-image mean/std per unit) come from one sample, every position of the
+    photos `images`: the real neurons and the SAE features from the real network's activations
+    on them, each null network from its own forward pass over them (`parts.ReferenceImages`).
+    `unit_mean`/`unit_std` replace the neurons' σ only (toy tests with known statistics)."""
 
     unit_mean: torch.Tensor | None = None  # natural-image mean per channel; else from `images`
     unit_std: torch.Tensor | None = None  # natural-image std per channel; else from `images`
-    images: torch.Tensor | None = None  # natural images (null σ); else curves.n_reference_images
-    source: str = ""  # what the stats and images came from: part of the memo key
+    images: torch.Tensor | None = None  # the σ photos; None: curves.n_reference_images demo crops
+    photos: str = ""  # what the photos are, for curves.json's sigma_source
+    source: str = ""  # what the photos came from: part of the memo key
     null_seeds: int | None = None  # seeds per null network; None: curves.n_null_seeds
 
 
@@ -65,12 +73,14 @@ class NeuronCensusMemo:
         self._census: NeuronCensus | None = None
 
     @staticmethod
-    def key_of(model, layer: str, ccfg, n_seeds: int, source: str) -> tuple:
-        """What the neuron census depends on: the data behind the unit stats (`source`), the
-        network's weights, the layer, the number of null seeds and every curves setting."""
+    def key_of(model, layer: str, ccfg, n_seeds: int, source: str,
+               sigma: str = "") -> tuple:
+        """What the neuron census depends on: the data behind the unit stats (`source`) and a
+        digest of the σ sample (`sigma_key`), the network's weights, the layer, the number of
+        null seeds and every curves setting."""
         settings = to_plain(ccfg)
-        return (source, getattr(model, "weights_sha256", None), getattr(model, "plant_id", None),
-                layer, n_seeds,
+        return (source, sigma, getattr(model, "weights_sha256", None),
+                getattr(model, "plant_id", None), layer, n_seeds,
                 json.dumps(settings, sort_keys=True, default=str))
 
     def get(self, key: tuple) -> NeuronCensus | None:
@@ -80,6 +90,16 @@ class NeuronCensusMemo:
     def put(self, key: tuple, census: NeuronCensus) -> None:
         """Keep `census` under `key`, dropping whatever was kept before."""
         self._key, self._census = key, census
+
+
+def sigma_key(inputs: CensusInputs) -> str:
+    """A digest of the σ sample: the given photos (none: the configured demo crops) and any
+    given unit mean/std."""
+    h = hashlib.sha1()
+    for t in (inputs.images, inputs.unit_mean, inputs.unit_std):
+        h.update(b"-" if t is None else torch.as_tensor(t).detach().cpu().contiguous()
+                 .numpy().tobytes())
+    return h.hexdigest()
 
 
 def input_block_check(model, layer: str, ccfg, images: torch.Tensor, probe_of, say) -> dict:
@@ -142,21 +162,30 @@ def _null_censuses(model, layer: str, ccfg, n_seeds: int, table, probe,
     return null_evs, null_curves
 
 
-def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, images,
+def _neuron_sigma(model, layer: str, inputs: CensusInputs, ref: ReferenceImages) -> tuple:
+    """The real neurons' natural-image (mean, std, where from): the given ones, else the σ
+    sample's (the photos at every position; the SAE features reuse its vectors)."""
+    if inputs.unit_mean is not None and inputs.unit_std is not None:
+        return inputs.unit_mean, inputs.unit_std, "given mean/std"
+    return (*unit_stats(ref.vectors(model, layer)), "photos")
+
+
+def neuron_census(model, layer: str, ccfg, n_seeds: int, inputs: CensusInputs,
                   say, on_batch: BatchFn | None = None) -> NeuronCensus:
-    """The SAE-independent part of the census: real neurons, network nulls, calibration, the
-    threshold grid and the input-block check."""
+    """The SAE-independent part of the census: real neurons, network nulls, calibration (on
+    the calibration seeds; FDR, threshold grid on the held-out report seeds: `calibrate_held_out`)
+    and the input-block check."""
     import time
 
     probe = make_probe(model, layer, ccfg.canvas_size)
     table = make_battery(ccfg, probe)
-    reference_images = ReferenceImages(images, ccfg.n_reference_images)
+    reference_images = ReferenceImages(inputs.images, ccfg.n_reference_images, inputs.photos)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
+    unit_mean, unit_std, neuron_sigma = _neuron_sigma(model, layer, inputs, reference_images)
     real = census_of_model(model, layer, ccfg, table, probe, unit_mean, unit_std,
-                           None if unit_std is not None and unit_mean is not None
-                           else reference_images.get(), on_batch=on_batch)
+                           on_batch=on_batch)
     timings["real_s"] = time.perf_counter() - t0
     say(f"[curves] {layer}: {len(table)} stimuli on a {probe.size}px canvas, "
         f"{timings['real_s']:.1f}s for the real network")
@@ -165,10 +194,11 @@ def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, im
                                            reference_images, say, on_batch, timings)
 
     configured = thresholds_of(ccfg)
-    cal = calibrate(real["evidence"], null_evs, ccfg)
+    cal = calibrate_held_out(real["evidence"], null_evs, ccfg)
     thr = cal["thresholds"]
+    report_evs = select_seeds(null_evs, cal["seeds"]["report"])  # every reported FDR
     # The band moves every criterion around the thresholds used (calibrated), both ways.
-    grid = threshold_grid(real["evidence"], null_evs, ccfg, thr) if null_evs else []
+    grid = threshold_grid(real["evidence"], report_evs, ccfg, thr) if null_evs else []
     null_pass = {k: [criterion(e, thr)["detected"] for e in v] for k, v in null_evs.items()}
     tc_real = tuning_curves(real["acts"].numpy(), table, ccfg, real["mean"], real["std"])
     neuron_det = detections(real["evidence"], thr, null_passes=null_pass,
@@ -188,16 +218,19 @@ def neuron_census(model, layer: str, ccfg, n_seeds: int, unit_mean, unit_std, im
         "tuning_radii": [float(r) for r in ccfg.radii],
         "criterion": {"configured": configured, "used": thr,
                       "tightened": cal["tightened"], "fdr_target_met": cal["met"],
+                      "fdr_target_met_calibration": cal["calibration_met"],
                       "max_fdr": ccfg.max_fdr},
-        "nulls": {"kinds": list(null_evs), "n_seeds": n_seeds,
+        "nulls": {"kinds": list(null_evs), "n_seeds": n_seeds, "seeds": cal["seeds"],
                   "destroys": {k: NULL_DESTROYS[k] for k in null_evs},
                   "input_block_check": check},
+        "sigma_source": {"neurons": neuron_sigma, "nulls": "photos" if null_evs else None},
         "threshold_grid": grid,
         "neurons": {
             "n_units": int(real["acts"].shape[1]),
             "n_detected": len(neuron_det),
-            "fdr": cal["table"],
-            "fdr_at_configured": fdr_table(real["evidence"], null_evs, configured),
+            "fdr": cal["table"],  # on the report seeds; `fdr_calibration` on the others
+            "fdr_calibration": cal["calibration_table"],
+            "fdr_at_configured": fdr_table(real["evidence"], report_evs, configured),
             "criterion_pass_counts": {k: int(v.sum()) for k, v in
                                       criterion(real["evidence"], thr).items()},
             "detected": neuron_det,
@@ -238,13 +271,13 @@ def run_census(model, layer: str, cfg, inputs: CensusInputs | None = None,
     t_start = time.perf_counter()
     say = logger.info if verbose else (lambda *a, **k: None)
     n_seeds = int(ccfg.n_null_seeds if inputs.null_seeds is None else inputs.null_seeds)
-    key = NeuronCensusMemo.key_of(model, layer, ccfg, n_seeds, inputs.source)
+    key = NeuronCensusMemo.key_of(model, layer, ccfg, n_seeds, inputs.source,
+                                  sigma_key(inputs))
     part = memo.get(key) if memo is not None else None
     if part is not None:
         say(f"[curves] {layer}: reusing the neuron census and nulls computed earlier")
     else:
-        part = neuron_census(model, layer, ccfg, n_seeds, inputs.unit_mean, inputs.unit_std,
-                             inputs.images, say, on_batch)
+        part = neuron_census(model, layer, ccfg, n_seeds, inputs, say, on_batch)
         if memo is not None:
             memo.put(key, part)
     timings = dict(part.timings)
@@ -258,6 +291,7 @@ def run_census(model, layer: str, cfg, inputs: CensusInputs | None = None,
         t0 = time.perf_counter()
         fc = feature_census(model, layer, ccfg, part, features, n_seeds)
         result["features"], new_deg, copy_deg = fc["result"], fc["new_deg"], fc["copy_deg"]
+        result["sigma_source"]["features"] = fc["sigma"]
         figs.update(fc["figs"])
         if grid:
             band_f = band_summary(grid, part.real["evidence"],
@@ -281,6 +315,8 @@ def run_census(model, layer: str, cfg, inputs: CensusInputs | None = None,
             grid, part.real["evidence"], result["criterion"]["used"], ccfg.min_gap_deg)
         figs["threshold_band"] = (grid, result["band"], ccfg.max_fdr)
     figs["coverage"] = (neuron_deg, new_deg, ccfg.min_gap_deg, copy_deg)
+    # The σ sample as it was used (the features and the control may have read it too).
+    result["sigma_source"] = {**part.reference_images.record(), **result["sigma_source"]}
     timings["total_s"] = time.perf_counter() - t_start
     result["timings"] = timings
     result.update(extra or {})

@@ -79,6 +79,7 @@ LOGGER_MODES = ("offline", "online", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 LOADER_MODES = ("auto", "memory", "stream")
 PLANTS = ("none", "hidden", "rotate")
+HELD_OUT_SAMPLES = ("first", "spread")
 
 
 @dataclass
@@ -126,10 +127,11 @@ class DataConfig:
     path: str | None = None  # data=array: a .npy/.safetensors [N, D] file or a folder of them
     image_size: int = 224  # side of the square crop fed to the model
     n_images: int = 256  # images to cache (demo: number of random crops); <=0 means all
-    min_scale: float = 0.08  # demo random-resized-crop scale range
+    min_scale: float = 0.08  # random-resized-crop area range (demo crops, imagefolder views)
     max_scale: float = 1.0
-    seed: int = 0  # fixes the demo crops and flips, and the stratified subset
+    seed: int = 0  # fixes the demo crops and flips, the views' crops and flips, the stratified subset
     subset: str = "first"  # imagefolder's n_images: first (of the sorted tree) | stratified
+    views: int = 1  # imagefolder: items per photo (view 0: centre crop; 1..: seeded random crop + flip); n_images counts photos
     num_workers: int = 0  # DataLoader workers for decoding
 
 
@@ -239,7 +241,7 @@ class CurvesConfig:
     calib_peak_sigma: list[float] = field(default_factory=lambda: [5.0, 7.5, 10.0, 15.0, 20.0])  # grid
     calib_curve_line_ratio: list[float] = field(default_factory=lambda: [1.5, 2.0, 3.0, 5.0])  # grid
     calib_invariance_corr: list[float] = field(default_factory=lambda: [0.9, 0.93, 0.95, 0.97, 0.98])  # grid
-    n_reference_images: int = 32  # demo crops giving the natural-image mean/std of null networks
+    n_reference_images: int = 32  # held-out photos (no data: demo crops) giving every σ: neurons, nulls, features
     batch_size: int = 128  # stimuli per forward pass
     min_gap_deg: float = 30.0  # an orientation gap narrower than this is not a "missing" range
     n_tuning_figures: int = 16  # detected units drawn in the tuning-curve figure
@@ -273,6 +275,7 @@ class EvalConfig:
     dead_min_vectors: int = 100_000  # dead/dense counts span >= this many vectors (train top-up)
     splice_batch_size: int = 16  # images per forward pass in the splice
     polysemantic_vectors: int = 20_000  # held-out vectors for the neuron decomposition (dense codes)
+    held_out_sample: str = "first"  # which held-out vectors: first | spread (seeded, over every held-out vector)
     cache: str | None = None  # evaluate on another cache (key or folder): results in eval/on-<key>/
 
 
@@ -431,6 +434,7 @@ def _check_choices(cfg: Config) -> None:
     _one_of("sae.arch", cfg.sae.arch, ARCHS)
     _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _one_of("train.loader", cfg.train.loader, LOADER_MODES)
+    _one_of("eval.held_out_sample", cfg.eval.held_out_sample, HELD_OUT_SAMPLES)
 
 
 def _check_data_source(cfg: Config) -> None:
@@ -449,6 +453,25 @@ def _check_data_source(cfg: Config) -> None:
         raise ValueError("data=webdataset needs data.urls='/path/shard-{000000..000099}.tar'")
 
 
+def _check_views(cfg: Config) -> None:
+    """data.views: a positive int, imagefolder only, and never splitting a photo's views between
+    two shards (the train/held-out split is by shard)."""
+    views = cfg.data.views
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"data.views={views!r} must be a whole number >= 1 (1: the plain "
+                         "centre crop of each photo)")
+    if views > 1 and cfg.data.name != "imagefolder":
+        raise ValueError(f"data.views={views} needs data=imagefolder (data={cfg.data.name} has "
+                         "no views); drop the data.views override")
+    per = cfg.cache.images_per_shard
+    if views > 1 and per % views:
+        raise ValueError(
+            f"cache.images_per_shard={per} is not a multiple of data.views={views}: the views "
+            "of one photo would straddle two shards, and so the train/held-out split; set "
+            f"cache.images_per_shard={max(per // views, 1) * views} (or another multiple of "
+            f"{views})")
+
+
 def check_config(cfg: Config) -> None:
     """Validate every field that a typo or a bad value could break; raise ValueError."""
     _check_finite(cfg)
@@ -465,6 +488,7 @@ def check_config(cfg: Config) -> None:
     _positive("data.image_size", cfg.data.image_size)
     _positive("cache.n_per_image", cfg.cache.n_per_image)
     _positive("cache.images_per_shard", cfg.cache.images_per_shard)
+    _check_views(cfg)
     _positive("cache.batch_size", cfg.cache.batch_size)
     _positive("sae.expansion", cfg.sae.expansion)
     if cfg.sae.n_features is not None:

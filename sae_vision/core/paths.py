@@ -26,6 +26,8 @@ def cache_settings(cfg: Config, layer: str) -> dict:
                                      "min_scale", "max_scale", "seed")}
     if data.get("subset", "first") != "first":  # the default keeps earlier caches' names
         data_key["subset"] = data["subset"]
+    if data.get("views", 1) != 1:  # likewise: a views cache never reuses a plain one
+        data_key["views"] = data["views"]
     ident = {k: model[k] for k in ("family", "name", "pretrained", "weights_path")}
     if model.get("plant", {}).get("kind", "none") != "none":  # unplanted keys stay as they were
         ident["plant"] = model["plant"]

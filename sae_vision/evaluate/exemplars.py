@@ -10,7 +10,7 @@ import logging
 import numpy as np
 import torch
 
-from sae_vision.activations import iter_chunks, lucid_geometry, model_device
+from sae_vision.activations import iter_chunks, load_cache_meta, lucid_geometry, model_device
 from sae_vision.core import Config, ModelConfig, track
 from sae_vision.sae import RunInfo, check_weights, data_config
 
@@ -26,12 +26,29 @@ class _Done(Exception):
     """Raised by the hook once the later block is computed: the rest of the net is not needed."""
 
 
-def held_out_with_pos(info: RunInfo, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first `limit` held-out vectors [N, D] and their (image, y, x) positions [N, 3]."""
+def held_out_with_pos(info: RunInfo, limit: int, spread: bool = False,
+                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `limit` held-out vectors [N, D] and their (image, y, x) positions [N, 3]; with
+    `spread` (eval.held_out_sample=spread), `limit` of them drawn without replacement from every
+    held-out vector (seeded, kept in shard order), so that a cache with many vectors per photo
+    (sampling=all, data.views) still gives every held-out photo its share."""
+    if spread:
+        shards = set(info.holdout_shards)
+        n_held = sum(s["n_vectors"] for s in load_cache_meta(info.cache_dir)["shards"]
+                     if s["name"] in shards)
+        keep = np.sort(np.random.default_rng([seed, 0x5B7EAD]).choice(
+            n_held, min(limit, n_held), replace=False))
     acts, pos, n = [], [], 0
     for a, p, _ in iter_chunks(info.cache_dir, info.holdout_shards, with_pos=True):
-        acts.append(torch.as_tensor(a)[: limit - n])
-        pos.append(torch.as_tensor(np.asarray(p, dtype=np.int64))[: limit - n])
+        a, p = torch.as_tensor(a), torch.as_tensor(np.asarray(p, dtype=np.int64))
+        if spread:
+            rows = torch.as_tensor(keep[(keep >= n) & (keep < n + len(a))] - n)
+            n += len(a)
+            acts.append(a[rows])
+            pos.append(p[rows])
+            continue
+        acts.append(a[: limit - n])
+        pos.append(p[: limit - n])
         n += len(acts[-1])
         if n >= limit:
             break

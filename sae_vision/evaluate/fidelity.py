@@ -234,8 +234,9 @@ def splice_image_ids(cache_meta: dict, info: RunInfo, n_images: int, fallback: D
             f"cannot find held-out images for run {info.name}: its held-out shards record no "
             "image_range and the whole dataset was cached; set train.holdout_frac > 0 and "
             "retrain, or set eval.splice=false")
-    n_cached = int(cache_meta.get("n_images_requested") or data_cfg.n_images)
-    wider = dataclasses.replace(data_cfg, n_images=n_cached + n_images)
+    views = max(int(getattr(data_cfg, "views", 1)), 1)  # n_images counts photos, ids items
+    n_cached = int(cache_meta.get("n_images_requested") or data_cfg.n_images * views)
+    wider = dataclasses.replace(data_cfg, n_images=-(-(n_cached + n_images) // views))
     return wider, list(range(n_cached, n_cached + n_images)), "past_cached_range"
 
 

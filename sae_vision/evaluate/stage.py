@@ -275,13 +275,14 @@ def evaluate_run(run_dir: Path, cfg: Config, tracker: Tracker, session: _Session
     want_curves = ev.curves and "curve census" not in skipped and (
         not ev.curves_layers or info.layer in ev.curves_layers)
     held_ND = held_pos = None
-    if want_curves or ev.polysemantic:  # held-out vectors: feature σ and the decomposition
-        held_ND, held_pos = held_out_with_pos(info, ev.polysemantic_vectors)
+    if ev.polysemantic:  # held-out vectors: the decomposition
+        held_ND, held_pos = held_out_with_pos(info, ev.polysemantic_vectors,
+                                              ev.held_out_sample == "spread")
     if want_curves:
         model = session.model(mc)
         check_weights(model, cache_meta, info)
         m["curves"] = _curves(cfg, sae, info, model, out_dir, log,
-                              census_inputs(cfg, info, cache_meta, session), held_ND,
+                              census_inputs(cfg, info, cache_meta, session),
                               session.census_memo)
         files["curves_json"] = Path(m["curves"]["path"])
         files.update({k: Path(v) for k, v in m["curves"].pop("figures").items()})
@@ -357,30 +358,20 @@ def _stability(cfg: Config, sae, run_dir: Path, compare: str) -> dict:
 
 
 def census_inputs(cfg: Config, info: RunInfo, cache_meta: dict, session: _Session) -> dict:
-    """What the census measures against, from the data being studied: σ units from the cache's
-    own per-channel mean/std when its positions were sampled without bias (`all`, `uniform`);
-    otherwise from every position of the reference photos. The null networks' σ and the
-    input-block check use `cfg.curves.n_reference_images` held-out photos of the same data."""
+    """What the census measures against, from the data being studied: one σ sample,
+    `cfg.curves.n_reference_images` held-out photos of the same data at every position, for
+    the neurons, the null networks, the SAE features and the input-block check alike."""
     data_cfg, ids, how = splice_image_ids(cache_meta, info, cfg.curves.n_reference_images,
                                           cfg.data)
     _, images, got = session.images_of(data_cfg, ids)
-    sampling = cache_meta.get("sampling")
-    unbiased = sampling in ("all", "uniform") and "mean" in cache_meta and "std" in cache_meta
-    out = {"images": images,
-           "memo_key": f"{info.cache_dir}|{how}|{','.join(map(str, got))}|{unbiased}",
-           "sigma_source": (f"cache {info.cache_dir} ({cache_meta.get('n_vectors')} vectors, "
-                            f"sampling={sampling})" if unbiased else
-                            f"{len(got)} held-out photos, every position (the cache's "
-                            f"sampling={sampling} is biased towards large activations)"),
-           "reference_images": {"n": len(got), "how": how}}
-    if unbiased:
-        out["unit_mean"] = torch.tensor(cache_meta["mean"], dtype=torch.float32)
-        out["unit_std"] = torch.tensor(cache_meta["std"], dtype=torch.float32)
-    return out
+    return {"images": images,
+            "memo_key": f"{info.cache_dir}|{how}|{','.join(map(str, got))}",
+            "photos": f"held-out photos of cache {info.cache_dir} ({how}: image ids "
+                      f"{got[0]}-{got[-1]})" if got else f"no photos of cache {info.cache_dir}"}
 
 
 def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: dict,
-            held_ND: torch.Tensor, memo: NeuronCensusMemo) -> dict:
+            memo: NeuronCensusMemo) -> dict:
     """Curve-detector census of the layer's neurons and this SAE's features -> eval/curves.json."""
     from sae_vision.census import CensusInputs, FeatureInputs, run_census
 
@@ -394,13 +385,9 @@ def _curves(cfg: Config, sae, info: RunInfo, model, out_dir: Path, log, inputs: 
 
         res = run_census(
             model, info.layer, cfg,
-            CensusInputs(unit_mean=inputs.get("unit_mean"),
-                                unit_std=inputs.get("unit_std"), images=inputs["images"],
-                                source=inputs["memo_key"]),
-            FeatureInputs(sae, vectors=held_ND), memo=memo, out_dir=out_dir, log=log,
-            extra={"sigma_source": inputs["sigma_source"],
-                   "reference_images": inputs["reference_images"]},
-            on_batch=on_batch)
+            CensusInputs(images=inputs["images"], photos=inputs["photos"],
+                         source=inputs["memo_key"]),
+            FeatureInputs(sae), memo=memo, out_dir=out_dir, log=log, on_batch=on_batch)
     path = out_dir / "curves.json"
     feats = res.get("features") or {}
     figures = {f"curves_{k}_png": v for k, v in (res.get("files") or {}).items()

@@ -121,6 +121,12 @@ def _census_notes(curves: dict | None) -> str:
                 + (" (tightened to meet the FDR target)" if crit.get("tightened") else "")
                 + ("" if met is None else f"; FDR ≤ {_e(_fmt(crit.get('max_fdr'), 2))} "
                    f"{'met' if met else '<b>not met</b>'}") + "</p>")
+    seeds = dig(curves, "nulls", "seeds", default={}) or {}
+    if seeds.get("held_out"):
+        note += (f"<p class=note>thresholds chosen on null seeds {_e(seeds['calibration'])}; "
+                 f"every FDR reported on the held-out seeds {_e(seeds['report'])}</p>")
+    elif seeds.get("rule"):
+        note += f"<p class=note>{_e(seeds['rule'])}</p>"
     band = dig(curves, "band", default={}) or {}
     if band.get("n_points"):
         def rng(k: str) -> str:

@@ -246,6 +246,8 @@ def data_config(cache_meta: dict, fallback: DataConfig) -> DataConfig:
         fallback)
     if isinstance(rec, dict):
         base.update({k: v for k, v in rec.items() if k in base})
+        if "views" not in rec:  # recorded before data.views existed: one item per photo
+            base["views"] = 1
     return DataConfig(**base)
 
 

@@ -303,3 +303,34 @@ def test_shards_match_plain_batches_written_on_the_default_threads(tmp_path, bvl
             assert (got / side["name"]).read_bytes() == (ref / want["name"]).read_bytes()
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_views_cache_keeps_each_photo_in_one_shard_and_view_0_is_the_plain_crop(tmp_path):
+    from sae_vision.activations.images import SHARED_SAMPLE
+
+    if not SHARED_SAMPLE.is_dir():
+        pytest.skip(f"needs the ImageNet sample at {SHARED_SAMPLE}")
+    over = dict(n_images=2, batch_size=3, data__name="imagefolder", data__root=str(SHARED_SAMPLE),
+                data__image_size=96, cache__sampling="all")
+    views = cache.run(tiny_cfg(tmp_path, images_per_shard=3, data__views=3, **over))
+    plain = cache.run(tiny_cfg(tmp_path, images_per_shard=1, **over))
+    vdir, pdir = Path(views.cache_dirs["mixed3b"]), Path(plain.cache_dirs["mixed3b"])
+    assert vdir != pdir  # the views cache never reuses the plain one
+    meta, pos, vecs = read_plain(vdir)
+    _, ppos, pvecs = read_plain(pdir)
+    assert meta["n_images"] == 6 and meta["data"]["views"] == 3
+    assert [s["image_range"] for s in meta["shards"]] == [[0, 3], [3, 6]]
+    src = shards.load_sources(vdir)
+    photos = sorted({s.split(":")[0] for s in src.values()})
+    assert len(photos) == 2
+    for i, s in src.items():  # photo-major: shard k holds exactly photo k's three views
+        assert s.startswith(f"{photos[i // 3]}:view={i % 3}:crop=")
+    train, held = shards.split_shards(meta, 0.34)
+    assert (train, held) == (["shard-000000.tar"], ["shard-000001.tar"])
+    n = 12 * 12  # mixed3b at 96 px: every position
+    assert len(vecs) == 6 * n and (pos[:, 0] == np.repeat(np.arange(6), n)).all()
+    for photo in range(2):  # view 0 is the plain centre crop: the same vectors (to one float16
+        # step: the two caches batch their forward passes differently)
+        np.testing.assert_allclose(vecs[pos[:, 0] == 3 * photo], pvecs[ppos[:, 0] == photo],
+                                   rtol=2e-3, atol=1e-3)
+    assert not np.array_equal(vecs[pos[:, 0] == 0], vecs[pos[:, 0] == 1])

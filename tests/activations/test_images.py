@@ -122,3 +122,55 @@ def test_the_paper_experiment_draws_a_stratified_subset():
 
     paper = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/experiment/paper.yaml")
     assert paper.data.subset == "stratified" and paper.data.n_images == 200_000
+
+
+# --------------------------------------------------------------------------------------------
+# data.views: augmented views of folder photos
+
+
+@pytest.fixture
+def photo_folder(tmp_path):
+    """Four noise photos of assorted sizes in two class folders."""
+    rng = np.random.default_rng(3)
+    for i, (h, w) in enumerate([(60, 80), (90, 70), (64, 64), (50, 100)]):
+        d = tmp_path / f"n0000000{i % 2}"
+        d.mkdir(exist_ok=True)
+        arr = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(d / f"p{i}.png")
+    return tmp_path
+
+
+def test_one_view_gives_todays_items_byte_for_byte(photo_folder):
+    from sae_vision.activations.images import center_crop, decode_image, to_rgb_float
+
+    ds = FolderImages(DataConfig(name="imagefolder", root=str(photo_folder), n_images=0,
+                                 image_size=32))
+    assert len(ds) == 4
+    for i, path in enumerate(ds.files):
+        it = ds[i]
+        assert it.idx == i and it.source == str(path.relative_to(photo_folder))
+        assert torch.equal(it.image, center_crop(to_rgb_float(decode_image(path)), 32))
+
+
+def test_three_views_are_photo_major_distinct_and_deterministic(photo_folder):
+    cfg = DataConfig(name="imagefolder", root=str(photo_folder), n_images=0, image_size=32,
+                     views=3, min_scale=0.2, max_scale=0.6)
+    plain = FolderImages(dataclasses.replace(cfg, views=1))
+    ds, again = FolderImages(cfg), FolderImages(cfg)
+    other_seed = FolderImages(dataclasses.replace(cfg, seed=1))
+    assert len(ds) == 12
+    for i in range(12):
+        photo, view = divmod(i, 3)
+        it = ds[i]
+        name = str(plain.files[photo].relative_to(photo_folder))
+        assert it.idx == i and it.source.startswith(f"{name}:view={view}:crop=")
+        assert it.source.endswith((":flip=0", ":flip=1"))
+        assert torch.equal(it.image, again[i].image) and it.source == again[i].source
+        if view == 0:  # the plain centre crop
+            assert torch.equal(it.image, plain[photo].image)
+            assert it.source == f"{name}:view=0:crop=centre:flip=0"
+        else:
+            assert not torch.equal(it.image, ds[i - 1].image)
+            assert it.source != other_seed[i].source
+    crops = {ds[i].source.split(":crop=")[1] for i in range(12)}
+    assert len(crops) == 4 * 2 + 1  # every random view its own crop; the centre crop once

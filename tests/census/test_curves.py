@@ -213,6 +213,48 @@ def fake_evidence(values: dict, n: int) -> dict:
     return ev
 
 
+def test_thresholds_come_from_the_calibration_seeds_and_the_fdr_from_the_report_seeds():
+    cfg = CurvesConfig(min_peak_sigma=5.0, max_fdr=0.1)
+    n = 200
+
+    def units(strong: int, weak: int) -> dict:  # peaks 30σ (strong), 8σ (weak), 1σ (the rest)
+        return fake_evidence({"peak_sigma": [30.0] * strong + [8.0] * weak
+                              + [1.0] * (n - strong - weak)}, n)
+
+    real = units(30, 20)
+    # Seeds 0-1 calibrate (weak units only: the grid tightens min_peak_sigma past 8σ);
+    # seeds 2-3 report (strong units, which no grid point removes).
+    nulls = {"permuted": [units(0, 15), units(0, 12), units(3, 0), units(1, 0)],
+             "reinit": [units(0, 0), units(0, 1), units(0, 0), units(0, 0)]}
+    split = C.seed_split(4)
+    assert split["calibration"] == [0, 1] and split["report"] == [2, 3] and split["held_out"]
+    cal = C.calibrate_held_out(real, nulls, cfg)
+    assert cal["seeds"] == split and cal["tightened"]
+    assert cal["thresholds"] == C.calibrate(real, C.select_seeds(nulls, [0, 1]), cfg)["thresholds"]
+    assert cal["thresholds"]["min_peak_sigma"] > 8.0
+    # Reported on seeds 2-3, at those thresholds: 2 of 30 per seed; the calibration seeds say 0.
+    assert cal["calibration_table"]["fdr"] == 0.0 and cal["calibration_met"]
+    assert cal["table"]["nulls"]["permuted"]["counts"] == [3, 1]
+    assert cal["table"]["fdr"] == pytest.approx(2 / 30) and cal["met"]
+    assert cal["table"] == C.fdr_table(real, C.select_seeds(nulls, [2, 3]), cal["thresholds"])
+    # Other report-seed evidence: the same thresholds, another reported FDR.
+    worse = {k: v[:2] + [units(12, 0), units(10, 0)] for k, v in nulls.items()}
+    cal2 = C.calibrate_held_out(real, worse, cfg)
+    assert cal2["thresholds"] == cal["thresholds"]
+    assert cal2["table"]["fdr"] == pytest.approx(11 / 30) and not cal2["met"]
+    assert cal2["calibration_table"] == cal["calibration_table"]
+    # Other calibration-seed evidence that leads to the same thresholds: the same report.
+    other = {k: [units(0, 14), units(0, 14)] + v[2:] for k, v in nulls.items()}
+    cal3 = C.calibrate_held_out(real, other, cfg)
+    assert cal3["thresholds"] == cal["thresholds"] and cal3["table"] == cal["table"]
+    # One seed: nothing to hold out, today's calibration on that seed, and the record says so.
+    one = C.calibrate_held_out(real, {k: v[:1] for k, v in nulls.items()}, cfg)
+    assert one["seeds"]["calibration"] == one["seeds"]["report"] == [0]
+    assert not one["seeds"]["held_out"] and "same seeds" in one["seeds"]["rule"]
+    same = C.calibrate(real, {k: v[:1] for k, v in nulls.items()}, cfg)
+    assert one["thresholds"] == same["thresholds"] and one["table"] == same["table"]
+
+
 def test_fdr_has_its_95_percent_upper_bound_and_0_over_0_is_no_number():
     cfg = CurvesConfig()
     thr = C.thresholds_of(cfg)

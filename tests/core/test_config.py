@@ -91,3 +91,34 @@ def test_content_hash_is_stable_and_sensitive():
     assert content_hash(a) == content_hash(b)
     b["cache"]["dtype"] = "float32"
     assert content_hash(a) != content_hash(b)
+
+
+def test_views_are_part_of_the_cache_key_and_one_view_keeps_todays_key():
+    from sae_vision.core.paths import cache_key
+
+    cfg = _cfg(data__name="imagefolder", data__root="/photos")
+    assert cache_key(cfg, "mixed3b") == "mixed3b-55268bd55916"  # the key before data.views
+    keys = {cache_key(_cfg(data__name="imagefolder", data__root="/photos", data__views=v),
+                      "mixed3b") for v in (1, 3, 8)}
+    assert len(keys) == 3 and "mixed3b-55268bd55916" in keys
+
+
+@pytest.mark.parametrize("views, per, needles", [
+    (3, 100, ["cache.images_per_shard=100 is not a multiple of data.views=3", "straddle",
+              "cache.images_per_shard=99"]),
+    (0, 64, ["data.views=0 must be a whole number >= 1"]),
+    (2.5, 64, ["data.views=2.5 must be a whole number >= 1"]),
+])
+def test_bad_views_are_refused_naming_the_fix(views, per, needles):
+    cfg = _cfg(data__name="imagefolder", data__root="/photos", data__views=views,
+               cache__images_per_shard=per)
+    with pytest.raises(ValueError) as e:
+        check_config(cfg)
+    assert all(n in str(e.value) for n in needles), str(e.value)
+
+
+def test_views_need_an_image_folder_and_a_whole_number_of_photos_per_shard():
+    with pytest.raises(ValueError, match="data.views=2 needs data=imagefolder"):
+        check_config(_cfg(data__views=2))
+    check_config(_cfg(data__name="imagefolder", data__root="/p", data__views=8,
+                      cache__images_per_shard=800))

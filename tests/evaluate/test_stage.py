@@ -405,6 +405,12 @@ def test_curve_census_writes_curves_json_and_coverage_into_the_metrics(env):
     assert census["layer"] == LAYER and census["features"]["n_units"] == 960
     assert m["curves"]["n_neuron_detectors"] == census["neurons"]["n_detected"]
     assert "largest_gap_neurons_deg" in m["curves"]
+    # One σ sample: the held-out photos, every position, for neurons and features alike.
+    sigma = census["sigma_source"]
+    assert sigma["photos"].startswith("held-out photos of cache")
+    assert sigma["neurons"] == sigma["features"] == "photos"
+    assert 1 <= sigma["count"] <= cfg.curves.n_reference_images
+    assert sigma["n_vectors"] % sigma["count"] == 0 and sigma["n_vectors"] > sigma["count"]
     assert Path(m["files"]["curves_coverage_png"]).is_file()
 
 

@@ -50,7 +50,8 @@ CURVES = {
     "coverage": {"largest_gap_neurons_deg": 120.0, "n_features_in_neuron_gaps": 1},
     "band": {"n_points": 7, "real_range": {"min": 2, "max": 9}, "n_new_range": {"min": 1,
                                                                                  "max": 3}},
-    "nulls": {"input_block_check": {"block": "conv2d0", "shuffle": {"detected": 0}}},
+    "nulls": {"input_block_check": {"block": "conv2d0", "shuffle": {"detected": 0}},
+              "seeds": {"calibration": [0, 1, 2], "report": [3, 4, 5], "held_out": True}},
 }
 
 
@@ -68,6 +69,7 @@ def test_census_shows_counts_fdr_coverage_notes_new_features_and_figures():
     assert "across the 7 threshold-band points (every criterion moved)" in h and "neuron detectors 2–9" in h
     assert "new SAE detectors 1–3" in h
     assert "input block conv2d0" in h and "shuffle 0" in h
+    assert "chosen on null seeds [0, 1, 2]; every FDR reported on the held-out seeds [3, 4, 5]" in h
     assert "<td>f5</td><td>150°</td>" in h
     assert "n3 (0.45, detector at 90°), n4 (0.2)" in h
     assert "class='coverage-figure' src='figures/coverage-r.png'" in h

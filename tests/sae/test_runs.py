@@ -66,6 +66,10 @@ def test_model_and_data_config_come_from_the_cache_that_the_run_was_trained_on()
     dc = runs.data_config(cache_meta, DataConfig())
     assert (dc.name, dc.root, dc.n_images) == ("imagefolder", "/photos", 900)
     assert dc.image_size == DataConfig().image_size
+    # data.views: a cache recorded before it existed has one view, whatever the command line says
+    assert runs.data_config(cache_meta, DataConfig(views=8)).views == 1
+    views = {**cache_meta, "data": {**cache_meta["data"], "views": 8}}
+    assert runs.data_config(views, DataConfig()).views == 8
 
 
 def test_recorded_cache_prefers_the_path_under_paths_root_then_the_key_then_the_absolute(

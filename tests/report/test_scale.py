@@ -93,7 +93,7 @@ def test_a_tiny_views_scale_runs_cache_train_evaluate_and_the_scale_report(tmp_p
               "data.min_scale=0.25", "cache.sampling=all", "cache.images_per_shard=2",
               "cache.batch_size=4"]
     steps = [["stage=cache"],
-             ["-m", "stage=train", "sae.arch=topk,relu_l1", "sae.expansion=2",
+             ["-m", "stage=train", "sae.arch=topk,relu_l1", "sae.expansion=2", "sae.k=8",
               "sae.l0_control=true", "train.loader=stream", "train.shuffle_buffer=4096", "hydra.sweeper.params={}"],
              ["stage=evaluate", "curves.n_null_seeds=0", "eval.splice=false",
               "eval.polysemantic=true", "eval.held_out_sample=spread", "eval.n_vectors=1000000",

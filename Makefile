@@ -52,7 +52,7 @@ demo: setup ## Whole pipeline on the embedded demo photos: cache, train sweep, e
 	$(RUN) experiment=demo stage=report $(ARGS)
 	@echo "open artifacts/report/index.html"
 
-study: setup ## The paper's findings on real ImageNet photos (../shared/data/imagenet-sample or DATA_ROOT=...; 79 min on a shared 2-core CPU)
+study: setup ## The paper's findings on real ImageNet photos (../shared/data/imagenet-sample or DATA_ROOT=...): TopK and ReLU-L1 on an L0 ladder (~2 h on 2 cores, estimated)
 	$(RUN) experiment=imagenet_sample stage=cache $(STUDY_DATA) $(ARGS)
 	$(RUN) -m experiment=imagenet_sample stage=train $(STUDY_DATA) $(ARGS)
 	$(RUN) experiment=imagenet_sample stage=evaluate $(STUDY_DATA) $(ARGS)
@@ -70,10 +70,11 @@ study: setup ## The paper's findings on real ImageNet photos (../shared/data/ima
 # group was proposed with the cache's σ; the slow test in tests/census/test_plant_design.py checks
 # these five).
 # `rotate` turns the whole layer. Per plant: its own cache (300 photos), TopK and ReLU-L1 (L0
-# steered to 32) at 4x, 400 steps, and the census without nulls (configured thresholds: on the
-# unplanted net they detect the same 14 neurons as the calibrated study). Measured 2026-12-04
-# with the old two-channel plants: ~15 min per plant at load 6-9 on the shared 2-core CPU, so
-# ~90 min for 5 plants + rotate.
+# steered to k) at 4x for each k of the study's L0 ladder (4, 8, 16, 32, 64), 400 steps, and the
+# census without nulls (configured thresholds: on the unplanted net they detect the same 14
+# neurons as the calibrated study). Measured 2026-12-05 at k = 32 only (two SAEs per plant):
+# 18.5 min for the five plants + rotate on the 2-core CPU, nearly alone; the ladder's ten SAEs
+# per plant take about five times that.
 CONTROL_ROOT ?= artifacts/controls
 CONTROL_PLANTS ?= 358:167:202:206:237:337:26:175:179:403:327@1 \
 	335:167:202:206:237:476:337:26:175:179:403:327:43@2 \

@@ -25,7 +25,7 @@ RUN := $(PY) run.py
 # `make study DATA_ROOT=/path/to/photos` points the study at another ImageNet folder.
 STUDY_DATA := $(if $(DATA_ROOT),data.root=$(DATA_ROOT),)
 
-.PHONY: help setup browser demo study study-controls study-scale test test-all reproduce bench gpu-bundle gpu-check lint format clean cache train evaluate report
+.PHONY: help setup browser demo study study-long study-controls study-scale test test-all reproduce bench gpu-bundle gpu-check lint format clean cache train evaluate report
 
 help: ## Show this help (one line per target)
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -52,12 +52,29 @@ demo: setup ## Whole pipeline on the embedded demo photos: cache, train sweep, e
 	$(RUN) experiment=demo stage=report $(ARGS)
 	@echo "open artifacts/report/index.html"
 
-study: setup ## The paper's findings on real ImageNet photos (../shared/data/imagenet-sample or DATA_ROOT=...): TopK and ReLU-L1 on an L0 ladder (~2 h on 2 cores, estimated)
+study: setup ## The paper's findings on real ImageNet photos (../shared/data/imagenet-sample or DATA_ROOT=...): TopK and ReLU-L1 on an L0 ladder (33 min on 2 cores)
 	$(RUN) experiment=imagenet_sample stage=cache $(STUDY_DATA) $(ARGS)
 	$(RUN) -m experiment=imagenet_sample stage=train $(STUDY_DATA) $(ARGS)
 	$(RUN) experiment=imagenet_sample stage=evaluate $(STUDY_DATA) $(ARGS)
 	$(RUN) experiment=imagenet_sample stage=report $(STUDY_DATA) $(ARGS)
 	@echo "findings: artifacts/study/report/findings.md; report: artifacts/study/report/index.html"
+
+# Convergence check (issue 24): the study's rungs whose loss was still falling at 1,200 steps
+# (loss drop over the end of the full-rate phase above a few percent: ReLU-L1 at k = 32 and 64,
+# TopK at k = 64, measured 2026-12-05) trained again at 4x the steps (4,800 = 48 epochs) in their
+# own root with the study's cache, census and nulls, so their counts can be read beside the
+# study's (artifacts/study-long/report/findings.md).
+LONG_ROOT ?= artifacts/study-long
+LONG_RUNS ?= relu_l1:32 relu_l1:64 topk:64
+LONG_STEPS ?= 4800
+study-long: setup ## The study's unflat L0 rungs again at 4x the steps (convergence check); artifacts/study-long/report/findings.md
+	$(RUN) experiment=imagenet_sample stage=cache paths.root=$(LONG_ROOT) $(STUDY_DATA) $(ARGS)
+	@set -e; for r in $(LONG_RUNS); do \
+	  $(RUN) experiment=imagenet_sample stage=train paths.root=$(LONG_ROOT) sae.arch=$${r%:*} \
+	    sae.k=$${r#*:} train.n_steps=$(LONG_STEPS) $(STUDY_DATA) $(ARGS); done
+	$(RUN) experiment=imagenet_sample stage=evaluate paths.root=$(LONG_ROOT) $(STUDY_DATA) $(ARGS)
+	$(RUN) experiment=imagenet_sample stage=report paths.root=$(LONG_ROOT) $(STUDY_DATA) $(ARGS)
+	@echo "findings: $(LONG_ROOT)/report/findings.md"
 
 # Planted positive controls (issue 24): each hidden plant `d:p1:...:pn@seed` rotates census
 # detector d with its partners by a seeded random orthogonal map inside mixed3b (model.plant).
@@ -86,7 +103,7 @@ CONTROL_TRAIN := sae.arch=topk,relu_l1 sae.k=4,8,16,32,64 sae.expansion=4 sae.l0
 	train.ckpt_every=400 'hydra.sweeper.params={}'
 CONTROL_EVAL := curves.n_null_seeds=0 eval.polysemantic=false eval.splice=false
 
-study-controls: setup ## Planted positive controls: hidden detectors + a rotated basis; sensitivity in artifacts/controls/controls.md (~2 h on 2 cores)
+study-controls: setup ## Planted positive controls: hidden detectors + a rotated basis; sensitivity in artifacts/controls/controls.md (~50 min on 2 cores)
 	@set -e; for p in $(CONTROL_PLANTS) rotate; do \
 	  if [ $$p = rotate ]; then pl="model.plant.kind=rotate model.plant.seed=0"; name=rotate; \
 	  else ch=$${p%@*}; seed=0; case $$p in *@*) seed=$${p#*@};; esac; name=d$${ch%%:*}-s$$seed; \
@@ -115,7 +132,8 @@ study-controls: setup ## Planted positive controls: hidden detectors + a rotated
 # without nulls (the configured thresholds, as for study-controls), without the splice, with
 # the polysemantic decomposition; its held-out vectors (selectivity) are 20,000 drawn over all
 # 100 held-out photos (eval.held_out_sample=spread), reconstruction on all held-out vectors;
-# σ units come from the census's 32 held-out photos (one sample for neurons and features). Estimated, not measured (the whole target has not been run): caching
+# σ units come from the census's 32 held-out photos (one sample for neurons and features). Measured 2026-12-05: 61 min (p300-u256 38 min at nice 19 beside `make study`, p900-all 8 min,
+# p900x8-all 15 min, alone). The estimate it replaced: caching
 # 6-20 images/s (the study's 900 photos took 2.6 min under load; 6-7 images/s measured here at
 # load 3-5, niced): 1, 1-2.5 and 6-20 min; TopK 29.6k vectors/s in memory, 20.3k streamed
 # (BENCHMARKS.md: 3 and 4.2 min for 5.12M), ReLU-L1 13.6k/s (6.5 min; ~8 min streamed);
@@ -130,7 +148,7 @@ SCALE_TRAIN := sae.arch=topk,relu_l1 sae.expansion=8 sae.k=32 sae.l0_control=tru
 SCALE_EVAL := curves.n_null_seeds=0 eval.splice=false eval.polysemantic=true \
 	eval.held_out_sample=spread eval.n_vectors=1000000
 
-study-scale: setup ## Data-scale curve: 300 photos, 900 x 784 positions, 900 x 8 views; artifacts/study-scale/scale.md (~1.5-2 h on 2 cores)
+study-scale: setup ## Data-scale curve: 300 photos, 900 x 784 positions, 900 x 8 views; artifacts/study-scale/scale.md (~1 h on 2 cores)
 	@set -e; for s in $(SCALES); do \
 	  tr=""; case $$s in \
 	    p300-u256) d="data.n_images=300 data.subset=stratified";; \

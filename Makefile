@@ -67,7 +67,7 @@ study: setup ## The paper's findings on real ImageNet photos (../shared/data/ima
 LONG_ROOT ?= artifacts/study-long
 LONG_RUNS ?= relu_l1:32 relu_l1:64 topk:64
 LONG_STEPS ?= 4800
-study-long: setup ## The study's unflat L0 rungs again at 4x the steps (convergence check); artifacts/study-long/report/findings.md
+study-long: setup ## The study's unflat L0 rungs again at 4x the steps (convergence check); artifacts/study-long/report/findings.md (~32 min)
 	$(RUN) experiment=imagenet_sample stage=cache paths.root=$(LONG_ROOT) $(STUDY_DATA) $(ARGS)
 	@set -e; for r in $(LONG_RUNS); do \
 	  $(RUN) experiment=imagenet_sample stage=train paths.root=$(LONG_ROOT) sae.arch=$${r%:*} \

@@ -62,8 +62,8 @@ study: setup ## The paper's findings on real ImageNet photos (../shared/data/ima
 # Convergence check (issue 24): the study's rungs whose loss was still falling at 1,200 steps
 # (loss drop over the end of the full-rate phase above a few percent: ReLU-L1 at k = 32 and 64,
 # TopK at k = 64, measured 2026-12-05) trained again at 4x the steps (4,800 = 48 epochs) in their
-# own root with the study's cache, census and nulls, so their counts can be read beside the
-# study's (artifacts/study-long/report/findings.md).
+# own root (its cache is the study's recipe, cached again: 0.5 min), with the study's census and
+# nulls, so their counts can be read beside the study's (artifacts/study-long/report/findings.md).
 LONG_ROOT ?= artifacts/study-long
 LONG_RUNS ?= relu_l1:32 relu_l1:64 topk:64
 LONG_STEPS ?= 4800
@@ -132,8 +132,9 @@ study-controls: setup ## Planted positive controls: hidden detectors + a rotated
 # without nulls (the configured thresholds, as for study-controls), without the splice, with
 # the polysemantic decomposition; its held-out vectors (selectivity) are 20,000 drawn over all
 # 100 held-out photos (eval.held_out_sample=spread), reconstruction on all held-out vectors;
-# σ units come from the census's 32 held-out photos (one sample for neurons and features). Measured 2026-12-05: 61 min (p300-u256 38 min at nice 19 beside `make study`, p900-all 8 min,
-# p900x8-all 15 min, alone). The estimate it replaced: caching
+# σ units come from the census's 32 held-out photos (one sample for neurons and features).
+# Measured 2026-12-05: 61 min (p300-u256 38 min at nice 19 beside `make study`; p900-all 8 min
+# and p900x8-all 15 min alone). The estimate it replaced: caching
 # 6-20 images/s (the study's 900 photos took 2.6 min under load; 6-7 images/s measured here at
 # load 3-5, niced): 1, 1-2.5 and 6-20 min; TopK 29.6k vectors/s in memory, 20.3k streamed
 # (BENCHMARKS.md: 3 and 4.2 min for 5.12M), ReLU-L1 13.6k/s (6.5 min; ~8 min streamed);
